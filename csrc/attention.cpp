@@ -1,0 +1,349 @@
+// FlashAttention-2 on the CPU.
+//
+// Forward: OpenMP over (batch, head, query block). Each task streams key
+// blocks through an online softmax: S = Q K^T with K pre-packed as transposed
+// panels, P = exp2(S * scale * log2 e - m), O = O * alpha + P V, so memory is
+// O(N) and the N x N matrix never exists. Key blocks outside the band
+// (causal, window) are never visited.
+//
+// Backward: recompute P from the saved lse. OpenMP over (batch, kv head, key
+// split); a task owns its key blocks' dK and dV (summing the q heads of its
+// GQA group) and a private dQ accumulator per split, reduced in a fixed order
+// afterwards, so results are deterministic for a given thread count.
+#include "attention.h"
+
+#include "common.h"
+
+namespace tessel {
+namespace {
+
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+// Queries per block: a multiple of the micro-kernel's rows. Keys per block: a
+// multiple of the panel width. Sized so the S tile and the K/V panels of a
+// block stay in L2.
+constexpr int64_t kFwdBlockQ = 8 * kMicroRows;
+constexpr int64_t kFwdBlockK = 256;
+constexpr int64_t kBwdBlockQ = 4 * kMicroRows;
+constexpr int64_t kBwdBlockK = 128;
+
+// Keys [first, last] that query row i may see.
+inline void row_key_range(const AttentionProblem& p, int64_t i, int64_t* first, int64_t* last) {
+  *first = std::max<int64_t>(0, i + p.band_lo);
+  *last = std::min<int64_t>(p.len_k - 1, i + p.band_hi);
+}
+
+// Columns [a, e) of a key block starting at k0 with `ncols` columns that row i
+// may see (a >= e when none).
+inline void row_block_cols(const AttentionProblem& p, int64_t i, int64_t k0, int64_t ncols, int64_t* a,
+                           int64_t* e) {
+  int64_t first, last;
+  row_key_range(p, i, &first, &last);
+  *a = std::max<int64_t>(first, k0) - k0;
+  *e = std::min<int64_t>(last, k0 + ncols - 1) - k0 + 1;
+}
+
+// K (and V) of every (batch, kv head), packed once and shared by all query
+// blocks and all q heads of a group.
+template <typename T>
+struct PackedHeads {
+  int64_t rows_padded, head_dim, dim_padded;
+  std::vector<T> panels;  // transposed panels [rows_padded/NR][head_dim][NR]
+  std::vector<T> rows;    // padded rows [rows_padded][dim_padded]
+
+  PackedHeads(int64_t count, int64_t n, int64_t d, bool want_panels, bool want_rows)
+      : rows_padded(round_up(n, Simd<T>::panel)), head_dim(d), dim_padded(round_up(d, Simd<T>::panel)) {
+    if (want_panels) panels.resize(count * rows_padded * head_dim);
+    if (want_rows) rows.resize(count * rows_padded * dim_padded);
+  }
+  const T* panel(int64_t head, int64_t key0) const {
+    return panels.data() + head * rows_padded * head_dim + key0 * head_dim;
+  }
+  const T* row(int64_t head, int64_t key0) const {
+    return rows.data() + head * rows_padded * dim_padded + key0 * dim_padded;
+  }
+  void pack(int64_t head, const T* x, int64_t n, int64_t ld) {
+    if (!panels.empty()) pack_transposed_panels(x, n, head_dim, ld, panels.data() + head * rows_padded * head_dim);
+    if (!rows.empty())
+      pack_rows_padded(x, n, head_dim, ld, rows.data() + head * rows_padded * dim_padded, rows_padded, dim_padded);
+  }
+};
+
+template <typename T>
+void pack_kv_heads(const AttentionProblem& p, const T* x, const Strides4& st, PackedHeads<T>* out) {
+#pragma omp parallel for collapse(2) num_threads(p.num_threads)
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t hk = 0; hk < p.kv_heads; ++hk)
+      out->pack(b * p.kv_heads + hk, x + b * st.b + hk * st.h, p.len_k, st.n);
+}
+
+template <typename T>
+struct ForwardScratch {
+  std::vector<T> s, o, m, l;
+};
+
+template <typename T>
+void forward_query_block(const AttentionProblem& p, const T* q, const PackedHeads<T>& kp,
+                         const PackedHeads<T>& vp, int64_t b, int64_t h, int64_t q0, T* out, T* lse,
+                         ForwardScratch<T>& ws) {
+  constexpr int NR = Simd<T>::panel;
+  const int64_t D = p.head_dim, Dp = vp.dim_padded;
+  const int64_t mq = std::min(kFwdBlockQ, p.len_q - q0);
+  const int64_t kv_head = b * p.kv_heads + h / (p.heads / p.kv_heads);
+  const T* qb = q + b * p.q.b + h * p.q.h + q0 * p.q.n;
+  const T sc = T(p.scale * kLog2e);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+
+  T* S = scratch(ws.s, kFwdBlockQ * kFwdBlockK);
+  T* O = scratch(ws.o, kFwdBlockQ * Dp);
+  T* m = scratch(ws.m, kFwdBlockQ);
+  T* l = scratch(ws.l, kFwdBlockQ);
+  std::fill(O, O + mq * Dp, T(0));
+  std::fill(m, m + mq, neg_inf);
+  std::fill(l, l + mq, T(0));
+
+  int64_t first_key, last_key, unused;
+  row_key_range(p, q0, &first_key, &unused);
+  row_key_range(p, q0 + mq - 1, &unused, &last_key);
+
+  for (int64_t k0 = first_key / NR * NR; k0 <= last_key; k0 += kFwdBlockK) {
+    const int64_t ncols = std::min(kFwdBlockK, round_up(last_key + 1 - k0, NR));
+    gemm_panels<T, false>(mq, ncols / NR, D, qb, p.q.n, kp.panel(kv_head, k0), NR, D * NR, S, kFwdBlockK,
+                          false);
+    for (int64_t r = 0; r < mq; ++r) {
+      T* srow = S + r * kFwdBlockK;
+      int64_t a, e;
+      row_block_cols(p, q0 + r, k0, ncols, &a, &e);
+      if (a >= e) {
+        std::fill(srow, srow + ncols, T(0));
+        continue;
+      }
+      std::fill(srow, srow + a, T(0));
+      std::fill(srow + e, srow + ncols, T(0));
+      affine_inplace(srow + a, e - a, sc, T(0));
+      const T m_new = std::max(m[r], row_max(srow + a, e - a));
+      const T row_sum_p = exp2_shifted_sum(srow + a, e - a, m_new);
+      if (m[r] != neg_inf && m[r] != m_new) {
+        const T alpha = std::exp2(m[r] - m_new);
+        affine_inplace(O + r * Dp, Dp, alpha, T(0));
+        l[r] *= alpha;
+      }
+      l[r] += row_sum_p;
+      m[r] = m_new;
+    }
+    gemm_panels<T, false>(mq, Dp / NR, ncols, S, kFwdBlockK, vp.row(kv_head, k0), Dp, NR, O, Dp, true);
+  }
+
+  const int64_t row0 = (b * p.heads + h) * p.len_q + q0;
+  for (int64_t r = 0; r < mq; ++r) {
+    T* orow = out + (row0 + r) * D;
+    if (l[r] > T(0)) {
+      const T inv = T(1) / l[r];
+      for (int64_t d = 0; d < D; ++d) orow[d] = O[r * Dp + d] * inv;
+      lse[row0 + r] = T((m[r] + std::log2(l[r])) * kLn2);
+    } else {
+      std::fill(orow, orow + D, T(0));
+      lse[row0 + r] = neg_inf;
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void attention_forward_cpu(const AttentionProblem& p, const T* q, const T* k, const T* v, T* out, T* lse) {
+  const int64_t heads_kv = p.batch * p.kv_heads;
+  PackedHeads<T> kp(heads_kv, p.len_k, p.head_dim, true, false);
+  PackedHeads<T> vp(heads_kv, p.len_k, p.head_dim, false, true);
+  pack_kv_heads(p, k, p.k, &kp);
+  pack_kv_heads(p, v, p.v, &vp);
+
+  const int64_t nqb = ceil_div(p.len_q, kFwdBlockQ);
+#pragma omp parallel num_threads(p.num_threads)
+  {
+    ForwardScratch<T> ws;
+#pragma omp for collapse(3) schedule(dynamic)
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t h = 0; h < p.heads; ++h)
+        for (int64_t qb = 0; qb < nqb; ++qb) forward_query_block(p, q, kp, vp, b, h, qb * kFwdBlockQ, out, lse, ws);
+  }
+}
+
+namespace {
+
+template <typename T>
+struct BackwardScratch {
+  std::vector<T> s, dp, dk, dv;
+};
+
+// Per q head: Q and dO as padded rows, lse in log2 units, and
+// delta = rowsum(dO * O) - dlse.
+template <typename T>
+struct QueryPack {
+  int64_t dim_padded;
+  std::vector<T> q, dout, lse2, delta;
+};
+
+template <typename T>
+QueryPack<T> pack_queries(const AttentionProblem& p, const T* q, const T* out, const T* dout, Strides4 ds,
+                          const T* lse, const T* dlse) {
+  QueryPack<T> qp;
+  const int64_t D = p.head_dim, Nq = p.len_q, heads = p.batch * p.heads;
+  qp.dim_padded = round_up(D, Simd<T>::panel);
+  const int64_t Dp = qp.dim_padded;
+  qp.q.resize(heads * Nq * Dp);
+  qp.dout.resize(heads * Nq * Dp);
+  qp.lse2.resize(heads * Nq);
+  qp.delta.resize(heads * Nq);
+#pragma omp parallel for collapse(2) num_threads(p.num_threads)
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t h = 0; h < p.heads; ++h) {
+      const int64_t bh = b * p.heads + h;
+      pack_rows_padded(q + b * p.q.b + h * p.q.h, Nq, D, p.q.n, qp.q.data() + bh * Nq * Dp, Nq, Dp);
+      pack_rows_padded(dout + b * ds.b + h * ds.h, Nq, D, ds.n, qp.dout.data() + bh * Nq * Dp, Nq, Dp);
+      for (int64_t i = 0; i < Nq; ++i) {
+        const int64_t row = bh * Nq + i;
+        const T* o = out + row * D;
+        const T* g = qp.dout.data() + row * Dp;
+        T dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += o[d] * g[d];
+        qp.delta[row] = dot - (dlse ? dlse[row] : T(0));
+        // A row without keys has lse = -inf and P = 0: +inf makes exp2 give 0.
+        qp.lse2[row] = std::isinf(lse[row]) ? std::numeric_limits<T>::infinity() : T(lse[row] * kLog2e);
+      }
+    }
+  return qp;
+}
+
+// One key block of one (batch, kv head): accumulates its dK, dV over every q
+// head of the group and every query block that sees it, and adds dS K into
+// the split's dQ accumulator.
+template <typename T>
+void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const PackedHeads<T>& kp,
+                        const PackedHeads<T>& vp, int64_t b, int64_t hk, int64_t k0, T* dq_acc, T* dk,
+                        T* dv, BackwardScratch<T>& ws) {
+  constexpr int NR = Simd<T>::panel;
+  const int64_t D = p.head_dim, Dp = qp.dim_padded, Nq = p.len_q;
+  const int64_t nk = std::min(kBwdBlockK, p.len_k - k0);
+  const int64_t ncols = round_up(nk, NR);
+  const int64_t group = p.heads / p.kv_heads, kv_head = b * p.kv_heads + hk;
+  const T sc = T(p.scale * kLog2e), scale = T(p.scale);
+
+  T* P = scratch(ws.s, kBwdBlockQ * kBwdBlockK);
+  T* dS = scratch(ws.dp, kBwdBlockQ * kBwdBlockK);
+  T* dK = scratch(ws.dk, kBwdBlockK * Dp);
+  T* dV = scratch(ws.dv, kBwdBlockK * Dp);
+  std::fill(dK, dK + ncols * Dp, T(0));
+  std::fill(dV, dV + ncols * Dp, T(0));
+
+  // Queries that see any key of [k0, k0 + nk).
+  const int64_t i_first = std::max<int64_t>(0, k0 - p.band_hi);
+  const int64_t i_last = std::min<int64_t>(Nq - 1, k0 + nk - 1 - p.band_lo);
+
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const int64_t bh = b * p.heads + h;
+    const T* Qh = qp.q.data() + bh * Nq * Dp;
+    const T* dOh = qp.dout.data() + bh * Nq * Dp;
+    const T* lse2 = qp.lse2.data() + bh * Nq;
+    const T* delta = qp.delta.data() + bh * Nq;
+    T* dQh = dq_acc + bh * Nq * Dp;
+    for (int64_t q0 = i_first; q0 <= i_last; q0 += kBwdBlockQ) {
+      const int64_t mq = std::min(kBwdBlockQ, i_last + 1 - q0);
+      // S = Q K^T and dP = dO V^T, [mq, D] @ [D, ncols]
+      gemm_panels<T, false>(mq, ncols / NR, D, Qh + q0 * Dp, Dp, kp.panel(kv_head, k0), NR, D * NR, P, kBwdBlockK,
+                            false);
+      gemm_panels<T, false>(mq, ncols / NR, D, dOh + q0 * Dp, Dp, vp.panel(kv_head, k0), NR, D * NR, dS,
+                            kBwdBlockK, false);
+      for (int64_t r = 0; r < mq; ++r) {
+        const int64_t i = q0 + r;
+        T* prow = P + r * kBwdBlockK;
+        T* dsrow = dS + r * kBwdBlockK;
+        int64_t a, e;
+        row_block_cols(p, i, k0, nk, &a, &e);
+        if (a >= e) {
+          std::fill(prow, prow + ncols, T(0));
+          std::fill(dsrow, dsrow + ncols, T(0));
+          continue;
+        }
+        std::fill(prow, prow + a, T(0));
+        std::fill(prow + e, prow + ncols, T(0));
+        affine_inplace(prow + a, e - a, sc, T(0));
+        exp2_shifted_sum(prow + a, e - a, lse2[i]);
+        // dS = P * (dP - delta) * scale; zero wherever P is.
+        for (int64_t c = 0; c < ncols; ++c) dsrow[c] = prow[c] * (dsrow[c] - delta[i]) * scale;
+      }
+      // dV += P^T dO, dK += dS^T Q: [ncols, mq] @ [mq, Dp]
+      gemm_panels<T, true>(ncols, Dp / NR, mq, P, kBwdBlockK, dOh + q0 * Dp, Dp, NR, dV, Dp, true);
+      gemm_panels<T, true>(ncols, Dp / NR, mq, dS, kBwdBlockK, Qh + q0 * Dp, Dp, NR, dK, Dp, true);
+      // dQ += dS K: [mq, ncols] @ [ncols, Dp]
+      gemm_panels<T, false>(mq, Dp / NR, ncols, dS, kBwdBlockK, kp.row(kv_head, k0), Dp, NR, dQh + q0 * Dp, Dp,
+                            true);
+    }
+  }
+
+  const int64_t row0 = kv_head * p.len_k + k0;
+  for (int64_t r = 0; r < nk; ++r) {
+    for (int64_t d = 0; d < D; ++d) {
+      dk[(row0 + r) * D + d] = dK[r * Dp + d];
+      dv[(row0 + r) * D + d] = dV[r * Dp + d];
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, const T* v, const T* out,
+                            const T* dout, Strides4 dout_strides, const T* lse, const T* dlse, T* dq, T* dk,
+                            T* dv) {
+  const QueryPack<T> qp = pack_queries(p, q, out, dout, dout_strides, lse, dlse);
+  const int64_t heads_kv = p.batch * p.kv_heads;
+  PackedHeads<T> kp(heads_kv, p.len_k, p.head_dim, true, true);
+  PackedHeads<T> vp(heads_kv, p.len_k, p.head_dim, true, false);
+  pack_kv_heads(p, k, p.k, &kp);
+  pack_kv_heads(p, v, p.v, &vp);
+
+  // Split the key blocks of a head across tasks only when there are too few
+  // heads to keep every thread busy; each split has its own dQ accumulator.
+  const int64_t nkb = ceil_div(p.len_k, kBwdBlockK);
+  const int64_t nsplit = std::clamp<int64_t>(ceil_div(4 * p.num_threads, heads_kv), 1, nkb);
+  const int64_t Dp = qp.dim_padded, D = p.head_dim;
+  const int64_t dq_size = p.batch * p.heads * p.len_q * Dp;
+  std::vector<T> dq_acc(nsplit * dq_size);
+
+#pragma omp parallel num_threads(p.num_threads)
+  {
+    BackwardScratch<T> ws;
+#pragma omp for collapse(3) schedule(dynamic)
+    for (int64_t s = 0; s < nsplit; ++s)
+      for (int64_t b = 0; b < p.batch; ++b)
+        for (int64_t hk = 0; hk < p.kv_heads; ++hk)
+          // Interleaved key blocks balance causal masks across splits.
+          for (int64_t kb = s; kb < nkb; kb += nsplit)
+            backward_key_block(p, qp, kp, vp, b, hk, kb * kBwdBlockK, dq_acc.data() + s * dq_size, dk, dv, ws);
+  }
+
+  const int64_t rows = p.batch * p.heads * p.len_q;
+#pragma omp parallel for num_threads(p.num_threads)
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < D; ++d) {
+      T acc = 0;
+      for (int64_t s = 0; s < nsplit; ++s) acc += dq_acc[s * dq_size + r * Dp + d];
+      dq[r * D + d] = acc;
+    }
+  }
+}
+
+template void attention_forward_cpu<float>(const AttentionProblem&, const float*, const float*, const float*,
+                                           float*, float*);
+template void attention_forward_cpu<double>(const AttentionProblem&, const double*, const double*, const double*,
+                                            double*, double*);
+template void attention_backward_cpu<float>(const AttentionProblem&, const float*, const float*, const float*,
+                                            const float*, const float*, Strides4, const float*, const float*,
+                                            float*, float*, float*);
+template void attention_backward_cpu<double>(const AttentionProblem&, const double*, const double*, const double*,
+                                             const double*, const double*, Strides4, const double*,
+                                             const double*, double*, double*, double*);
+
+}  // namespace tessel

@@ -1,0 +1,39 @@
+// Flash attention (FlashAttention-2 algorithm) on the CPU, forward and backward.
+#pragma once
+
+#include <cstdint>
+
+namespace tessel {
+
+// Query i may attend to key j iff i + band_lo <= j <= i + band_hi (rows are
+// queries, columns keys). Causal, sliding windows and torch's top-left causal
+// all reduce to this band; unbounded sides use +-kBandInf.
+constexpr int64_t kBandInf = int64_t(1) << 50;
+
+// Element strides of a (B, H, N, D) operand whose last dimension is contiguous.
+struct Strides4 {
+  int64_t b, h, n;
+};
+
+struct AttentionProblem {
+  int64_t batch, heads, kv_heads, len_q, len_k, head_dim;
+  double scale;
+  int64_t band_lo, band_hi;
+  Strides4 q, k, v;
+  int num_threads;
+};
+
+// out: (B, H, Nq, D) contiguous; lse: (B, H, Nq) contiguous, natural log,
+// -inf for rows without keys (their out rows are zero).
+template <typename T>
+void attention_forward_cpu(const AttentionProblem& p, const T* q, const T* k, const T* v, T* out, T* lse);
+
+// dout, out: (B, H, Nq, D) with strides `dout_strides` and contiguous.
+// dlse (nullable): gradient flowing into lse. dq: (B, H, Nq, D), dk, dv:
+// (B, Hkv, Nk, D), all contiguous, fully overwritten.
+template <typename T>
+void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, const T* v, const T* out,
+                            const T* dout, Strides4 dout_strides, const T* lse, const T* dlse, T* dq, T* dk,
+                            T* dv);
+
+}  // namespace tessel

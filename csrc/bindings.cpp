@@ -1,0 +1,84 @@
+// The one Python module, tessel._C: converts numpy buffers and calls kernels.
+// Inputs were validated in Python (pymod/_dispatch.py); nothing here re-checks.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include "attention.h"
+#include "common.h"
+
+namespace py = pybind11;
+using tessel::AttentionProblem;
+using tessel::Strides4;
+
+namespace {
+
+Strides4 strides4(const py::array& x) {
+  const auto item = static_cast<int64_t>(x.itemsize());
+  return {x.strides(0) / item, x.strides(1) / item, x.strides(2) / item};
+}
+
+template <typename T>
+T* data(py::array& x) {
+  return static_cast<T*>(x.mutable_data());
+}
+
+template <typename T>
+const T* cdata(const py::array& x) {
+  return static_cast<const T*>(x.data());
+}
+
+AttentionProblem attention_problem(const py::array& q, const py::array& k, const py::array& v, double scale,
+                                   int64_t band_lo, int64_t band_hi, int num_threads) {
+  return AttentionProblem{q.shape(0), q.shape(1),       k.shape(1),  q.shape(2),
+                          k.shape(2), q.shape(3),       scale,       band_lo,
+                          band_hi,    strides4(q),      strides4(k), strides4(v),
+                          num_threads};
+}
+
+void attention_forward(const py::array& q, const py::array& k, const py::array& v, py::array out, py::array lse,
+                       double scale, int64_t band_lo, int64_t band_hi, int num_threads) {
+  const AttentionProblem p = attention_problem(q, k, v, scale, band_lo, band_hi, num_threads);
+  const bool is_double = q.dtype().is(py::dtype::of<double>());
+  py::gil_scoped_release release;
+  if (is_double)
+    tessel::attention_forward_cpu<double>(p, cdata<double>(q), cdata<double>(k), cdata<double>(v),
+                                          data<double>(out), data<double>(lse));
+  else
+    tessel::attention_forward_cpu<float>(p, cdata<float>(q), cdata<float>(k), cdata<float>(v), data<float>(out),
+                                         data<float>(lse));
+}
+
+void attention_backward(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
+                        const py::array& dout, const py::array& lse, const py::object& dlse, py::array dq,
+                        py::array dk, py::array dv, double scale, int64_t band_lo, int64_t band_hi,
+                        int num_threads) {
+  const AttentionProblem p = attention_problem(q, k, v, scale, band_lo, band_hi, num_threads);
+  const Strides4 ds = strides4(dout);
+  const bool is_double = q.dtype().is(py::dtype::of<double>());
+  py::array dlse_array = dlse.is_none() ? py::array() : dlse.cast<py::array>();
+  const void* dlse_ptr = dlse.is_none() ? nullptr : dlse_array.data();
+  py::gil_scoped_release release;
+  if (is_double)
+    tessel::attention_backward_cpu<double>(p, cdata<double>(q), cdata<double>(k), cdata<double>(v),
+                                           cdata<double>(out), cdata<double>(dout), ds, cdata<double>(lse),
+                                           static_cast<const double*>(dlse_ptr), data<double>(dq),
+                                           data<double>(dk), data<double>(dv));
+  else
+    tessel::attention_backward_cpu<float>(p, cdata<float>(q), cdata<float>(k), cdata<float>(v), cdata<float>(out),
+                                          cdata<float>(dout), ds, cdata<float>(lse),
+                                          static_cast<const float*>(dlse_ptr), data<float>(dq), data<float>(dk),
+                                          data<float>(dv));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "tessel CPU kernels (C++17, OpenMP, SIMD)";
+  m.attr("simd_bytes") = tessel::kVecBytes;
+  m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("lse"), py::arg("scale"), py::arg("band_lo"), py::arg("band_hi"), py::arg("num_threads"));
+  m.def("attention_backward", &attention_backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("dout"), py::arg("lse"), py::arg("dlse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+        py::arg("scale"), py::arg("band_lo"), py::arg("band_hi"), py::arg("num_threads"));
+  m.attr("band_inf") = tessel::kBandInf;
+}

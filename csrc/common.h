@@ -1,0 +1,265 @@
+// Shared CPU building blocks: portable SIMD vectors (GCC vector extensions, so
+// one source serves AVX-512, AVX2 and plain SSE builds), a register-blocked
+// GEMM micro-kernel for the small matmuls inside fused kernels, exp2, and
+// OpenMP helpers. Everything here trusts its inputs: validation is in Python.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace tessel {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+constexpr int kMicroRows = 12;  // 12 x 2 accumulators of 32 vector registers
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+constexpr int kMicroRows = 6;  // 6 x 2 accumulators of 16 vector registers
+#else
+constexpr int kVecBytes = 16;
+constexpr int kMicroRows = 6;
+#endif
+
+template <typename T>
+struct Simd {
+  typedef T vec __attribute__((vector_size(kVecBytes)));
+  static constexpr int width = kVecBytes / static_cast<int>(sizeof(T));
+  // The micro-kernel's tile is kMicroRows x panel columns.
+  static constexpr int panel = 2 * width;
+
+  static inline vec load(const T* p) {
+    vec v;
+    std::memcpy(&v, p, sizeof(vec));
+    return v;
+  }
+  static inline void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
+  static inline vec splat(T x) { return vec{} + x; }
+  static inline T hmax(vec v) {
+    T m = v[0];
+    for (int i = 1; i < width; ++i) m = std::max(m, v[i]);
+    return m;
+  }
+  static inline T hsum(vec v) {
+    T s = v[0];
+    for (int i = 1; i < width; ++i) s += v[i];
+    return s;
+  }
+};
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+// C tile (R x panel) (+)= A (R x kc) * B (kc x panel).
+// A element (r, p) is a[r * lda + p], or a[p * lda + r] when ATrans.
+// B row p is the contiguous panel b[p * ldb, p * ldb + panel).
+template <typename T, int R, bool ATrans>
+void micro_tile(int64_t kc, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+                bool accumulate) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  constexpr int W = S::width;
+  V acc0[R], acc1[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    if (accumulate) {
+      acc0[r] = S::load(c + r * ldc);
+      acc1[r] = S::load(c + r * ldc + W);
+    } else {
+      acc0[r] = V{};
+      acc1[r] = V{};
+    }
+  }
+  for (int64_t p = 0; p < kc; ++p) {
+    const V b0 = S::load(b + p * ldb);
+    const V b1 = S::load(b + p * ldb + W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const T ar = ATrans ? a[p * lda + r] : a[r * lda + p];
+      acc0[r] += ar * b0;
+      acc1[r] += ar * b1;
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    S::store(c + r * ldc, acc0[r]);
+    S::store(c + r * ldc + W, acc1[r]);
+  }
+}
+
+template <typename T, bool ATrans>
+using MicroFn = void (*)(int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, bool);
+
+template <typename T, bool ATrans, int... Rs>
+constexpr std::array<MicroFn<T, ATrans>, sizeof...(Rs)> micro_table(std::integer_sequence<int, Rs...>) {
+  return {&micro_tile<T, Rs + 1, ATrans>...};
+}
+
+// C (m x npanels*panel) (+)= A (m x k) * B (k x npanels*panel).
+// Panel j of B starts at b + j * b_panel_stride with rows ldb apart, which
+// covers both a row-major matrix (stride = panel) and a panel-packed one
+// (stride = k * panel, ldb = panel). Panels outer, rows inner: one B panel
+// stays in L1 while every row tile of A passes over it.
+template <typename T, bool ATrans>
+void gemm_panels(int64_t m, int64_t npanels, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+                 int64_t b_panel_stride, T* c, int64_t ldc, bool accumulate) {
+  static constexpr auto table = micro_table<T, ATrans>(std::make_integer_sequence<int, kMicroRows>{});
+  constexpr int NR = Simd<T>::panel;
+  for (int64_t j = 0; j < npanels; ++j) {
+    const T* bj = b + j * b_panel_stride;
+    T* cj = c + j * NR;
+    int64_t i = 0;
+    for (; i + kMicroRows <= m; i += kMicroRows) {
+      const T* ai = ATrans ? a + i : a + i * lda;
+      micro_tile<T, kMicroRows, ATrans>(k, ai, lda, bj, ldb, cj + i * ldc, ldc, accumulate);
+    }
+    if (i < m) {
+      const T* ai = ATrans ? a + i : a + i * lda;
+      table[m - i - 1](k, ai, lda, bj, ldb, cj + i * ldc, ldc, accumulate);
+    }
+  }
+}
+
+// Packs rows [0, n) of a row-major matrix (row stride ld, `cols` columns) as
+// transposed panels: panel j holds rows [j*NR, j*NR+NR) laid out [cols][NR],
+// zero beyond n. The result is the B operand of A * X^T.
+template <typename T>
+void pack_transposed_panels(const T* x, int64_t n, int64_t cols, int64_t ld, T* out) {
+  constexpr int NR = Simd<T>::panel;
+  const int64_t npanels = ceil_div(n, NR);
+  for (int64_t j = 0; j < npanels; ++j) {
+    T* panel = out + j * cols * NR;
+    const int64_t rows = std::min<int64_t>(NR, n - j * NR);
+    for (int64_t c = 0; c < cols; ++c) {
+      int64_t r = 0;
+      for (; r < rows; ++r) panel[c * NR + r] = x[(j * NR + r) * ld + c];
+      for (; r < NR; ++r) panel[c * NR + r] = T(0);
+    }
+  }
+}
+
+// Copies n rows of `cols` values (row stride ld) into rows of padded_cols
+// values, zero-filling the padding and rows [n, padded_rows).
+template <typename T>
+void pack_rows_padded(const T* x, int64_t n, int64_t cols, int64_t ld, T* out, int64_t padded_rows,
+                      int64_t padded_cols) {
+  for (int64_t r = 0; r < n; ++r) {
+    std::memcpy(out + r * padded_cols, x + r * ld, cols * sizeof(T));
+    std::fill(out + r * padded_cols + cols, out + (r + 1) * padded_cols, T(0));
+  }
+  std::fill(out + n * padded_cols, out + padded_rows * padded_cols, T(0));
+}
+
+// x[i] = 2^(x[i] - shift) for x[i] - shift <= 128, returning the sum; results
+// below 2^-126 flush to 0. float: degree-7 polynomial (~1 ulp); double: libm.
+template <typename T>
+inline T exp2_shifted_sum(T* x, int64_t n, T shift) {
+  if constexpr (std::is_same_v<T, float>) {
+    using S = Simd<float>;
+    using V = S::vec;
+    typedef int32_t IV __attribute__((vector_size(kVecBytes)));
+    constexpr int W = S::width;
+    auto body = [](V v) -> V {
+      const V lo = S::splat(-126.0f);
+      const V xc = v < lo ? lo : v;
+      const V magic = S::splat(12582912.0f);  // 1.5 * 2^23: round to nearest
+      const V r = (xc + magic) - magic;
+      const V f = xc - r;  // [-0.5, 0.5]
+      V p = S::splat(1.5252733804059841e-5f);  // Taylor series of e^(f ln 2)
+      p = p * f + 1.5403530393381606e-4f;
+      p = p * f + 1.3333558146428443e-3f;
+      p = p * f + 9.6181291076284772e-3f;
+      p = p * f + 5.5504108664821580e-2f;
+      p = p * f + 2.4022650695910071e-1f;
+      p = p * f + 6.9314718055994531e-1f;
+      p = p * f + 1.0f;
+      const IV e = (__builtin_convertvector(r, IV) + 127) << 23;
+      V scale;
+      std::memcpy(&scale, &e, sizeof(V));
+      const V out = p * scale;
+      return v < lo ? V{} : out;
+    };
+    V sum{};
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+      const V y = body(S::load(x + i) - shift);
+      S::store(x + i, y);
+      sum += y;
+    }
+    float total = S::hsum(sum);
+    if (i < n) {
+      float tmp[W];
+      for (int j = 0; j < W; ++j) tmp[j] = i + j < n ? x[i + j] - shift : -INFINITY;
+      S::store(tmp, body(S::load(tmp)));
+      for (int j = 0; i + j < n; ++j) {
+        x[i + j] = tmp[j];
+        total += tmp[j];
+      }
+    }
+    return total;
+  } else {
+    T total = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] = std::exp2(x[i] - shift);
+      total += x[i];
+    }
+    return total;
+  }
+}
+
+template <typename T>
+inline T row_max(const T* x, int64_t n) {
+  using S = Simd<T>;
+  constexpr int W = S::width;
+  T m = -std::numeric_limits<T>::infinity();
+  int64_t i = 0;
+  if (n >= W) {
+    auto mv = S::load(x);
+    for (i = W; i + W <= n; i += W) {
+      auto v = S::load(x + i);
+      mv = v > mv ? v : mv;
+    }
+    m = S::hmax(mv);
+  }
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+template <typename T>
+inline T row_sum(const T* x, int64_t n) {
+  using S = Simd<T>;
+  constexpr int W = S::width;
+  typename S::vec acc{};
+  int64_t i = 0;
+  for (; i + W <= n; i += W) acc += S::load(x + i);
+  T s = S::hsum(acc);
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+// x[i] = x[i] * a + b
+template <typename T>
+inline void affine_inplace(T* x, int64_t n, T a, T b) {
+  using S = Simd<T>;
+  constexpr int W = S::width;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) S::store(x + i, S::load(x + i) * a + b);
+  for (; i < n; ++i) x[i] = x[i] * a + b;
+}
+
+// Thread-private scratch, grown on demand and reused across calls.
+template <typename T>
+T* scratch(std::vector<T>& buf, size_t n) {
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+}  // namespace tessel

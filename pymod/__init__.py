@@ -1,0 +1,15 @@
+"""tessel: compiled kernels for attention, linear-attention loops and low-rank
+gradient compression, behind a thin PyTorch API."""
+from . import nn
+from ._dispatch import get_backend, set_backend
+from .attention import attention, patch_sdpa, scaled_dot_product_attention
+
+__all__ = [
+    "attention",
+    "get_backend",
+    "nn",
+    "patch_sdpa",
+    "scaled_dot_product_attention",
+    "set_backend",
+]
+__version__ = "0.1.0"

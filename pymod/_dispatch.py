@@ -1,0 +1,129 @@
+"""Backend choice and the input checks shared by every op.
+
+Each public op validates its inputs here once, then asks `resolve_backend`
+which implementation serves its tensors:
+
+- "cpp": tessel._C, C++ kernels for CPU tensors (float32, float64);
+- "triton": tessel.kernels, Triton kernels for CUDA tensors, or for CPU
+  tensors when TRITON_INTERPRET=1 (how the GPU kernels are tested without one);
+- "reference": the plain PyTorch reference beside each op, on any device.
+
+"auto" (the default) picks by device. The choice is global, set with
+`set_backend` or, when that was never called, the TESSEL_BACKEND environment
+variable read at call time. A backend that cannot serve a tensor raises; it
+never falls back silently.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "cpp", "triton", "reference")
+_chosen: str | None = None
+
+
+def set_backend(name: str) -> None:
+    """Force one backend for every op ("auto", "cpp", "triton" or "reference")."""
+    global _chosen
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _chosen = name
+
+
+def get_backend() -> str:
+    """The backend in force: set_backend's choice, else TESSEL_BACKEND, else "auto"."""
+    if _chosen is not None:
+        return _chosen
+    name = os.environ.get("TESSEL_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"TESSEL_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(op: str, device: torch.device) -> str:
+    """The backend that runs `op` on tensors of `device`, or a clear error."""
+    name = get_backend()
+    if name == "reference":
+        return name
+    if name == "auto":
+        if device.type == "cpu":
+            return "cpp"
+        if device.type == "cuda":
+            return "triton"
+        raise RuntimeError(f"tessel.{op}: no kernel for {device.type} tensors (CPU and CUDA are served)")
+    if name == "cpp" and device.type != "cpu":
+        raise RuntimeError(f"tessel.{op}: backend 'cpp' serves CPU tensors only, got a {device.type} tensor")
+    if name == "triton" and device.type == "cpu" and not triton_interpreting():
+        raise RuntimeError(
+            f"tessel.{op}: backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)"
+        )
+    if name == "triton" and device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"tessel.{op}: backend 'triton' serves CUDA tensors, got a {device.type} tensor")
+    return name
+
+
+def cpp_module() -> ModuleType:
+    from . import _C
+
+    return _C
+
+
+def triton_module(family: str) -> ModuleType:
+    """tessel.kernels.<family>, or an error saying the Triton kernel is missing."""
+    try:
+        return importlib.import_module(f"tessel.kernels.{family}")
+    except ModuleNotFoundError as err:
+        raise NotImplementedError(
+            f"tessel has no Triton kernel for {family} yet (tessel.kernels.{family}: {err}); "
+            "use CPU tensors or tessel.set_backend('reference')"
+        ) from None
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, x, ndim: int, layout: str) -> None:
+    """x must be a non-empty floating tensor of rank `ndim` (layout names the dims)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)} {layout}")
+
+
+def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    """All tensors on one device with one dtype."""
+    first = tensors[0]
+    for name, x in zip(names[1:], tensors[1:]):
+        if x.device != first.device:
+            raise ValueError(f"{name} is on {x.device} but {names[0]} is on {first.device}: use one device")
+        if x.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but {names[0]} has {first.dtype}: use one dtype")
+
+
+def check_scale(scale) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not torch.isfinite(torch.tensor(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+
+
+def numpy_view(x: torch.Tensor):
+    """Zero-copy numpy view of a CPU tensor whose last dim is contiguous."""
+    return x.detach().numpy()
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The tensor itself when its last dim has stride 1 (any other strides are
+    fine for the kernels), else a contiguous copy."""
+    return x if x.stride(-1) == 1 or x.size(-1) == 1 else x.contiguous()

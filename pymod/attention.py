@@ -1,0 +1,313 @@
+"""Softmax attention: `tessel.attention`, torch-compatible SDPA, `patch_sdpa`,
+and the plain PyTorch reference every kernel is checked against.
+
+Layout (batch, heads, seq, head_dim) as torch SDPA. Masks are a band: query i
+(bottom-right aligned, offset Nk - Nq, as FlashAttention-2) sees key j iff
+i + off - left <= j <= i + off + right; `causal` sets right = min(right, 0).
+Rows that see no key give zeros and lse = -inf.
+
+Flow: attention() checks inputs -> resolve_backend -> custom op
+tessel::attention_fwd (autograd via tessel::attention_bwd) -> tessel._C on CPU,
+tessel.kernels.attention on CUDA. The reference backend skips the op.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _dispatch
+from ._dispatch import check_same, check_scale, check_tensor, last_dim_contiguous, numpy_view
+
+# Mirrors tessel._C.band_inf: a band side this large is unbounded.
+BAND_INF = 1 << 50
+_LAYOUT = "(batch, heads, seq, head_dim)"
+_torch_sdpa = F.scaled_dot_product_attention
+
+
+def attention_reference(q, k, v, *, causal=False, scale=None, window=None, return_lse=False):
+    """Plain PyTorch attention, accumulated in float32 (float64 for float64).
+
+    Materialises the full (Nq, Nk) score matrix: the obviously correct version
+    the kernels are tested and benchmarked against.
+    """
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    nq, nk, group = q.shape[-2], k.shape[-2], q.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k = k.to(acc).repeat_interleave(group, dim=1)
+    v = v.to(acc).repeat_interleave(group, dim=1)
+    scores = (q.to(acc) @ k.transpose(-1, -2)) * scale
+    i = torch.arange(nq, device=q.device)[:, None] + (nk - nq)
+    j = torch.arange(nk, device=q.device)[None, :]
+    allowed = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed &= j <= i
+    if window is not None:
+        left, right = window
+        if left is not None:
+            allowed &= j >= i - left
+        if right is not None:
+            allowed &= j <= i + right
+    scores = scores.masked_fill(~allowed, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    seen = allowed.any(dim=-1)
+    probs = torch.where(seen[:, None], torch.exp(scores - lse[..., None]), 0.0)
+    out = (probs @ v).to(q.dtype)
+    return (out, lse.to(_lse_dtype(q.dtype))) if return_lse else out
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _band(nq: int, nk: int, causal: bool, window) -> tuple[int, int]:
+    """(lo, hi): query i sees key j iff i + lo <= j <= i + hi."""
+    off = nk - nq
+    lo, hi = -BAND_INF, BAND_INF
+    if window is not None:
+        left, right = window
+        if left is not None:
+            lo = off - left
+        if right is not None:
+            hi = off + right
+    if causal:
+        hi = min(hi, off)
+    return lo, hi
+
+
+def _check_window(window) -> None:
+    if window is None:
+        return
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be None or a pair (left, right) of non-negative ints, got {window!r}")
+    for side, size in zip(("left", "right"), window):
+        if size is None:
+            continue
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"window {side} size must be a non-negative int or None, got {size!r}")
+
+
+def check_attention_inputs(q, k, v) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x, 4, _LAYOUT)
+    check_same(("q", "k", "v"), (q, k, v))
+    (b, h, _, d), (bk, hk, nk, dk) = q.shape, k.shape
+    if bk != b:
+        raise ValueError(f"k has batch {bk} but q has batch {b}: shapes {tuple(q.shape)} and {tuple(k.shape)}")
+    if dk != d:
+        raise ValueError(f"k has head_dim {dk} but q has head_dim {d}: shapes {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)} {_LAYOUT}, got {tuple(v.shape)}")
+    if h % hk != 0:
+        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk}) for grouped-query attention")
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def _cpu_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The C++ kernels run float32 and float64; half types compute in float32."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _forward_cpp(q, k, v, scale, lo, hi):
+    work = _cpu_dtype(q.dtype)
+    q, k, v = (last_dim_contiguous(x.to(work)) for x in (q, k, v))
+    b, h, nq, d = q.shape
+    out = torch.empty(b, h, nq, d, dtype=work)
+    lse = torch.empty(b, h, nq, dtype=work)
+    _dispatch.cpp_module().attention_forward(
+        numpy_view(q), numpy_view(k), numpy_view(v), numpy_view(out), numpy_view(lse),
+        scale, lo, hi, torch.get_num_threads(),
+    )
+    return out, lse
+
+
+def _backward_cpp(dout, q, k, v, out, lse, dlse, scale, lo, hi):
+    work = _cpu_dtype(q.dtype)
+    q, k, v, dout = (last_dim_contiguous(x.to(work)) for x in (q, k, v, dout))
+    out = out.to(work).contiguous()
+    lse = lse.to(work).contiguous()
+    dlse = None if dlse is None else numpy_view(dlse.to(work).contiguous())
+    dq = torch.empty(q.shape, dtype=work)
+    dk = torch.empty(k.shape, dtype=work)
+    dv = torch.empty(v.shape, dtype=work)
+    _dispatch.cpp_module().attention_backward(
+        numpy_view(q), numpy_view(k), numpy_view(v), numpy_view(out), numpy_view(dout), numpy_view(lse), dlse,
+        numpy_view(dq), numpy_view(dk), numpy_view(dv), scale, lo, hi, torch.get_num_threads(),
+    )
+    return dq, dk, dv
+
+
+@torch.library.custom_op("tessel::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, band_lo: int, band_hi: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "cpp":
+        out, lse = _forward_cpp(q, k, v, scale, band_lo, band_hi)
+    else:
+        out, lse = _dispatch.triton_module("attention").attention_forward(q, k, v, scale, band_lo, band_hi)
+    return out.to(q.dtype), lse.to(_lse_dtype(q.dtype))
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, scale, band_lo, band_hi, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        q.shape[:-1], dtype=_lse_dtype(q.dtype)
+    )
+
+
+@torch.library.custom_op("tessel::attention_bwd", mutates_args=())
+def _attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    scale: float,
+    band_lo: int,
+    band_hi: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "cpp":
+        dq, dk, dv = _backward_cpp(dout, q, k, v, out, lse, dlse, scale, band_lo, band_hi)
+    else:
+        dq, dk, dv = _dispatch.triton_module("attention").attention_backward(
+            dout, q, k, v, out, lse, dlse, scale, band_lo, band_hi
+        )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, dlse, scale, band_lo, band_hi, backend):
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, band_lo, band_hi, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = (scale, band_lo, band_hi, backend)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def attention(q, k, v, *, causal=False, scale=None, window=None, return_lse=False):
+    """Fused softmax attention, softmax(q k^T * scale) v, with O(N) memory.
+
+    q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H a multiple of Hkv (GQA/MQA).
+    causal: bottom-right aligned when Nq != Nk (query i sees keys up to
+    i + Nk - Nq). window=(left, right): sliding window, each side a
+    non-negative int or None (unbounded). scale defaults to 1/sqrt(D).
+    Returns out (B, H, Nq, D), and with return_lse the log-sum-exp of each
+    row's scaled scores, (B, H, Nq) in float32 (float64 for float64 input;
+    -inf for rows that see no key, whose output is zero). Differentiable in
+    q, k, v (and through lse).
+    """
+    check_attention_inputs(q, k, v)
+    check_scale(scale)
+    _check_window(window)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    backend = _dispatch.resolve_backend("attention", q.device)
+    if backend == "reference":
+        return attention_reference(q, k, v, causal=causal, scale=scale, window=window, return_lse=return_lse)
+    lo, hi = _band(q.shape[-2], k.shape[-2], causal, window)
+    out, lse = _attention_fwd(q, k, v, scale, lo, hi, backend)
+    return (out, lse) if return_lse else out
+
+
+def _kernel_band_for_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+    """(lo, hi) when tessel's kernel covers this SDPA call exactly, else None."""
+    if attn_mask is not None or dropout_p != 0.0:
+        return None
+    tensors = (query, key, value)
+    if any(not isinstance(x, torch.Tensor) or x.dim() != 4 or x.numel() == 0 or x.is_nested for x in tensors):
+        return None
+    if len({(x.device, x.dtype) for x in tensors}) != 1 or query.dtype not in _dispatch.FLOAT_DTYPES:
+        return None
+    (b, h, nq, d), (bk, hk, nk, dk) = query.shape, key.shape
+    if bk != b or dk != d or value.shape != key.shape:
+        return None
+    if hk != h and not (enable_gqa and h % hk == 0):
+        return None
+    if _dispatch.get_backend() == "reference":
+        return None
+    try:
+        backend = _dispatch.resolve_backend("scaled_dot_product_attention", query.device)
+    except RuntimeError:
+        return None
+    if backend == "cpp" and query.dtype not in (torch.float32, torch.float64):
+        return None  # torch has native half-precision CPU kernels; ours would upcast
+    if backend == "triton" and _triton_missing():
+        return None
+    # torch's is_causal is top-left aligned: query i sees keys j <= i.
+    return (-BAND_INF, 0) if is_causal else (-BAND_INF, BAND_INF)
+
+
+def _triton_missing() -> bool:
+    try:
+        _dispatch.triton_module("attention")
+    except NotImplementedError:
+        return True
+    return False
+
+
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention.
+
+    Same signature and semantics. Calls tessel's kernel when it covers the call
+    exactly (4-D inputs, no attn_mask, no dropout, matching head dims, GQA only
+    with enable_gqa); everything else goes to torch's own implementation.
+    """
+    band = _kernel_band_for_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if band is None:
+        kwargs = {"scale": scale}
+        if enable_gqa:
+            kwargs["enable_gqa"] = True
+        return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, **kwargs)
+    check_scale(scale)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    backend = _dispatch.resolve_backend("scaled_dot_product_attention", query.device)
+    out, _ = _attention_fwd(query, key, value, scale, band[0], band[1], backend)
+    return out
+
+
+class patch_sdpa:
+    """Route torch.nn.functional.scaled_dot_product_attention to tessel.
+
+    A plain call patches until `.restore()`; as a context manager it restores
+    torch's function on exit. Unmodified models (nn.TransformerEncoderLayer,
+    nn.MultiheadAttention, Hugging Face models) then run tessel's kernels.
+    """
+
+    def __init__(self):
+        self._previous = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = scaled_dot_product_attention
+
+    def restore(self) -> None:
+        F.scaled_dot_product_attention = self._previous
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()

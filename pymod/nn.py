@@ -1,0 +1,70 @@
+"""Drop-in modules backed by tessel's kernels."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import scaled_dot_product_attention
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """torch.nn.MultiheadAttention whose attention runs on tessel's kernel.
+
+    Same constructor, parameters and state_dict keys as torch's module, so a
+    torch checkpoint loads unchanged. forward(query, key, value, ...) keeps
+    torch's signature and returns (output, weights). The fused kernel serves
+    calls that need no attention weights (need_weights=False), with no
+    key_padding_mask, no attn_mask other than the causal hint
+    (is_causal=True), no bias_k/zero_attn and no active dropout; weights are
+    then None, and is_causal means torch's top-left causal mask. Every other
+    call runs torch's implementation unchanged.
+    """
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
+        fused = (
+            not need_weights
+            and key_padding_mask is None
+            and (attn_mask is None or is_causal)
+            and self.bias_k is None
+            and not self.add_zero_attn
+            and (self.dropout == 0.0 or not self.training)
+            and query.dim() == 3
+        )
+        if not fused:
+            return super().forward(
+                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
+            )
+        if not self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        q, k, v = self._project(query, key, value)
+        # (B, N, H, D) views transposed to (B, H, N, D): the kernel reads strides.
+        out = scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        out = out.transpose(1, 2).reshape(query.shape[0], query.shape[1], self.embed_dim)
+        out = self.out_proj(out)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _project(self, query, key, value):
+        e, h = self.embed_dim, self.num_heads
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        heads = []
+        for x, w, bias in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)):
+            y = F.linear(x, w, bias)
+            heads.append(y.view(y.shape[0], y.shape[1], h, e // h).transpose(1, 2))
+        return heads
