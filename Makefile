@@ -35,7 +35,7 @@ gpu-test:
 
 gpu-bench:
 	python3 -m pip install --no-build-isolation --no-deps -e .
-	python3 -m bench all --device cuda --json bench/results/$$(python3 -m bench.device_tag)-all.json
+	python3 -m bench all --device cuda --json "bench/results/{device}-all-{date}.json"
 
 clean:
 	rm -rf build *.egg-info pymod/_C*.so $(BUILD)

@@ -80,7 +80,7 @@ void pack_kv_heads(const AttentionProblem& p, const T* x, const Strides4& st, Pa
 
 template <typename T>
 struct ForwardScratch {
-  std::vector<T> s, o, m, l;
+  std::vector<T> qt, s, o, m, l;
 };
 
 template <typename T>
@@ -95,6 +95,9 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PackedHead
   const T sc = T(p.scale * kLog2e);
   const T neg_inf = -std::numeric_limits<T>::infinity();
 
+  // Q^T * scale * log2(e): S comes out of the matmul in exp2's units.
+  T* Qt = scratch(ws.qt, D * kFwdBlockQ);
+  pack_transposed_scaled(qb, mq, D, p.q.n, sc, Qt, kFwdBlockQ);
   T* S = scratch(ws.s, kFwdBlockQ * kFwdBlockK);
   T* O = scratch(ws.o, kFwdBlockQ * Dp);
   T* m = scratch(ws.m, kFwdBlockQ);
@@ -109,8 +112,8 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PackedHead
 
   for (int64_t k0 = first_key / NR * NR; k0 <= last_key; k0 += kFwdBlockK) {
     const int64_t ncols = std::min(kFwdBlockK, round_up(last_key + 1 - k0, NR));
-    gemm_panels<T, false>(mq, ncols / NR, D, qb, p.q.n, kp.panel(kv_head, k0), NR, D * NR, S, kFwdBlockK,
-                          false);
+    gemm_panels<T, true, kFwdBlockQ>(mq, ncols / NR, D, Qt, kp.panel(kv_head, k0), NR, D * NR, S, kFwdBlockK,
+                                     false);
     for (int64_t r = 0; r < mq; ++r) {
       T* srow = S + r * kFwdBlockK;
       int64_t a, e;
@@ -121,7 +124,6 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PackedHead
       }
       std::fill(srow, srow + a, T(0));
       std::fill(srow + e, srow + ncols, T(0));
-      affine_inplace(srow + a, e - a, sc, T(0));
       const T m_new = std::max(m[r], row_max(srow + a, e - a));
       const T row_sum_p = exp2_shifted_sum(srow + a, e - a, m_new);
       if (m[r] != neg_inf && m[r] != m_new) {
@@ -132,7 +134,7 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PackedHead
       l[r] += row_sum_p;
       m[r] = m_new;
     }
-    gemm_panels<T, false>(mq, Dp / NR, ncols, S, kFwdBlockK, vp.row(kv_head, k0), Dp, NR, O, Dp, true);
+    gemm_panels<T, false, kFwdBlockK>(mq, Dp / NR, ncols, S, vp.row(kv_head, k0), Dp, NR, O, Dp, true);
   }
 
   const int64_t row0 = (b * p.heads + h) * p.len_q + q0;
@@ -177,12 +179,20 @@ struct BackwardScratch {
   std::vector<T> s, dp, dk, dv;
 };
 
-// Per q head: Q and dO as padded rows, lse in log2 units, and
-// delta = rowsum(dO * O) - dlse.
+// Per q head: Q and dO as padded rows (B operands), as transposed tiles of
+// kBwdBlockQ rows (A operands; Q's scaled by scale * log2 e), lse in log2
+// units, and delta = rowsum(dO * O) - dlse.
 template <typename T>
 struct QueryPack {
-  int64_t dim_padded;
-  std::vector<T> q, dout, lse2, delta;
+  int64_t dim_padded, tiles;
+  std::vector<T> q, dout, qt, doutt, lse2, delta;
+
+  const T* q_tile(int64_t bh, int64_t q0, int64_t d) const {
+    return qt.data() + (bh * tiles + q0 / kBwdBlockQ) * d * kBwdBlockQ;
+  }
+  const T* dout_tile(int64_t bh, int64_t q0, int64_t d) const {
+    return doutt.data() + (bh * tiles + q0 / kBwdBlockQ) * d * kBwdBlockQ;
+  }
 };
 
 template <typename T>
@@ -192,8 +202,12 @@ QueryPack<T> pack_queries(const AttentionProblem& p, const T* q, const T* out, c
   const int64_t D = p.head_dim, Nq = p.len_q, heads = p.batch * p.heads;
   qp.dim_padded = round_up(D, Simd<T>::panel);
   const int64_t Dp = qp.dim_padded;
+  qp.tiles = ceil_div(Nq, kBwdBlockQ);
+  const T sc = T(p.scale * kLog2e);
   qp.q.resize(heads * Nq * Dp);
   qp.dout.resize(heads * Nq * Dp);
+  qp.qt.resize(heads * qp.tiles * D * kBwdBlockQ);
+  qp.doutt.resize(heads * qp.tiles * D * kBwdBlockQ);
   qp.lse2.resize(heads * Nq);
   qp.delta.resize(heads * Nq);
 #pragma omp parallel for collapse(2) num_threads(p.num_threads)
@@ -202,6 +216,13 @@ QueryPack<T> pack_queries(const AttentionProblem& p, const T* q, const T* out, c
       const int64_t bh = b * p.heads + h;
       pack_rows_padded(q + b * p.q.b + h * p.q.h, Nq, D, p.q.n, qp.q.data() + bh * Nq * Dp, Nq, Dp);
       pack_rows_padded(dout + b * ds.b + h * ds.h, Nq, D, ds.n, qp.dout.data() + bh * Nq * Dp, Nq, Dp);
+      for (int64_t q0 = 0; q0 < Nq; q0 += kBwdBlockQ) {
+        const int64_t rows = std::min(kBwdBlockQ, Nq - q0);
+        pack_transposed_scaled(qp.q.data() + (bh * Nq + q0) * Dp, rows, D, Dp, sc,
+                               const_cast<T*>(qp.q_tile(bh, q0, D)), kBwdBlockQ);
+        pack_transposed_scaled(qp.dout.data() + (bh * Nq + q0) * Dp, rows, D, Dp, T(1),
+                               const_cast<T*>(qp.dout_tile(bh, q0, D)), kBwdBlockQ);
+      }
       for (int64_t i = 0; i < Nq; ++i) {
         const int64_t row = bh * Nq + i;
         const T* o = out + row * D;
@@ -228,7 +249,7 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const
   const int64_t nk = std::min(kBwdBlockK, p.len_k - k0);
   const int64_t ncols = round_up(nk, NR);
   const int64_t group = p.heads / p.kv_heads, kv_head = b * p.kv_heads + hk;
-  const T sc = T(p.scale * kLog2e), scale = T(p.scale);
+  const T scale = T(p.scale);
 
   T* P = scratch(ws.s, kBwdBlockQ * kBwdBlockK);
   T* dS = scratch(ws.dp, kBwdBlockQ * kBwdBlockK);
@@ -248,13 +269,13 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const
     const T* lse2 = qp.lse2.data() + bh * Nq;
     const T* delta = qp.delta.data() + bh * Nq;
     T* dQh = dq_acc + bh * Nq * Dp;
-    for (int64_t q0 = i_first; q0 <= i_last; q0 += kBwdBlockQ) {
+    for (int64_t q0 = i_first / kBwdBlockQ * kBwdBlockQ; q0 <= i_last; q0 += kBwdBlockQ) {
       const int64_t mq = std::min(kBwdBlockQ, i_last + 1 - q0);
-      // S = Q K^T and dP = dO V^T, [mq, D] @ [D, ncols]
-      gemm_panels<T, false>(mq, ncols / NR, D, Qh + q0 * Dp, Dp, kp.panel(kv_head, k0), NR, D * NR, P, kBwdBlockK,
-                            false);
-      gemm_panels<T, false>(mq, ncols / NR, D, dOh + q0 * Dp, Dp, vp.panel(kv_head, k0), NR, D * NR, dS,
-                            kBwdBlockK, false);
+      // S (log2 units) = Q K^T * scale * log2 e and dP = dO V^T: [mq, D] @ [D, ncols]
+      gemm_panels<T, true, kBwdBlockQ>(mq, ncols / NR, D, qp.q_tile(bh, q0, D), kp.panel(kv_head, k0), NR, D * NR,
+                                       P, kBwdBlockK, false);
+      gemm_panels<T, true, kBwdBlockQ>(mq, ncols / NR, D, qp.dout_tile(bh, q0, D), vp.panel(kv_head, k0), NR,
+                                       D * NR, dS, kBwdBlockK, false);
       for (int64_t r = 0; r < mq; ++r) {
         const int64_t i = q0 + r;
         T* prow = P + r * kBwdBlockK;
@@ -268,17 +289,16 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const
         }
         std::fill(prow, prow + a, T(0));
         std::fill(prow + e, prow + ncols, T(0));
-        affine_inplace(prow + a, e - a, sc, T(0));
         exp2_shifted_sum(prow + a, e - a, lse2[i]);
         // dS = P * (dP - delta) * scale; zero wherever P is.
         for (int64_t c = 0; c < ncols; ++c) dsrow[c] = prow[c] * (dsrow[c] - delta[i]) * scale;
       }
       // dV += P^T dO, dK += dS^T Q: [ncols, mq] @ [mq, Dp]
-      gemm_panels<T, true>(ncols, Dp / NR, mq, P, kBwdBlockK, dOh + q0 * Dp, Dp, NR, dV, Dp, true);
-      gemm_panels<T, true>(ncols, Dp / NR, mq, dS, kBwdBlockK, Qh + q0 * Dp, Dp, NR, dK, Dp, true);
+      gemm_panels<T, true, kBwdBlockK>(ncols, Dp / NR, mq, P, dOh + q0 * Dp, Dp, NR, dV, Dp, true);
+      gemm_panels<T, true, kBwdBlockK>(ncols, Dp / NR, mq, dS, Qh + q0 * Dp, Dp, NR, dK, Dp, true);
       // dQ += dS K: [mq, ncols] @ [ncols, Dp]
-      gemm_panels<T, false>(mq, Dp / NR, ncols, dS, kBwdBlockK, kp.row(kv_head, k0), Dp, NR, dQh + q0 * Dp, Dp,
-                            true);
+      gemm_panels<T, false, kBwdBlockK>(mq, Dp / NR, ncols, dS, kp.row(kv_head, k0), Dp, NR, dQh + q0 * Dp, Dp,
+                                        true);
     }
   }
 

@@ -61,12 +61,15 @@ inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 // C tile (R x panel) (+)= A (R x kc) * B (kc x panel).
 // A element (r, p) is a[r * lda + p], or a[p * lda + r] when ATrans.
 // B row p is the contiguous panel b[p * ldb, p * ldb + panel).
-template <typename T, int R, bool ATrans>
-void micro_tile(int64_t kc, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+// kLda > 0 fixes lda at compile time: A's R addresses then share one base
+// register with constant offsets instead of R live row pointers.
+template <typename T, int R, bool ATrans, int64_t kLda>
+void micro_tile(int64_t kc, const T* a, int64_t lda_arg, const T* b, int64_t ldb, T* c, int64_t ldc,
                 bool accumulate) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int W = S::width;
+  const int64_t lda = kLda > 0 ? kLda : lda_arg;
   V acc0[R], acc1[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
@@ -95,12 +98,12 @@ void micro_tile(int64_t kc, const T* a, int64_t lda, const T* b, int64_t ldb, T*
   }
 }
 
-template <typename T, bool ATrans>
+template <typename T>
 using MicroFn = void (*)(int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, bool);
 
-template <typename T, bool ATrans, int... Rs>
-constexpr std::array<MicroFn<T, ATrans>, sizeof...(Rs)> micro_table(std::integer_sequence<int, Rs...>) {
-  return {&micro_tile<T, Rs + 1, ATrans>...};
+template <typename T, bool ATrans, int64_t kLda, int... Rs>
+constexpr std::array<MicroFn<T>, sizeof...(Rs)> micro_table(std::integer_sequence<int, Rs...>) {
+  return {&micro_tile<T, Rs + 1, ATrans, kLda>...};
 }
 
 // C (m x npanels*panel) (+)= A (m x k) * B (k x npanels*panel).
@@ -108,23 +111,37 @@ constexpr std::array<MicroFn<T, ATrans>, sizeof...(Rs)> micro_table(std::integer
 // covers both a row-major matrix (stride = panel) and a panel-packed one
 // (stride = k * panel, ldb = panel). Panels outer, rows inner: one B panel
 // stays in L1 while every row tile of A passes over it.
-template <typename T, bool ATrans>
-void gemm_panels(int64_t m, int64_t npanels, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+template <typename T, bool ATrans, int64_t kLda>
+void gemm_panels(int64_t m, int64_t npanels, int64_t k, const T* a, const T* b, int64_t ldb,
                  int64_t b_panel_stride, T* c, int64_t ldc, bool accumulate) {
-  static constexpr auto table = micro_table<T, ATrans>(std::make_integer_sequence<int, kMicroRows>{});
+  static_assert(kLda > 0, "A's leading dimension is a compile-time block size");
+  static constexpr auto table = micro_table<T, ATrans, kLda>(std::make_integer_sequence<int, kMicroRows>{});
   constexpr int NR = Simd<T>::panel;
   for (int64_t j = 0; j < npanels; ++j) {
     const T* bj = b + j * b_panel_stride;
     T* cj = c + j * NR;
     int64_t i = 0;
     for (; i + kMicroRows <= m; i += kMicroRows) {
-      const T* ai = ATrans ? a + i : a + i * lda;
-      micro_tile<T, kMicroRows, ATrans>(k, ai, lda, bj, ldb, cj + i * ldc, ldc, accumulate);
+      const T* ai = ATrans ? a + i : a + i * kLda;
+      micro_tile<T, kMicroRows, ATrans, kLda>(k, ai, kLda, bj, ldb, cj + i * ldc, ldc, accumulate);
     }
     if (i < m) {
-      const T* ai = ATrans ? a + i : a + i * lda;
-      table[m - i - 1](k, ai, lda, bj, ldb, cj + i * ldc, ldc, accumulate);
+      const T* ai = ATrans ? a + i : a + i * kLda;
+      table[m - i - 1](k, ai, kLda, bj, ldb, cj + i * ldc, ldc, accumulate);
     }
+  }
+}
+
+// Packs a block of `rows` rows (row stride ld) of `cols` values, times
+// `scale`, transposed: out[c * ld_out + r]; rows [rows, ld_out) are zero. The
+// result is an ATrans A operand with compile-time lda = ld_out.
+template <typename T>
+void pack_transposed_scaled(const T* x, int64_t rows, int64_t cols, int64_t ld, T scale, T* out,
+                            int64_t ld_out) {
+  for (int64_t c = 0; c < cols; ++c) {
+    T* o = out + c * ld_out;
+    for (int64_t r = 0; r < rows; ++r) o[r] = x[r * ld + c] * scale;
+    std::fill(o + rows, o + ld_out, T(0));
   }
 }
 

@@ -1,0 +1,57 @@
+"""python -m bench attention|all [--device cpu|cuda|auto] [--quick] [--json PATH] [--plot PATH]
+
+Runs each suite's cases side by side (tessel, reference, peers), prints a
+table, and writes JSON (device, versions, date, rows) and a plot. In --json,
+{device} and {date} are filled in, e.g. bench/results/{device}-attention.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import torch
+
+from . import _harness
+
+SUITES = ("attention",)
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("suite", choices=SUITES + ("all",))
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--quick", action="store_true", help="a few small cases, short timing")
+    parser.add_argument("--json", metavar="PATH", help="write results as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG of the speedups")
+    args = parser.parse_args(argv)
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    suites = SUITES if args.suite == "all" else (args.suite,)
+
+    env = _harness.environment(device)
+    sgemm = _harness.sgemm_gflops(device, args.quick)
+    print(f"tessel bench on {env['device']} ({env['threads']} threads), torch {env['torch']}, "
+          f"{'quick' if args.quick else 'full'}; float32 matmul: {sgemm:.1f} GFLOP/s")
+    rows = []
+    for suite in suites:
+        module = importlib.import_module(f"bench.{suite}")
+        suite_rows = _harness.run_cases(module.cases(device, dtype, args.quick), args.quick)
+        print(f"\n== {suite} ==")
+        print(_harness.format_table(suite_rows, sgemm))
+        rows += suite_rows
+    if args.json:
+        path = _harness.write_json(args.json, env, rows, {"sgemm_gflops": sgemm, "quick": args.quick})
+        print(f"\nwrote {path}")
+    if args.plot:
+        _harness.write_plot(args.plot, rows, env)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

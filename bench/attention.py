@@ -1,0 +1,128 @@
+"""Attention suite: tessel.attention vs its reference and torch SDPA (each
+fast CUDA backend forced, and flash-attn when installed, on CUDA), forward and
+forward+backward."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import tessel
+from tessel.attention import attention_reference
+
+from ._harness import Case
+
+# (B, H, Hkv, N, D): small research transformers, then LLM-like shapes.
+FULL = [
+    (32, 2, 2, 256, 32),
+    (64, 1, 1, 128, 16),
+    (16, 8, 8, 512, 64),
+    (16, 4, 4, 2048, 128),
+    (4, 8, 8, 1024, 64),
+    (4, 8, 8, 4096, 64),
+    (1, 32, 8, 2048, 128),
+    (1, 8, 8, 16384, 64),
+]
+QUICK = [(32, 2, 2, 256, 32), (4, 8, 8, 1024, 64)]
+# H100 goal shapes: D=128, B*H*N = 16k*16.
+CUDA_FULL = [(16 * 16384 // n // 16, 16, 16, n, 128) for n in (1024, 2048, 4096, 8192, 16384)]
+# The reference materialises scores, probabilities and their grads: leave it
+# out of cases where those would pass this many bytes.
+REFERENCE_BYTES = 4 * 2**30
+# Forward+backward is left out beyond this length on CPU (minutes per call).
+CPU_BACKWARD_MAX_N = 4096
+
+
+def unmasked_pairs(n: int, causal: bool) -> int:
+    return n * (n + 1) // 2 if causal else n * n
+
+
+def peer_fns(device: str, causal: bool, gqa: bool) -> dict:
+    """name -> f(q, k, v) for every peer available on this device."""
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    if device != "cuda":
+        return {"sdpa": sdpa}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def forced(backend):
+        def run(q, k, v):
+            with sdpa_kernel(backend):
+                return sdpa(q, k, v)
+
+        return run
+
+    peers = {"sdpa_flash": forced(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": forced(SDPBackend.CUDNN_ATTENTION)}
+    try:
+        from flash_attn import flash_attn_func
+
+        peers["flash_attn"] = lambda q, k, v: flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal
+        ).transpose(1, 2)
+    except ImportError:
+        pass
+    return peers
+
+
+def _forward(fn, inputs):
+    @torch.no_grad()
+    def run():
+        return fn(*inputs)
+
+    return run
+
+
+def _forward_backward(fn, leaves, grad):
+    def run():
+        for x in leaves:
+            x.grad = None
+        fn(*leaves).backward(grad)
+
+    return run
+
+
+def _output_error(ours, ref, inputs) -> float:
+    with torch.no_grad():
+        return (ours(*inputs).float() - ref(*inputs).float()).abs().max().item()
+
+
+def _grad_error(ours, ref, leaves, grad) -> float:
+    grads = []
+    for fn in (ours, ref):
+        _forward_backward(fn, leaves, grad)()
+        grads.append([x.grad.float().clone() for x in leaves])
+    return max((a - b).abs().max().item() for a, b in zip(*grads))
+
+
+def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
+    shapes = QUICK if quick else (CUDA_FULL if device == "cuda" else FULL)
+    gen = torch.Generator(device=device).manual_seed(0)
+    out = []
+    for b, h, hk, n, d in shapes:
+        q = torch.randn(b, h, n, d, device=device, dtype=dtype, generator=gen)
+        k, v = (torch.randn(b, hk, n, d, device=device, dtype=dtype, generator=gen) for _ in range(2))
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        grad = torch.randn(q.shape, device=device, dtype=dtype, generator=gen)
+        with_ref = 3 * b * h * n * n * 4 <= REFERENCE_BYTES
+        for causal in (False, True):
+            name = f"B{b}-H{h}" + (f"/{hk}" if hk != h else "") + f"-N{n}-D{d}" + ("-causal" if causal else "")
+            flops = 4 * b * h * unmasked_pairs(n, causal) * d
+            ours = lambda q, k, v, c=causal: tessel.attention(q, k, v, causal=c)
+            ref = lambda q, k, v, c=causal: attention_reference(q, k, v, causal=c)
+            peers = peer_fns(device, causal, hk != h)
+            out.append(Case(
+                "attention", name, "fwd", dtype, device, flops,
+                _forward(ours, (q, k, v)),
+                _forward(ref, (q, k, v)) if with_ref else None,
+                {p: _forward(f, (q, k, v)) for p, f in peers.items()},
+                (lambda o=ours, r=ref: _output_error(o, r, (q, k, v))) if with_ref else None,
+            ))
+            if device == "cpu" and n > CPU_BACKWARD_MAX_N:
+                continue
+            # Backward is 5 matmuls to the forward's 2: 3.5x the forward's FLOPs in all.
+            out.append(Case(
+                "attention", name, "fwd+bwd", dtype, device, 3.5 * flops,
+                _forward_backward(ours, leaves, grad),
+                _forward_backward(ref, leaves, grad) if with_ref else None,
+                {p: _forward_backward(f, leaves, grad) for p, f in peers.items()},
+                (lambda o=ours, r=ref, lv=leaves, g=grad: _grad_error(o, r, lv, g)) if with_ref else None,
+            ))
+    return out
