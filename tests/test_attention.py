@@ -1,0 +1,209 @@
+"""tessel.attention on the C++ backend against the plain PyTorch reference."""
+import math
+
+import pytest
+import torch
+from conftest import assert_as_accurate, error_vs
+
+import tessel
+from tessel.attention import attention_reference
+
+
+def make_qkv(b, h, hk, nq, nk, d, dtype=torch.float32, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, nq, d, generator=gen, dtype=dtype) * scale
+    k = torch.randn(b, hk, nk, d, generator=gen, dtype=dtype) * scale
+    v = torch.randn(b, hk, nk, d, generator=gen, dtype=dtype)
+    return q, k, v
+
+
+def check_against_reference(q, k, v, grads=True, factor=2.0, **kw):
+    """Output, lse and every gradient of tessel vs float64, relative to the
+    float32 reference's own error."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ref_leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    exact_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out, lse = tessel.attention(*leaves, return_lse=True, **kw)
+    ref_out, ref_lse = attention_reference(*ref_leaves, return_lse=True, **kw)
+    ex_out, ex_lse = attention_reference(*exact_leaves, return_lse=True, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == q.shape[:-1] and lse.dtype == torch.float32
+    assert_as_accurate("out", out, ref_out, ex_out, factor, atol=1e-6)
+    assert_as_accurate("lse", lse, ref_lse, ex_lse, factor, atol=1e-6)
+    if not grads:
+        return
+    gen = torch.Generator().manual_seed(1)
+    dout = torch.randn(out.shape, generator=gen)
+    dlse = torch.randn(lse.shape, generator=gen)
+    for o, l, ls in ((out, lse, leaves), (ref_out, ref_lse, ref_leaves), (ex_out, ex_lse, exact_leaves)):
+        # Rows without keys have lse = -inf; their gradient is zero.
+        ((o * dout.to(o.dtype)).sum() + (torch.nan_to_num(l, neginf=0.0) * dlse.to(l.dtype)).sum()).backward()
+    for name, a, r, e in zip(("dq", "dk", "dv"), leaves, ref_leaves, exact_leaves):
+        assert_as_accurate(name, a.grad, r.grad, e.grad, 3 * factor, atol=1e-5)
+
+
+@pytest.mark.parametrize("d", [16, 24, 32, 64, 128, 256])
+@pytest.mark.parametrize("n", [1, 17, 127])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dims_and_odd_lengths(d, n, causal):
+    check_against_reference(*make_qkv(1, 2, 2, n, n, d), causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_sequence_with_gqa(causal):
+    check_against_reference(*make_qkv(1, 4, 2, 1000, 1000, 64), causal=causal)
+
+
+@pytest.mark.parametrize("nq,nk", [(17, 100), (100, 17), (1, 1000), (127, 64), (64, 300)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_query_and_key_lengths_differ(nq, nk, causal):
+    check_against_reference(*make_qkv(2, 2, 1, nq, nk, 32), causal=causal)
+
+
+@pytest.mark.parametrize("window", [(0, 0), (3, 5), (None, 0), (16, None), (100, 100), (0, None)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sliding_window(window, causal):
+    check_against_reference(*make_qkv(1, 2, 2, 150, 130, 32), causal=causal, window=window)
+
+
+@pytest.mark.parametrize("h,hk", [(4, 1), (4, 2), (6, 3), (3, 3)])
+def test_grouped_query_attention(h, hk):
+    check_against_reference(*make_qkv(2, h, hk, 33, 47, 16), causal=True)
+
+
+def test_custom_scale():
+    check_against_reference(*make_qkv(1, 2, 2, 40, 40, 32), scale=0.37)
+    check_against_reference(*make_qkv(1, 2, 2, 40, 40, 32), scale=-0.2, causal=True)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(causal=True), dict(window=(2, 1)), dict(causal=True, window=(3, None))],
+    ids=["full", "causal", "window", "causal-window"],
+)
+@pytest.mark.parametrize("nq,nk,h,hk", [(7, 7, 2, 2), (5, 9, 2, 1), (9, 4, 4, 2)])
+def test_gradcheck_float64(kw, nq, nk, h, hk):
+    q, k, v = (x.requires_grad_() for x in make_qkv(1, h, hk, nq, nk, 8, dtype=torch.float64))
+
+    def fn(q, k, v):
+        out, lse = tessel.attention(q, k, v, return_lse=True, **kw)
+        return out, torch.nan_to_num(lse, neginf=0.0)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_float64_output_and_lse_dtype():
+    q, k, v = make_qkv(1, 2, 2, 20, 20, 16, dtype=torch.float64)
+    out, lse = tessel.attention(q, k, v, return_lse=True)
+    ref, ref_lse = attention_reference(q, k, v, return_lse=True)
+    assert out.dtype == lse.dtype == torch.float64
+    assert error_vs(out, ref) < 1e-12 and error_vs(lse, ref_lse) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_cpu_computes_in_float32(dtype):
+    q, k, v = make_qkv(1, 2, 2, 50, 50, 32, dtype=dtype)
+    out, lse = tessel.attention(q, k, v, causal=True, return_lse=True)
+    ref = attention_reference(q.float(), k.float(), v.float(), causal=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert error_vs(out.float(), ref) <= error_vs(ref.to(dtype).float(), ref) + 1e-6
+
+
+def test_fully_masked_rows_give_zeros_and_minus_inf_lse():
+    # causal with Nq > Nk: the first Nq - Nk queries see no key.
+    q, k, v = (x.requires_grad_() for x in make_qkv(1, 2, 2, 10, 4, 16))
+    out, lse = tessel.attention(q, k, v, causal=True, return_lse=True)
+    assert torch.all(out[:, :, :6] == 0) and torch.all(lse[:, :, :6] == -math.inf)
+    assert torch.isfinite(out).all() and torch.isfinite(lse[:, :, 6:]).all()
+    out.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+    assert torch.all(q.grad[:, :, :6] == 0)
+    # A window that leaves some rows without keys.
+    q, k, v = make_qkv(1, 1, 1, 8, 30, 16)
+    out, lse = tessel.attention(q, k, v, window=(0, 0), return_lse=True)
+    ref, ref_lse = attention_reference(q, k, v, window=(0, 0), return_lse=True)
+    assert torch.isfinite(out).all() and error_vs(out, ref) < 1e-5 and error_vs(lse, ref_lse) < 1e-5
+
+
+def test_large_logits_do_not_overflow():
+    q, k, v = make_qkv(1, 2, 2, 65, 65, 16, scale=50.0)  # |logits| up to ~1e4
+    scores = (q @ k.transpose(-1, -2)) / 4
+    assert scores.abs().max() > 5e3
+    check_against_reference(q, k, v, causal=True, factor=4.0)
+
+
+def test_non_contiguous_inputs_match_contiguous():
+    gen = torch.Generator().manual_seed(3)
+    # (B, N, H, D) projections viewed as (B, H, N, D), and a last dim with stride != 1.
+    q, k, v = (torch.randn(2, 37, 4, 32, generator=gen).transpose(1, 2) for _ in range(3))
+    v_t = v.contiguous().transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not q.is_contiguous() and v_t.stride(-1) != 1
+    for kw in (dict(), dict(causal=True)):
+        got = tessel.attention(q, k, v_t, **kw)
+        want = tessel.attention(q.contiguous(), k.contiguous(), v.contiguous(), **kw)
+        assert torch.equal(got, want)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    contiguous = [x.detach().contiguous().requires_grad_() for x in (q, k, v)]
+    for ls in (leaves, contiguous):
+        tessel.attention(*ls, causal=True).square().sum().backward()
+    for a, b in zip(leaves, contiguous):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_expanded_kv_heads_read_in_place():
+    q, k, v = make_qkv(1, 4, 1, 20, 20, 16)
+    got = tessel.attention(q, k.expand(1, 4, 20, 16), v.expand(1, 4, 20, 16))
+    assert error_vs(got, tessel.attention(q, k, v)) == 0.0
+
+
+def test_backward_is_deterministic():
+    q, k, v = make_qkv(1, 2, 1, 300, 300, 32)
+    grads = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        tessel.attention(*leaves, causal=True).sum().backward()
+        grads.append([x.grad for x in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def _peak_rss_growth_mb(fn) -> float:
+    def kib(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+    before = kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return (kib("VmHWM") - before) / 1024
+
+
+def test_forward_memory_is_linear_in_length():
+    q, k, v = make_qkv(1, 1, 1, 16384, 16384, 16)
+    try:
+        growth = _peak_rss_growth_mb(lambda: tessel.attention(q, k, v))
+    except OSError:
+        pytest.skip("needs Linux /proc to read peak memory")
+    assert growth < 64, f"forward at N=16384 grew memory by {growth:.0f} MB; N x N scores would be 1024 MB"
+
+
+def test_torch_compile_has_no_graph_breaks():
+    q, k, v = make_qkv(1, 2, 1, 33, 40, 16)
+
+    def f(q, k, v):
+        out, lse = tessel.attention(q, k, v, causal=True, return_lse=True)
+        return out.sum() + lse.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    eager = [x.clone().requires_grad_() for x in (q, k, v)]
+    compiled(*leaves).backward()
+    f(*eager).backward()
+    for a, b in zip(leaves, eager):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def test_torch_compile_inductor_forward():
+    q, k, v = make_qkv(2, 2, 2, 17, 17, 32)
+    compiled = torch.compile(lambda q, k, v: tessel.attention(q, k, v) * 2, fullgraph=True)
+    assert torch.allclose(compiled(q, k, v), tessel.attention(q, k, v) * 2)
