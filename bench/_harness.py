@@ -136,7 +136,7 @@ def device_name(device: str) -> str:
 
 def run_cases(cases: list[Case], quick: bool) -> list[dict]:
     rows = []
-    for case in tqdm(cases, desc="bench", unit="case", leave=False):
+    for case in tqdm(cases, desc="time", unit="case", leave=False):
         row = {
             "suite": case.suite, "case": case.name, "mode": case.mode,
             "dtype": str(case.dtype).removeprefix("torch."), "device": case.device,
@@ -152,11 +152,13 @@ def run_cases(cases: list[Case], quick: bool) -> list[dict]:
             if name != "tessel":
                 row[f"x_{name}"] = t / times["tessel"]
         row["gflops"] = case.flops / times["tessel"] / 1e9
+        row["max_err"] = case.error() if case.error is not None else None
+        rows.append(row)
+    # Memory last: on CPU, measuring it changes the allocator's settings.
+    for case, row in zip(tqdm(cases, desc="memory", unit="case", leave=False), rows):
         row["peak_mb"] = peak_memory_mb(case.tessel, case.device)
         for name, fn in case.peers.items():
             row[f"{name}_peak_mb"] = peak_memory_mb(fn, case.device)
-        row["max_err"] = case.error() if case.error is not None else None
-        rows.append(row)
     return rows
 
 

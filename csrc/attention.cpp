@@ -25,8 +25,8 @@ constexpr double kLn2 = 0.6931471805599453;
 // block stay in L2.
 constexpr int64_t kFwdBlockQ = 8 * kMicroRows;
 constexpr int64_t kFwdBlockK = 256;
-constexpr int64_t kBwdBlockQ = 4 * kMicroRows;
-constexpr int64_t kBwdBlockK = 128;
+constexpr int64_t kBwdBlockQ = 8 * kMicroRows;
+constexpr int64_t kBwdBlockK = 96;
 
 // Keys [first, last] that query row i may see.
 inline void row_key_range(const AttentionProblem& p, int64_t i, int64_t* first, int64_t* last) {
@@ -49,14 +49,15 @@ inline void row_block_cols(const AttentionProblem& p, int64_t i, int64_t k0, int
 template <typename T>
 struct PackedHeads {
   int64_t rows_padded, head_dim, dim_padded;
-  std::vector<T> panels;  // transposed panels [rows_padded/NR][head_dim][NR]
-  std::vector<T> rows;    // padded rows [rows_padded][dim_padded]
+  Buffer<T> panels;  // transposed panels [rows_padded/NR][head_dim][NR]
+  Buffer<T> rows;    // padded rows [rows_padded][dim_padded]
 
   PackedHeads(int64_t count, int64_t n, int64_t d, bool want_panels, bool want_rows)
-      : rows_padded(round_up(n, Simd<T>::panel)), head_dim(d), dim_padded(round_up(d, Simd<T>::panel)) {
-    if (want_panels) panels.resize(count * rows_padded * head_dim);
-    if (want_rows) rows.resize(count * rows_padded * dim_padded);
-  }
+      : rows_padded(round_up(n, Simd<T>::panel)),
+        head_dim(d),
+        dim_padded(round_up(d, Simd<T>::panel)),
+        panels(want_panels ? count * rows_padded * head_dim : 0),
+        rows(want_rows ? count * rows_padded * dim_padded : 0) {}
   const T* panel(int64_t head, int64_t key0) const {
     return panels.data() + head * rows_padded * head_dim + key0 * head_dim;
   }
@@ -185,14 +186,10 @@ struct BackwardScratch {
 template <typename T>
 struct QueryPack {
   int64_t dim_padded, tiles;
-  std::vector<T> q, dout, qt, doutt, lse2, delta;
+  Buffer<T> q, dout, qt, doutt, lse2, delta;
 
-  const T* q_tile(int64_t bh, int64_t q0, int64_t d) const {
-    return qt.data() + (bh * tiles + q0 / kBwdBlockQ) * d * kBwdBlockQ;
-  }
-  const T* dout_tile(int64_t bh, int64_t q0, int64_t d) const {
-    return doutt.data() + (bh * tiles + q0 / kBwdBlockQ) * d * kBwdBlockQ;
-  }
+  // Offset of the tile holding rows [q0, q0 + kBwdBlockQ) of head bh in qt, doutt.
+  int64_t tile(int64_t bh, int64_t q0, int64_t d) const { return (bh * tiles + q0 / kBwdBlockQ) * d * kBwdBlockQ; }
 };
 
 template <typename T>
@@ -204,12 +201,12 @@ QueryPack<T> pack_queries(const AttentionProblem& p, const T* q, const T* out, c
   const int64_t Dp = qp.dim_padded;
   qp.tiles = ceil_div(Nq, kBwdBlockQ);
   const T sc = T(p.scale * kLog2e);
-  qp.q.resize(heads * Nq * Dp);
-  qp.dout.resize(heads * Nq * Dp);
-  qp.qt.resize(heads * qp.tiles * D * kBwdBlockQ);
-  qp.doutt.resize(heads * qp.tiles * D * kBwdBlockQ);
-  qp.lse2.resize(heads * Nq);
-  qp.delta.resize(heads * Nq);
+  qp.q = Buffer<T>(heads * Nq * Dp);
+  qp.dout = Buffer<T>(heads * Nq * Dp);
+  qp.qt = Buffer<T>(heads * qp.tiles * D * kBwdBlockQ);
+  qp.doutt = Buffer<T>(heads * qp.tiles * D * kBwdBlockQ);
+  qp.lse2 = Buffer<T>(heads * Nq);
+  qp.delta = Buffer<T>(heads * Nq);
 #pragma omp parallel for collapse(2) num_threads(p.num_threads)
   for (int64_t b = 0; b < p.batch; ++b)
     for (int64_t h = 0; h < p.heads; ++h) {
@@ -219,9 +216,9 @@ QueryPack<T> pack_queries(const AttentionProblem& p, const T* q, const T* out, c
       for (int64_t q0 = 0; q0 < Nq; q0 += kBwdBlockQ) {
         const int64_t rows = std::min(kBwdBlockQ, Nq - q0);
         pack_transposed_scaled(qp.q.data() + (bh * Nq + q0) * Dp, rows, D, Dp, sc,
-                               const_cast<T*>(qp.q_tile(bh, q0, D)), kBwdBlockQ);
+                               qp.qt.data() + qp.tile(bh, q0, D), kBwdBlockQ);
         pack_transposed_scaled(qp.dout.data() + (bh * Nq + q0) * Dp, rows, D, Dp, T(1),
-                               const_cast<T*>(qp.dout_tile(bh, q0, D)), kBwdBlockQ);
+                               qp.doutt.data() + qp.tile(bh, q0, D), kBwdBlockQ);
       }
       for (int64_t i = 0; i < Nq; ++i) {
         const int64_t row = bh * Nq + i;
@@ -272,9 +269,9 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const
     for (int64_t q0 = i_first / kBwdBlockQ * kBwdBlockQ; q0 <= i_last; q0 += kBwdBlockQ) {
       const int64_t mq = std::min(kBwdBlockQ, i_last + 1 - q0);
       // S (log2 units) = Q K^T * scale * log2 e and dP = dO V^T: [mq, D] @ [D, ncols]
-      gemm_panels<T, true, kBwdBlockQ>(mq, ncols / NR, D, qp.q_tile(bh, q0, D), kp.panel(kv_head, k0), NR, D * NR,
+      gemm_panels<T, true, kBwdBlockQ>(mq, ncols / NR, D, qp.qt.data() + qp.tile(bh, q0, D), kp.panel(kv_head, k0), NR, D * NR,
                                        P, kBwdBlockK, false);
-      gemm_panels<T, true, kBwdBlockQ>(mq, ncols / NR, D, qp.dout_tile(bh, q0, D), vp.panel(kv_head, k0), NR,
+      gemm_panels<T, true, kBwdBlockQ>(mq, ncols / NR, D, qp.doutt.data() + qp.tile(bh, q0, D), vp.panel(kv_head, k0), NR,
                                        D * NR, dS, kBwdBlockK, false);
       for (int64_t r = 0; r < mq; ++r) {
         const int64_t i = q0 + r;
@@ -330,7 +327,10 @@ void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, c
   const int64_t nsplit = std::clamp<int64_t>(ceil_div(4 * p.num_threads, heads_kv), 1, nkb);
   const int64_t Dp = qp.dim_padded, D = p.head_dim;
   const int64_t dq_size = p.batch * p.heads * p.len_q * Dp;
-  std::vector<T> dq_acc(nsplit * dq_size);
+  Buffer<T> dq_acc(nsplit * dq_size);
+#pragma omp parallel for num_threads(p.num_threads)
+  for (int64_t s = 0; s < nsplit * p.batch * p.heads; ++s)
+    std::fill(dq_acc.data() + s * p.len_q * Dp, dq_acc.data() + (s + 1) * p.len_q * Dp, T(0));
 
 #pragma omp parallel num_threads(p.num_threads)
   {

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -278,5 +279,24 @@ T* scratch(std::vector<T>& buf, size_t n) {
   if (buf.size() < n) buf.resize(n);
   return buf.data();
 }
+
+// An uninitialised array, for buffers that are written before being read
+// (std::vector would zero them first: one more pass over memory).
+template <typename T>
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(size_t n) : data_(n ? new T[n] : nullptr), size_(n) {}
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+  bool empty() const { return size_ == 0; }
+  T& operator[](size_t i) { return data_[i]; }
+  const T& operator[](size_t i) const { return data_[i]; }
+
+ private:
+  std::unique_ptr<T[]> data_;
+  size_t size_ = 0;
+};
 
 }  // namespace tessel
