@@ -113,7 +113,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
                 _forward(ours, (q, k, v)),
                 _forward(ref, (q, k, v)) if with_ref else None,
                 {p: _forward(f, (q, k, v)) for p, f in peers.items()},
-                (lambda o=ours, r=ref: _output_error(o, r, (q, k, v))) if with_ref else None,
+                (lambda o=ours, r=ref, x=(q, k, v): _output_error(o, r, x)) if with_ref else None,
             ))
             if device == "cpu" and n > CPU_BACKWARD_MAX_N:
                 continue

@@ -1,0 +1,403 @@
+"""Triton flash attention (FlashAttention-2): forward, split-K decode, backward.
+
+The math (Dao, "FlashAttention-2", 2023): per block of queries, stream key
+blocks through an online softmax in fp32, using exp2 with scale * log2(e)
+folded into the scores; save lse = m + log(l) per row. Backward recomputes
+P = exp(S - lse) block by block: dV += P^T dO, dS = P * (dP - delta) with
+delta = rowsum(dO * O) - dlse, dK += dS^T Q (one program per key block, all
+q heads of its GQA group: no atomics, deterministic), dQ += dS K (one program
+per query block).
+
+Masks are a band: query i sees key j iff i + band_lo <= j <= i + band_hi
+(causal, sliding windows and torch's top-left causal all reduce to it). The
+forward visits only key blocks that touch the band, and runs the blocks
+entirely inside it without any score mask.
+
+Limits: head_dim <= 256 (padded inside to a power of two, at least 16);
+float16, bfloat16, float32 (float32 dots in IEEE precision unless
+torch.backends.cuda.matmul.allow_tf32 is set); the last dim of q, k, v, dO
+must have stride 1 (the caller copies otherwise).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._dispatch import triton_interpreting
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+# Decode (few queries, long KV cache): keys are split across programs in
+# multiples of this many keys, each split writing a partial result.
+SPLIT_ALIGN = 256
+DECODE_MAX_QUERIES = 16
+
+
+def _configs(block_pairs, warps_stages):
+    if triton_interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n in block_pairs
+        for w, s in warps_stages
+    ]
+
+
+def _prune_for_head_dim(configs, named_args, **kwargs):
+    """Large head dims need smaller tiles to fit shared memory and registers."""
+    big = named_args["BLOCK_D"] if "BLOCK_D" in named_args else kwargs.get("BLOCK_D", 64)
+    kept = [c for c in configs if big < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return kept or configs[:1]
+
+
+_FWD_CONFIGS = _configs([(128, 64), (128, 128), (64, 64), (64, 32)], [(4, 3), (8, 3), (4, 2)])
+_BWD_CONFIGS = _configs([(64, 64), (32, 64), (64, 32), (32, 32)], [(4, 2), (8, 2)])
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, skn, svn, offs_m, offs_n, offs_d, start, end,
+               NK, D, qk_scale, band_lo, band_hi,
+               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        # [BLOCK_D, BLOCK_N]: K^T
+        k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None],
+                    mask=(cols[None, :] < NK) & (offs_d[:, None] < D), other=0.0)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            seen = (cols[None, :] < NK) & (cols[None, :] >= offs_m[:, None] + band_lo) \
+                & (cols[None, :] <= offs_m[:, None] + band_hi)
+            s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :],
+                    mask=(cols[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_D", "seq_bucket", "band_kind", "split_len"],
+                 prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                sob, soh, sos, son, slb, slh, sls,
+                H, GROUP, NQ, NK, D, qk_scale, band_lo, band_hi, split_len,
+                seq_bucket, band_kind,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_M queries of one (batch, head) against the keys of one split."""
+    tl.static_assert(BLOCK_D >= 16)
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_split = tl.program_id(2)
+    b = (i_bh // H).to(tl.int64)
+    h = (i_bh % H).to(tl.int64)
+    hk = h // GROUP
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D), other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    row_lo = i_m * BLOCK_M
+    row_hi = tl.minimum(row_lo + BLOCK_M, NQ) - 1
+    key_lo = i_split * split_len
+    key_hi = tl.minimum(NK, key_lo + split_len)
+    start = tl.maximum(key_lo, row_lo + band_lo) // BLOCK_N * BLOCK_N
+    end = tl.minimum(key_hi, row_hi + band_hi + 1)
+    # Key blocks in [mid_lo, mid_hi) are inside the band for every row: no mask.
+    mid_lo = tl.minimum(tl.cdiv(tl.maximum(start, row_hi + band_lo), BLOCK_N) * BLOCK_N, end)
+    mid_hi = tl.maximum(tl.maximum(tl.minimum(end, row_lo + band_hi + 1), mid_lo) // BLOCK_N * BLOCK_N, mid_lo)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, skn, svn, offs_m, offs_n, offs_d,
+                               start, mid_lo, NK, D, qk_scale, band_lo, band_hi, True, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, skn, svn, offs_m, offs_n, offs_d,
+                               mid_lo, mid_hi, NK, D, qk_scale, band_lo, band_hi, False, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, skn, svn, offs_m, offs_n, offs_d,
+                               mid_hi, end, NK, D, qk_scale, band_lo, band_hi, True, BLOCK_N, DOT_PRECISION)
+
+    seen_any = l_i > 0.0
+    out = acc / tl.where(seen_any, l_i, 1.0)[:, None]
+    lse = tl.where(seen_any, (m_i + tl.math.log2(tl.where(seen_any, l_i, 1.0))) / 1.4426950408889634,
+                   float("-inf"))
+    o_base = O + b * sob + h * soh + i_split * sos
+    tl.store(o_base + offs_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D))
+    tl.store(LSE + b * slb + h * slh + i_split * sls + offs_m, lse, mask=offs_m < NQ)
+
+
+@triton.jit
+def _decode_combine_kernel(OP, LSEP, O, LSE, n_splits, NQ, D,
+                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (batch*head, query row): merge the splits' partial
+    (normalised output, lse) pairs into the row's output and lse."""
+    i_row = tl.program_id(0).to(tl.int64)
+    bh = i_row // NQ
+    n = i_row % NQ
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse_s = tl.load(LSEP + (bh * n_splits + offs_s) * NQ + n, mask=offs_s < n_splits, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_shift = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp(lse_s - m_shift)
+    total = tl.sum(w, 0)
+    o_s = tl.load(OP + ((bh * n_splits + offs_s[:, None]) * NQ + n) * D + offs_d[None, :],
+                  mask=(offs_s[:, None] < n_splits) & (offs_d[None, :] < D), other=0.0)
+    out = tl.sum(o_s * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(O + i_row * D + offs_d, out.to(O.dtype.element_ty), mask=offs_d < D)
+    tl.store(LSE + i_row, tl.where(total > 0.0, m_shift + tl.math.log(total), float("-inf")))
+
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, LSE, LSE2, sdb, sdh, sdn, H, NQ, D,
+                           HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse, and lse in log2 units (+inf where a row
+    saw no key, so that exp2(S - lse2) is 0 there)."""
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < NQ) & (offs_d[None, :] < D)
+    o = tl.load(O + (i_bh * NQ + offs_m[:, None]) * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + i_bh * NQ + offs_m, mask=offs_m < NQ, other=0.0)
+    tl.store(DELTA + i_bh * NQ + offs_m, delta, mask=offs_m < NQ)
+    lse = tl.load(LSE + i_bh * NQ + offs_m, mask=offs_m < NQ, other=0.0)
+    tl.store(LSE2 + i_bh * NQ + offs_m, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634),
+             mask=offs_m < NQ)
+
+
+@triton.jit
+def _recompute_p_ds(q, k, v, do, lse2, delta, rows, cols, NQ, NK, qk_scale, band_lo, band_hi,
+                    DOT_PRECISION: tl.constexpr):
+    """P = exp(S - lse) and dS = P * (dP - delta) for one [BLOCK_M, BLOCK_N] tile."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    seen = (rows[:, None] < NQ) & (cols[None, :] < NK) & (cols[None, :] >= rows[:, None] + band_lo) \
+        & (cols[None, :] <= rows[:, None] + band_hi)
+    p = tl.where(seen, tl.math.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_D", "seq_bucket", "band_kind"],
+                 prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
+                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+                     H, HK, GROUP, NQ, NK, D, scale, qk_scale, band_lo, band_hi,
+                     seq_bucket, band_kind,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """One program: dK, dV of BLOCK_N keys of one (batch, kv head), summed over
+    the q heads of its group and every query block that sees them."""
+    i_n = tl.program_id(0)
+    i_bhk = tl.program_id(1).to(tl.int64)
+    b = i_bhk // HK
+    hk = i_bhk % HK
+    cols = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (cols[:, None] < NK) & (offs_d[None, :] < D)
+    k = tl.load(K + b * skb + hk * skh + cols[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + cols[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    col_lo = i_n * BLOCK_N
+    col_hi = tl.minimum(col_lo + BLOCK_N, NK) - 1
+    # Queries that see any of these keys.
+    start = tl.maximum(0, col_lo - band_hi) // BLOCK_M * BLOCK_M
+    end = tl.minimum(NQ, col_hi - band_lo + 1)
+    for h in range(hk * GROUP, hk * GROUP + GROUP):
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        row_base = (b * H + h) * NQ
+        for start_m in range(start, end, BLOCK_M):
+            rows = start_m + offs_m
+            q_mask = (rows[:, None] < NQ) & (offs_d[None, :] < D)
+            q = tl.load(q_base + rows[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + rows[:, None] * sdn + offs_d[None, :], mask=q_mask, other=0.0)
+            lse2 = tl.load(LSE2 + row_base + rows, mask=rows < NQ, other=float("inf"))
+            delta = tl.load(DELTA + row_base + rows, mask=rows < NQ, other=0.0)
+            p, ds = _recompute_p_ds(q, k, v, do, lse2, delta, rows, cols, NQ, NK, qk_scale, band_lo, band_hi,
+                                    DOT_PRECISION)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    out = (i_bhk * NK + cols[:, None]) * D + offs_d[None, :]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_D", "seq_bucket", "band_kind"],
+                 prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+                   H, GROUP, NQ, NK, D, scale, qk_scale, band_lo, band_hi,
+                   seq_bucket, band_kind,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """One program: dQ of BLOCK_M queries of one (batch, head)."""
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    hk = h // GROUP
+    rows = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = (rows[:, None] < NQ) & (offs_d[None, :] < D)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :], mask=q_mask, other=0.0)
+    lse2 = tl.load(LSE2 + i_bh * NQ + rows, mask=rows < NQ, other=float("inf"))
+    delta = tl.load(DELTA + i_bh * NQ + rows, mask=rows < NQ, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    row_lo = i_m * BLOCK_M
+    row_hi = tl.minimum(row_lo + BLOCK_M, NQ) - 1
+    start = tl.maximum(0, row_lo + band_lo) // BLOCK_N * BLOCK_N
+    end = tl.minimum(NK, row_hi + band_hi + 1)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < NK) & (offs_d[None, :] < D)
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        _, ds = _recompute_p_ds(q, k, v, do, lse2, delta, rows, cols, NQ, NK, qk_scale, band_lo, band_hi,
+                                DOT_PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    tl.store(DQ + (i_bh * NQ + rows[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=q_mask)
+
+
+# ---------------------------------------------------------------- host side
+
+
+def _block_d(d: int) -> int:
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton attention kernel supports head_dim <= {MAX_HEAD_DIM}, got {d}")
+    return max(16, triton.next_power_of_2(d))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not triton_interpreting():
+        return "tf32"
+    return "ieee"
+
+
+def _seq_bucket(n: int) -> int:
+    """Autotuning key: lengths grouped by powers of two (from 1k), not exact values."""
+    return max(1024, triton.next_power_of_2(n))
+
+
+def _band_kind(band_lo: int, band_hi: int) -> int:
+    from ..attention import BAND_INF
+
+    return int(band_lo > -BAND_INF) * 2 + int(band_hi < BAND_INF)
+
+
+def _last_dim_contiguous(*xs):
+    return [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
+
+
+def _strides(x):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _num_decode_splits(batch_heads: int, nq: int, nk: int, device: torch.device) -> int:
+    """Splits so that few queries against a long KV cache still fill the GPU."""
+    if nq > DECODE_MAX_QUERIES or nk < 2 * SPLIT_ALIGN or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(nk, SPLIT_ALIGN), triton.cdiv(2 * sms, batch_heads), 128))
+
+
+def attention_forward(q, k, v, scale: float, band_lo: int, band_hi: int, num_splits: int | None = None):
+    """out (B, H, Nq, D) in q's dtype and lse (B, H, Nq) in float32.
+
+    num_splits: key splits for the split-K decode path; None picks it (more
+    than one only for at most 16 queries against a long KV cache).
+    """
+    q, k, v = _last_dim_contiguous(q, k, v)
+    b, h, nq, d = q.shape
+    hk, nk = k.shape[1], k.shape[2]
+    block_d = _block_d(d)
+    if num_splits is None:
+        num_splits = _num_decode_splits(b * h, nq, nk, q.device)
+    split_len = triton.cdiv(triton.cdiv(nk, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    num_splits = triton.cdiv(nk, split_len)
+    out = torch.empty(b, h, nq, d, device=q.device, dtype=q.dtype)
+    lse = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
+    if num_splits == 1:
+        o_part, lse_part = out, lse
+        o_strides = (out.stride(0), out.stride(1), 0, out.stride(2))
+        l_strides = (lse.stride(0), lse.stride(1), 0)
+    else:
+        o_part = torch.empty(b, h, num_splits, nq, d, device=q.device, dtype=torch.float32)
+        lse_part = torch.empty(b, h, num_splits, nq, device=q.device, dtype=torch.float32)
+        o_strides = (o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3))
+        l_strides = (lse_part.stride(0), lse_part.stride(1), lse_part.stride(2))
+
+    def grid(meta):
+        return triton.cdiv(nq, meta["BLOCK_M"]), b * h, num_splits
+
+    _fwd_kernel[grid](
+        q, k, v, o_part, lse_part, *_strides(q), *_strides(k), *_strides(v), *o_strides, *l_strides,
+        h, h // hk, nq, nk, d, scale * LOG2E, band_lo, band_hi, split_len,
+        _seq_bucket(max(nq, nk)), _band_kind(band_lo, band_hi),
+        BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    if num_splits > 1:
+        _decode_combine_kernel[(b * h * nq,)](
+            o_part, lse_part, out, lse, num_splits, nq, d,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        )
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, band_lo: int, band_hi: int):
+    """(dq, dk, dv) in the inputs' dtypes; deterministic (no atomics)."""
+    q, k, v, dout = _last_dim_contiguous(q, k, v, dout)
+    out, lse = out.contiguous(), lse.contiguous()
+    b, h, nq, d = q.shape
+    hk, nk = k.shape[1], k.shape[2]
+    block_d = _block_d(d)
+    delta = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
+    lse2 = torch.empty_like(delta)
+    pre_block = 16 if triton_interpreting() else 64
+    _bwd_preprocess_kernel[(triton.cdiv(nq, pre_block), b * h)](
+        out, dout, dlse.contiguous() if dlse is not None else lse, delta, lse, lse2, *_strides(dout),
+        h, nq, d, HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_D=block_d,
+    )
+    dq = torch.empty(b, h, nq, d, device=q.device, dtype=q.dtype)
+    dk = torch.empty(b, hk, nk, d, device=q.device, dtype=k.dtype)
+    dv = torch.empty(b, hk, nk, d, device=q.device, dtype=v.dtype)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+    tuning = dict(BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype))
+    keys = (_seq_bucket(max(nq, nk)), _band_kind(band_lo, band_hi))
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hk)](
+        q, k, v, dout, lse2, delta, dk, dv, *common,
+        h, hk, h // hk, nq, nk, d, scale, scale * LOG2E, band_lo, band_hi, *keys, **tuning,
+    )
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h)](
+        q, k, v, dout, lse2, delta, dq, *common,
+        h, h // hk, nq, nk, d, scale, scale * LOG2E, band_lo, band_hi, *keys, **tuning,
+    )
+    return dq, dk, dv
