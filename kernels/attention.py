@@ -117,7 +117,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     key_lo = i_split * split_len
     key_hi = tl.minimum(NK, key_lo + split_len)
     start = tl.maximum(key_lo, row_lo + band_lo) // BLOCK_N * BLOCK_N
-    end = tl.minimum(key_hi, row_hi + band_hi + 1)
+    end = tl.maximum(tl.minimum(key_hi, row_hi + band_hi + 1), start)
     # Key blocks in [mid_lo, mid_hi) are inside the band for every row: no mask.
     mid_lo = tl.minimum(tl.cdiv(tl.maximum(start, row_hi + band_lo), BLOCK_N) * BLOCK_N, end)
     mid_hi = tl.maximum(tl.maximum(tl.minimum(end, row_lo + band_hi + 1), mid_lo) // BLOCK_N * BLOCK_N, mid_lo)
@@ -223,7 +223,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
     col_hi = tl.minimum(col_lo + BLOCK_N, NK) - 1
     # Queries that see any of these keys.
     start = tl.maximum(0, col_lo - band_hi) // BLOCK_M * BLOCK_M
-    end = tl.minimum(NQ, col_hi - band_lo + 1)
+    end = tl.maximum(tl.minimum(NQ, col_hi - band_lo + 1), start)
     for h in range(hk * GROUP, hk * GROUP + GROUP):
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdb + h * sdh
@@ -272,7 +272,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
     row_lo = i_m * BLOCK_M
     row_hi = tl.minimum(row_lo + BLOCK_M, NQ) - 1
     start = tl.maximum(0, row_lo + band_lo) // BLOCK_N * BLOCK_N
-    end = tl.minimum(NK, row_hi + band_hi + 1)
+    end = tl.maximum(tl.minimum(NK, row_hi + band_hi + 1), start)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     for start_n in range(start, end, BLOCK_N):
@@ -290,7 +290,16 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
 # ---------------------------------------------------------------- host side
 
 
-def _block_d(d: int) -> int:
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def supports(dtype: torch.dtype, head_dim: int) -> bool:
+    return dtype in DTYPES and head_dim <= MAX_HEAD_DIM
+
+
+def _block_d(dtype: torch.dtype, d: int) -> int:
+    if dtype not in DTYPES:
+        raise TypeError(f"the Triton attention kernel runs float16, bfloat16 and float32, got {dtype}")
     if d > MAX_HEAD_DIM:
         raise ValueError(f"the Triton attention kernel supports head_dim <= {MAX_HEAD_DIM}, got {d}")
     return max(16, triton.next_power_of_2(d))
@@ -311,6 +320,12 @@ def _band_kind(band_lo: int, band_hi: int) -> int:
     from ..attention import BAND_INF
 
     return int(band_lo > -BAND_INF) * 2 + int(band_hi < BAND_INF)
+
+
+def _clamp_band(band_lo: int, band_hi: int, nq: int, nk: int) -> tuple[int, int]:
+    """The same band with both sides within [-nq, nk]: beyond that every key
+    (or none) is in range, and the kernels' index math stays int32."""
+    return min(max(band_lo, -nq), nk + 1), min(max(band_hi, -nq - 1), nk)
 
 
 def _last_dim_contiguous(*xs):
@@ -338,7 +353,9 @@ def attention_forward(q, k, v, scale: float, band_lo: int, band_hi: int, num_spl
     q, k, v = _last_dim_contiguous(q, k, v)
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
-    block_d = _block_d(d)
+    block_d = _block_d(q.dtype, d)
+    band_kind = _band_kind(band_lo, band_hi)
+    band_lo, band_hi = _clamp_band(band_lo, band_hi, nq, nk)
     if num_splits is None:
         num_splits = _num_decode_splits(b * h, nq, nk, q.device)
     split_len = triton.cdiv(triton.cdiv(nk, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
@@ -361,7 +378,7 @@ def attention_forward(q, k, v, scale: float, band_lo: int, band_hi: int, num_spl
     _fwd_kernel[grid](
         q, k, v, o_part, lse_part, *_strides(q), *_strides(k), *_strides(v), *o_strides, *l_strides,
         h, h // hk, nq, nk, d, scale * LOG2E, band_lo, band_hi, split_len,
-        _seq_bucket(max(nq, nk)), _band_kind(band_lo, band_hi),
+        _seq_bucket(max(nq, nk)), band_kind,
         BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
     )
     if num_splits > 1:
@@ -378,7 +395,9 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, band_lo: int
     out, lse = out.contiguous(), lse.contiguous()
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
-    block_d = _block_d(d)
+    block_d = _block_d(q.dtype, d)
+    keys = (_seq_bucket(max(nq, nk)), _band_kind(band_lo, band_hi))
+    band_lo, band_hi = _clamp_band(band_lo, band_hi, nq, nk)
     delta = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
     lse2 = torch.empty_like(delta)
     pre_block = 16 if triton_interpreting() else 64
@@ -391,7 +410,6 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, band_lo: int
     dv = torch.empty(b, hk, nk, d, device=q.device, dtype=v.dtype)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
     tuning = dict(BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype))
-    keys = (_seq_bucket(max(nq, nk)), _band_kind(band_lo, band_hi))
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hk)](
         q, k, v, dout, lse2, delta, dk, dv, *common,
         h, hk, h // hk, nq, nk, d, scale, scale * LOG2E, band_lo, band_hi, *keys, **tuning,

@@ -255,18 +255,18 @@ def _kernel_band_for_sdpa(query, key, value, attn_mask, dropout_p, is_causal, en
         return None
     if backend == "cpp" and query.dtype not in (torch.float32, torch.float64):
         return None  # torch has native half-precision CPU kernels; ours would upcast
-    if backend == "triton" and _triton_missing():
+    if backend == "triton" and not _triton_supports(query.dtype, d):
         return None
     # torch's is_causal is top-left aligned: query i sees keys j <= i.
     return (-BAND_INF, 0) if is_causal else (-BAND_INF, BAND_INF)
 
 
-def _triton_missing() -> bool:
+def _triton_supports(dtype: torch.dtype, head_dim: int) -> bool:
     try:
-        _dispatch.triton_module("attention")
+        kernels = _dispatch.triton_module("attention")
     except NotImplementedError:
-        return True
-    return False
+        return False
+    return kernels.supports(dtype, head_dim)
 
 
 def scaled_dot_product_attention(
