@@ -27,7 +27,7 @@ QUICK = [(32, 2, 2, 256, 32), (4, 8, 8, 1024, 64)]
 CUDA_FULL = [(16 * 16384 // n // 16, 16, 16, n, 128) for n in (1024, 2048, 4096, 8192, 16384)]
 # The reference materialises scores, probabilities and their grads: leave it
 # out of cases where those would pass this many bytes.
-REFERENCE_BYTES = 4 * 2**30
+REFERENCE_BYTES = 2 * 2**30
 # Forward+backward is left out beyond this length on CPU (minutes per call).
 CPU_BACKWARD_MAX_N = 4096
 

@@ -44,40 +44,53 @@ inline void row_block_cols(const AttentionProblem& p, int64_t i, int64_t k0, int
   *e = std::min<int64_t>(last, k0 + ncols - 1) - k0 + 1;
 }
 
-// K (and V) of every (batch, kv head), packed once and shared by all query
-// blocks and all q heads of a group.
+// K (or V) of every (batch, kv head) as transposed panels, the B operand of
+// Q K^T (dO V^T), packed once and shared by all query blocks and q heads.
 template <typename T>
-struct PackedHeads {
-  int64_t rows_padded, head_dim, dim_padded;
-  Buffer<T> panels;  // transposed panels [rows_padded/NR][head_dim][NR]
-  Buffer<T> rows;    // padded rows [rows_padded][dim_padded]
+struct PanelHeads {
+  int64_t rows_padded, head_dim;
+  Buffer<T> panels;  // [head][rows_padded / NR][head_dim][NR]
 
-  PackedHeads(int64_t count, int64_t n, int64_t d, bool want_panels, bool want_rows)
-      : rows_padded(round_up(n, Simd<T>::panel)),
-        head_dim(d),
-        dim_padded(round_up(d, Simd<T>::panel)),
-        panels(want_panels ? count * rows_padded * head_dim : 0),
-        rows(want_rows ? count * rows_padded * dim_padded : 0) {}
-  const T* panel(int64_t head, int64_t key0) const {
+  PanelHeads(const AttentionProblem& p, const T* x, const Strides4& st)
+      : rows_padded(round_up(p.len_k, Simd<T>::panel)),
+        head_dim(p.head_dim),
+        panels(p.batch * p.kv_heads * rows_padded * head_dim) {
+#pragma omp parallel for collapse(2) num_threads(p.num_threads)
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t hk = 0; hk < p.kv_heads; ++hk)
+        pack_transposed_panels(x + b * st.b + hk * st.h, p.len_k, head_dim, st.n,
+                               panels.data() + (b * p.kv_heads + hk) * rows_padded * head_dim);
+  }
+  const T* at(int64_t head, int64_t key0) const {
     return panels.data() + head * rows_padded * head_dim + key0 * head_dim;
-  }
-  const T* row(int64_t head, int64_t key0) const {
-    return rows.data() + head * rows_padded * dim_padded + key0 * dim_padded;
-  }
-  void pack(int64_t head, const T* x, int64_t n, int64_t ld) {
-    if (!panels.empty()) pack_transposed_panels(x, n, head_dim, ld, panels.data() + head * rows_padded * head_dim);
-    if (!rows.empty())
-      pack_rows_padded(x, n, head_dim, ld, rows.data() + head * rows_padded * dim_padded, rows_padded, dim_padded);
   }
 };
 
+// Rows of a (B, heads, n, D) operand as the B operand of a GEMM, which needs
+// rows of whole panels: read in place when D is a multiple of the panel
+// width, else from zero-padded copies.
 template <typename T>
-void pack_kv_heads(const AttentionProblem& p, const T* x, const Strides4& st, PackedHeads<T>* out) {
+struct RowOperand {
+  const T* base;
+  int64_t stride_b, stride_h, ld, heads, n;
+  Buffer<T> padded;
+
+  RowOperand(const AttentionProblem& p, const T* x, const Strides4& st, int64_t heads_, int64_t n_)
+      : base(x), stride_b(st.b), stride_h(st.h), ld(st.n), heads(heads_), n(n_) {
+    const int64_t D = p.head_dim, Dp = round_up(D, Simd<T>::panel);
+    if (Dp == D) return;
+    padded = Buffer<T>(p.batch * heads * n * Dp);
 #pragma omp parallel for collapse(2) num_threads(p.num_threads)
-  for (int64_t b = 0; b < p.batch; ++b)
-    for (int64_t hk = 0; hk < p.kv_heads; ++hk)
-      out->pack(b * p.kv_heads + hk, x + b * st.b + hk * st.h, p.len_k, st.n);
-}
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t h = 0; h < heads; ++h)
+        pack_rows_padded(x + b * st.b + h * st.h, n, D, st.n, padded.data() + (b * heads + h) * n * Dp, n, Dp);
+    base = padded.data();
+    stride_b = heads * n * Dp;
+    stride_h = n * Dp;
+    ld = Dp;
+  }
+  const T* row(int64_t b, int64_t h, int64_t i) const { return base + b * stride_b + h * stride_h + i * ld; }
+};
 
 template <typename T>
 struct ForwardScratch {
@@ -85,13 +98,12 @@ struct ForwardScratch {
 };
 
 template <typename T>
-void forward_query_block(const AttentionProblem& p, const T* q, const PackedHeads<T>& kp,
-                         const PackedHeads<T>& vp, int64_t b, int64_t h, int64_t q0, T* out, T* lse,
-                         ForwardScratch<T>& ws) {
+void forward_query_block(const AttentionProblem& p, const T* q, const PanelHeads<T>& kp, const RowOperand<T>& vr,
+                         int64_t b, int64_t h, int64_t q0, T* out, T* lse, ForwardScratch<T>& ws) {
   constexpr int NR = Simd<T>::panel;
-  const int64_t D = p.head_dim, Dp = vp.dim_padded;
+  const int64_t D = p.head_dim, Dp = round_up(D, NR);
   const int64_t mq = std::min(kFwdBlockQ, p.len_q - q0);
-  const int64_t kv_head = b * p.kv_heads + h / (p.heads / p.kv_heads);
+  const int64_t hk = h / (p.heads / p.kv_heads), kv_head = b * p.kv_heads + hk;
   const T* qb = q + b * p.q.b + h * p.q.h + q0 * p.q.n;
   const T sc = T(p.scale * kLog2e);
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -113,8 +125,7 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PackedHead
 
   for (int64_t k0 = first_key / NR * NR; k0 <= last_key; k0 += kFwdBlockK) {
     const int64_t ncols = std::min(kFwdBlockK, round_up(last_key + 1 - k0, NR));
-    gemm_panels<T, true, kFwdBlockQ>(mq, ncols / NR, D, Qt, kp.panel(kv_head, k0), NR, D * NR, S, kFwdBlockK,
-                                     false);
+    gemm_panels<T, true, kFwdBlockQ>(mq, ncols / NR, D, Qt, kp.at(kv_head, k0), NR, D * NR, S, kFwdBlockK, false);
     for (int64_t r = 0; r < mq; ++r) {
       T* srow = S + r * kFwdBlockK;
       int64_t a, e;
@@ -135,7 +146,9 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PackedHead
       l[r] += row_sum_p;
       m[r] = m_new;
     }
-    gemm_panels<T, false, kFwdBlockK>(mq, Dp / NR, ncols, S, vp.row(kv_head, k0), Dp, NR, O, Dp, true);
+    // O += P V over the block's real keys: [mq, nvalid] @ [nvalid, Dp]
+    const int64_t nvalid = std::min(ncols, p.len_k - k0);
+    gemm_panels<T, false, kFwdBlockK>(mq, Dp / NR, nvalid, S, vr.row(b, hk, k0), vr.ld, NR, O, Dp, true);
   }
 
   const int64_t row0 = (b * p.heads + h) * p.len_q + q0;
@@ -156,12 +169,8 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PackedHead
 
 template <typename T>
 void attention_forward_cpu(const AttentionProblem& p, const T* q, const T* k, const T* v, T* out, T* lse) {
-  const int64_t heads_kv = p.batch * p.kv_heads;
-  PackedHeads<T> kp(heads_kv, p.len_k, p.head_dim, true, false);
-  PackedHeads<T> vp(heads_kv, p.len_k, p.head_dim, false, true);
-  pack_kv_heads(p, k, p.k, &kp);
-  pack_kv_heads(p, v, p.v, &vp);
-
+  const PanelHeads<T> kp(p, k, p.k);
+  const RowOperand<T> vr(p, v, p.v, p.kv_heads, p.len_k);
   const int64_t nqb = ceil_div(p.len_q, kFwdBlockQ);
 #pragma omp parallel num_threads(p.num_threads)
   {
@@ -169,7 +178,7 @@ void attention_forward_cpu(const AttentionProblem& p, const T* q, const T* k, co
 #pragma omp for collapse(3) schedule(dynamic)
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t h = 0; h < p.heads; ++h)
-        for (int64_t qb = 0; qb < nqb; ++qb) forward_query_block(p, q, kp, vp, b, h, qb * kFwdBlockQ, out, lse, ws);
+        for (int64_t qb = 0; qb < nqb; ++qb) forward_query_block(p, q, kp, vr, b, h, qb * kFwdBlockQ, out, lse, ws);
   }
 }
 
@@ -180,13 +189,13 @@ struct BackwardScratch {
   std::vector<T> s, dp, dk, dv;
 };
 
-// Per q head: Q and dO as padded rows (B operands), as transposed tiles of
-// kBwdBlockQ rows (A operands; Q's scaled by scale * log2 e), lse in log2
-// units, and delta = rowsum(dO * O) - dlse.
+// Per q head: Q and dO as transposed tiles of kBwdBlockQ rows (A operands;
+// Q's scaled by scale * log2 e), lse in log2 units, and
+// delta = rowsum(dO * O) - dlse.
 template <typename T>
 struct QueryPack {
-  int64_t dim_padded, tiles;
-  Buffer<T> q, dout, qt, doutt, lse2, delta;
+  int64_t tiles;
+  Buffer<T> qt, doutt, lse2, delta;
 
   // Offset of the tile holding rows [q0, q0 + kBwdBlockQ) of head bh in qt, doutt.
   int64_t tile(int64_t bh, int64_t q0, int64_t d) const { return (bh * tiles + q0 / kBwdBlockQ) * d * kBwdBlockQ; }
@@ -197,12 +206,8 @@ QueryPack<T> pack_queries(const AttentionProblem& p, const T* q, const T* out, c
                           const T* lse, const T* dlse) {
   QueryPack<T> qp;
   const int64_t D = p.head_dim, Nq = p.len_q, heads = p.batch * p.heads;
-  qp.dim_padded = round_up(D, Simd<T>::panel);
-  const int64_t Dp = qp.dim_padded;
   qp.tiles = ceil_div(Nq, kBwdBlockQ);
   const T sc = T(p.scale * kLog2e);
-  qp.q = Buffer<T>(heads * Nq * Dp);
-  qp.dout = Buffer<T>(heads * Nq * Dp);
   qp.qt = Buffer<T>(heads * qp.tiles * D * kBwdBlockQ);
   qp.doutt = Buffer<T>(heads * qp.tiles * D * kBwdBlockQ);
   qp.lse2 = Buffer<T>(heads * Nq);
@@ -211,19 +216,18 @@ QueryPack<T> pack_queries(const AttentionProblem& p, const T* q, const T* out, c
   for (int64_t b = 0; b < p.batch; ++b)
     for (int64_t h = 0; h < p.heads; ++h) {
       const int64_t bh = b * p.heads + h;
-      pack_rows_padded(q + b * p.q.b + h * p.q.h, Nq, D, p.q.n, qp.q.data() + bh * Nq * Dp, Nq, Dp);
-      pack_rows_padded(dout + b * ds.b + h * ds.h, Nq, D, ds.n, qp.dout.data() + bh * Nq * Dp, Nq, Dp);
+      const T* qh = q + b * p.q.b + h * p.q.h;
+      const T* gh = dout + b * ds.b + h * ds.h;
       for (int64_t q0 = 0; q0 < Nq; q0 += kBwdBlockQ) {
         const int64_t rows = std::min(kBwdBlockQ, Nq - q0);
-        pack_transposed_scaled(qp.q.data() + (bh * Nq + q0) * Dp, rows, D, Dp, sc,
-                               qp.qt.data() + qp.tile(bh, q0, D), kBwdBlockQ);
-        pack_transposed_scaled(qp.dout.data() + (bh * Nq + q0) * Dp, rows, D, Dp, T(1),
-                               qp.doutt.data() + qp.tile(bh, q0, D), kBwdBlockQ);
+        pack_transposed_scaled(qh + q0 * p.q.n, rows, D, p.q.n, sc, qp.qt.data() + qp.tile(bh, q0, D), kBwdBlockQ);
+        pack_transposed_scaled(gh + q0 * ds.n, rows, D, ds.n, T(1), qp.doutt.data() + qp.tile(bh, q0, D),
+                               kBwdBlockQ);
       }
       for (int64_t i = 0; i < Nq; ++i) {
         const int64_t row = bh * Nq + i;
         const T* o = out + row * D;
-        const T* g = qp.dout.data() + row * Dp;
+        const T* g = gh + i * ds.n;
         T dot = 0;
         for (int64_t d = 0; d < D; ++d) dot += o[d] * g[d];
         qp.delta[row] = dot - (dlse ? dlse[row] : T(0));
@@ -234,15 +238,21 @@ QueryPack<T> pack_queries(const AttentionProblem& p, const T* q, const T* out, c
   return qp;
 }
 
+// The B operands of the backward's row-major GEMMs.
+template <typename T>
+struct BackwardRows {
+  RowOperand<T> q, dout, k;
+};
+
 // One key block of one (batch, kv head): accumulates its dK, dV over every q
 // head of the group and every query block that sees it, and adds dS K into
 // the split's dQ accumulator.
 template <typename T>
-void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const PackedHeads<T>& kp,
-                        const PackedHeads<T>& vp, int64_t b, int64_t hk, int64_t k0, T* dq_acc, T* dk,
-                        T* dv, BackwardScratch<T>& ws) {
+void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const PanelHeads<T>& kp,
+                        const PanelHeads<T>& vp, const BackwardRows<T>& rows, int64_t b, int64_t hk, int64_t k0,
+                        T* dq_acc, T* dk, T* dv, BackwardScratch<T>& ws) {
   constexpr int NR = Simd<T>::panel;
-  const int64_t D = p.head_dim, Dp = qp.dim_padded, Nq = p.len_q;
+  const int64_t D = p.head_dim, Dp = round_up(D, NR), Nq = p.len_q;
   const int64_t nk = std::min(kBwdBlockK, p.len_k - k0);
   const int64_t ncols = round_up(nk, NR);
   const int64_t group = p.heads / p.kv_heads, kv_head = b * p.kv_heads + hk;
@@ -261,18 +271,16 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const
 
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t bh = b * p.heads + h;
-    const T* Qh = qp.q.data() + bh * Nq * Dp;
-    const T* dOh = qp.dout.data() + bh * Nq * Dp;
     const T* lse2 = qp.lse2.data() + bh * Nq;
     const T* delta = qp.delta.data() + bh * Nq;
     T* dQh = dq_acc + bh * Nq * Dp;
     for (int64_t q0 = i_first / kBwdBlockQ * kBwdBlockQ; q0 <= i_last; q0 += kBwdBlockQ) {
       const int64_t mq = std::min(kBwdBlockQ, i_last + 1 - q0);
       // S (log2 units) = Q K^T * scale * log2 e and dP = dO V^T: [mq, D] @ [D, ncols]
-      gemm_panels<T, true, kBwdBlockQ>(mq, ncols / NR, D, qp.qt.data() + qp.tile(bh, q0, D), kp.panel(kv_head, k0), NR, D * NR,
-                                       P, kBwdBlockK, false);
-      gemm_panels<T, true, kBwdBlockQ>(mq, ncols / NR, D, qp.doutt.data() + qp.tile(bh, q0, D), vp.panel(kv_head, k0), NR,
-                                       D * NR, dS, kBwdBlockK, false);
+      gemm_panels<T, true, kBwdBlockQ>(mq, ncols / NR, D, qp.qt.data() + qp.tile(bh, q0, D), kp.at(kv_head, k0),
+                                       NR, D * NR, P, kBwdBlockK, false);
+      gemm_panels<T, true, kBwdBlockQ>(mq, ncols / NR, D, qp.doutt.data() + qp.tile(bh, q0, D),
+                                       vp.at(kv_head, k0), NR, D * NR, dS, kBwdBlockK, false);
       for (int64_t r = 0; r < mq; ++r) {
         const int64_t i = q0 + r;
         T* prow = P + r * kBwdBlockK;
@@ -291,11 +299,12 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const
         for (int64_t c = 0; c < ncols; ++c) dsrow[c] = prow[c] * (dsrow[c] - delta[i]) * scale;
       }
       // dV += P^T dO, dK += dS^T Q: [ncols, mq] @ [mq, Dp]
-      gemm_panels<T, true, kBwdBlockK>(ncols, Dp / NR, mq, P, dOh + q0 * Dp, Dp, NR, dV, Dp, true);
-      gemm_panels<T, true, kBwdBlockK>(ncols, Dp / NR, mq, dS, Qh + q0 * Dp, Dp, NR, dK, Dp, true);
-      // dQ += dS K: [mq, ncols] @ [ncols, Dp]
-      gemm_panels<T, false, kBwdBlockK>(mq, Dp / NR, ncols, dS, kp.row(kv_head, k0), Dp, NR, dQh + q0 * Dp, Dp,
-                                        true);
+      gemm_panels<T, true, kBwdBlockK>(ncols, Dp / NR, mq, P, rows.dout.row(b, h, q0), rows.dout.ld, NR, dV, Dp,
+                                       true);
+      gemm_panels<T, true, kBwdBlockK>(ncols, Dp / NR, mq, dS, rows.q.row(b, h, q0), rows.q.ld, NR, dK, Dp, true);
+      // dQ += dS K over the block's real keys: [mq, nk] @ [nk, Dp]
+      gemm_panels<T, false, kBwdBlockK>(mq, Dp / NR, nk, dS, rows.k.row(b, hk, k0), rows.k.ld, NR, dQh + q0 * Dp,
+                                        Dp, true);
     }
   }
 
@@ -315,17 +324,17 @@ void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, c
                             const T* dout, Strides4 dout_strides, const T* lse, const T* dlse, T* dq, T* dk,
                             T* dv) {
   const QueryPack<T> qp = pack_queries(p, q, out, dout, dout_strides, lse, dlse);
+  const PanelHeads<T> kp(p, k, p.k), vp(p, v, p.v);
+  const BackwardRows<T> rows{RowOperand<T>(p, q, p.q, p.heads, p.len_q),
+                             RowOperand<T>(p, dout, dout_strides, p.heads, p.len_q),
+                             RowOperand<T>(p, k, p.k, p.kv_heads, p.len_k)};
   const int64_t heads_kv = p.batch * p.kv_heads;
-  PackedHeads<T> kp(heads_kv, p.len_k, p.head_dim, true, true);
-  PackedHeads<T> vp(heads_kv, p.len_k, p.head_dim, true, false);
-  pack_kv_heads(p, k, p.k, &kp);
-  pack_kv_heads(p, v, p.v, &vp);
 
   // Split the key blocks of a head across tasks only when there are too few
   // heads to keep every thread busy; each split has its own dQ accumulator.
   const int64_t nkb = ceil_div(p.len_k, kBwdBlockK);
   const int64_t nsplit = std::clamp<int64_t>(ceil_div(4 * p.num_threads, heads_kv), 1, nkb);
-  const int64_t Dp = qp.dim_padded, D = p.head_dim;
+  const int64_t D = p.head_dim, Dp = round_up(D, Simd<T>::panel);
   const int64_t dq_size = p.batch * p.heads * p.len_q * Dp;
   Buffer<T> dq_acc(nsplit * dq_size);
 #pragma omp parallel for num_threads(p.num_threads)
@@ -341,12 +350,13 @@ void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, c
         for (int64_t hk = 0; hk < p.kv_heads; ++hk)
           // Interleaved key blocks balance causal masks across splits.
           for (int64_t kb = s; kb < nkb; kb += nsplit)
-            backward_key_block(p, qp, kp, vp, b, hk, kb * kBwdBlockK, dq_acc.data() + s * dq_size, dk, dv, ws);
+            backward_key_block(p, qp, kp, vp, rows, b, hk, kb * kBwdBlockK, dq_acc.data() + s * dq_size, dk, dv,
+                               ws);
   }
 
-  const int64_t rows = p.batch * p.heads * p.len_q;
+  const int64_t dq_rows = p.batch * p.heads * p.len_q;
 #pragma omp parallel for num_threads(p.num_threads)
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; r < dq_rows; ++r) {
     for (int64_t d = 0; d < D; ++d) {
       T acc = 0;
       for (int64_t s = 0; s < nsplit; ++s) acc += dq_acc[s * dq_size + r * Dp + d];

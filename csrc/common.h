@@ -176,8 +176,9 @@ void pack_rows_padded(const T* x, int64_t n, int64_t cols, int64_t ld, T* out, i
   std::fill(out + n * padded_cols, out + padded_rows * padded_cols, T(0));
 }
 
-// x[i] = 2^(x[i] - shift) for x[i] - shift <= 128, returning the sum; results
-// below 2^-126 flush to 0. float: degree-7 polynomial (~1 ulp); double: libm.
+// x[i] = 2^(x[i] - shift) for x[i] - shift <= 128, returning the sum.
+// float: degree-7 polynomial (~1 ulp), arguments below -126 (-inf included)
+// give 2^-126, negligible next to the row maximum's 2^0; double: libm.
 template <typename T>
 inline T exp2_shifted_sum(T* x, int64_t n, T shift) {
   if constexpr (std::is_same_v<T, float>) {
@@ -202,8 +203,7 @@ inline T exp2_shifted_sum(T* x, int64_t n, T shift) {
       const IV e = (__builtin_convertvector(r, IV) + 127) << 23;
       V scale;
       std::memcpy(&scale, &e, sizeof(V));
-      const V out = p * scale;
-      return v < lo ? V{} : out;
+      return p * scale;
     };
     V sum{};
     int64_t i = 0;
@@ -215,7 +215,7 @@ inline T exp2_shifted_sum(T* x, int64_t n, T shift) {
     float total = S::hsum(sum);
     if (i < n) {
       float tmp[W];
-      for (int j = 0; j < W; ++j) tmp[j] = i + j < n ? x[i + j] - shift : -INFINITY;
+      for (int j = 0; j < W; ++j) tmp[j] = i + j < n ? x[i + j] - shift : -126.0f;
       S::store(tmp, body(S::load(tmp)));
       for (int j = 0; i + j < n; ++j) {
         x[i + j] = tmp[j];
@@ -249,18 +249,6 @@ inline T row_max(const T* x, int64_t n) {
   }
   for (; i < n; ++i) m = std::max(m, x[i]);
   return m;
-}
-
-template <typename T>
-inline T row_sum(const T* x, int64_t n) {
-  using S = Simd<T>;
-  constexpr int W = S::width;
-  typename S::vec acc{};
-  int64_t i = 0;
-  for (; i + W <= n; i += W) acc += S::load(x + i);
-  T s = S::hsum(acc);
-  for (; i < n; ++i) s += x[i];
-  return s;
 }
 
 // x[i] = x[i] * a + b
