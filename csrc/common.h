@@ -63,9 +63,10 @@ inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 // A element (r, p) is a[r * lda + p], or a[p * lda + r] when ATrans.
 // B row p is the contiguous panel b[p * ldb, p * ldb + panel).
 // kLda > 0 fixes lda at compile time: A's R addresses then share one base
-// register with constant offsets instead of R live row pointers.
+// register with constant offsets instead of R live row pointers. Never
+// inlined: inside a large caller GCC spills the accumulators.
 template <typename T, int R, bool ATrans, int64_t kLda>
-void micro_tile(int64_t kc, const T* a, int64_t lda_arg, const T* b, int64_t ldb, T* c, int64_t ldc,
+__attribute__((noinline)) void micro_tile(int64_t kc, const T* a, int64_t lda_arg, const T* b, int64_t ldb, T* c, int64_t ldc,
                 bool accumulate) {
   using S = Simd<T>;
   using V = typename S::vec;
