@@ -38,6 +38,8 @@ class Case:
     peers: dict[str, Callable[[], object]] = field(default_factory=dict)
     # Max abs difference between tessel's and the reference's outputs.
     error: Callable[[], float] | None = None
+    # Bytes one call must move at least, for memory-bound cases (GB/s column).
+    bytes: float | None = None
 
 
 def time_call(fn: Callable[[], object], device: str, quick: bool) -> float:
@@ -166,6 +168,8 @@ def run_cases(cases: list[Case], quick: bool) -> list[dict]:
             if name != "tessel":
                 row[f"x_{name}"] = t / times["tessel"]
         row["gflops"] = case.flops / times["tessel"] / 1e9
+        if case.bytes:
+            row["gbps"] = case.bytes / times["tessel"] / 1e9
         row["max_err"] = case.error() if case.error is not None else None
         rows.append(row)
     # Memory last: on CPU, measuring it changes the allocator's settings.

@@ -25,6 +25,8 @@ FULL = [
 QUICK = [(32, 2, 2, 256, 32), (4, 8, 8, 1024, 64)]
 # H100 goal shapes: D=128, B*H*N = 16k*16.
 CUDA_FULL = [(16 * 16384 // n // 16, 16, 16, n, 128) for n in (1024, 2048, 4096, 8192, 16384)]
+# Decode against a KV cache, (B, H, Hkv, Nq, Nk, D): memory-bound, reported in GB/s.
+CUDA_DECODE = [(8, 32, 32, 1, 32768, 128), (8, 32, 8, 1, 32768, 128), (8, 32, 32, 16, 32768, 128)]
 # The reference materialises scores, probabilities and their grads: leave it
 # out of cases where those would pass this many bytes.
 REFERENCE_BYTES = 2 * 2**30
@@ -125,4 +127,27 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
                 {p: _forward_backward(f, leaves, grad) for p, f in peers.items()},
                 (lambda o=ours, r=ref, lv=leaves, g=grad: _grad_error(o, r, lv, g)) if with_ref else None,
             ))
+    if device == "cuda" and not quick:
+        out += _decode_cases(dtype, gen)
+    return out
+
+
+def _decode_cases(dtype, gen) -> list[Case]:
+    """Few queries against a long KV cache: the split-K path. Its floor is
+    reading K and V once."""
+    out = []
+    for b, h, hk, nq, nk, d in CUDA_DECODE:
+        q = torch.randn(b, h, nq, d, device="cuda", dtype=dtype, generator=gen)
+        k, v = (torch.randn(b, hk, nk, d, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
+        name = f"decode-B{b}-H{h}" + (f"/{hk}" if hk != h else "") + f"-Nq{nq}-Nk{nk}-D{d}"
+        ours = lambda q, k, v: tessel.attention(q, k, v, causal=True)
+        ref = lambda q, k, v: attention_reference(q, k, v, causal=True)
+        peers = peer_fns("cuda", True, hk != h)
+        out.append(Case(
+            "attention", name, "fwd", dtype, "cuda", 4 * b * h * nq * nk * d,
+            _forward(ours, (q, k, v)), _forward(ref, (q, k, v)),
+            {p: _forward(f, (q, k, v)) for p, f in peers.items()},
+            (lambda o=ours, r=ref, x=(q, k, v): _output_error(o, r, x)),
+            bytes=2 * k.numel() * k.element_size(),
+        ))
     return out
