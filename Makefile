@@ -8,7 +8,7 @@ BUILD := .venv/.build-stamp
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 BENCH_OUT := bench/out
 
-.PHONY: build test bench gpu-test gpu-bench clean
+.PHONY: build test bench gpu-build gpu-test gpu-bench clean
 
 $(DEPS): requirements-dev.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -29,13 +29,16 @@ bench: $(BUILD)
 	mkdir -p $(BENCH_OUT)
 	$(PY) -m bench all --quick --json $(BENCH_OUT)/bench.json --plot $(BENCH_OUT)/bench.png
 
-gpu-test:
+gpu-build:
 	python3 -m pip install --no-build-isolation --no-deps -e .
+
+gpu-test: gpu-build
+	python3 -m pytest -q -x tests/test_attention_triton.py
 	python3 -m pytest -q
 
-gpu-bench:
-	python3 -m pip install --no-build-isolation --no-deps -e .
-	python3 -m bench all --device cuda --json "bench/results/{device}-all-{date}.json"
+gpu-bench: gpu-build
+	python3 -m bench all --device cuda --json "bench/results/{device}-all-{date}.json" \
+		--plot bench/results/cuda-all.png
 
 clean:
 	rm -rf build *.egg-info pymod/_C*.so $(BUILD)

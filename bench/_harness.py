@@ -20,7 +20,13 @@ from typing import Callable
 
 import torch
 import torch.utils.benchmark
-from tqdm import tqdm
+
+try:
+    from tqdm import tqdm
+except ImportError:  # the GPU images ship without it: no progress bar
+
+    def tqdm(iterable, **_):
+        return iterable
 
 
 @dataclass

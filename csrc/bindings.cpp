@@ -5,6 +5,7 @@
 
 #include "attention.h"
 #include "common.h"
+#include "linear_attention.h"
 
 namespace py = pybind11;
 using tessel::AttentionProblem;
@@ -70,6 +71,38 @@ void attention_backward(const py::array& q, const py::array& k, const py::array&
                                           data<float>(dv));
 }
 
+tessel::LoopedProblem looped_problem(const py::array& z, const py::array& wp, int64_t loops, int64_t key_cols,
+                                     double inv_n, int64_t every, int num_threads) {
+  return tessel::LoopedProblem{z.shape(0), z.shape(1), z.shape(2), key_cols, loops,
+                               wp.shape(1), wp.shape(0), inv_n,    every,   num_threads};
+}
+
+int64_t looped_forward(const py::array& z, const py::array& wp, const py::array& wq, py::array out, py::array saved,
+                       int64_t loops, int64_t key_cols, double inv_n, int64_t every, int num_threads) {
+  const auto p = looped_problem(z, wp, loops, key_cols, inv_n, every, num_threads);
+  const bool is_double = z.dtype().is(py::dtype::of<double>());
+  py::gil_scoped_release release;
+  if (is_double)
+    return tessel::looped_forward_cpu<double>(p, cdata<double>(z), cdata<double>(wp), cdata<double>(wq),
+                                              data<double>(out), data<double>(saved));
+  return tessel::looped_forward_cpu<float>(p, cdata<float>(z), cdata<float>(wp), cdata<float>(wq), data<float>(out),
+                                           data<float>(saved));
+}
+
+void looped_backward(const py::array& saved, const py::array& wp, const py::array& wq, const py::array& dout,
+                     py::array dz, py::array dp, py::array dq, int64_t loops, int64_t key_cols, double inv_n,
+                     int64_t every, int num_threads) {
+  const auto p = looped_problem(dout, wp, loops, key_cols, inv_n, every, num_threads);
+  const bool is_double = dout.dtype().is(py::dtype::of<double>());
+  py::gil_scoped_release release;
+  if (is_double)
+    tessel::looped_backward_cpu<double>(p, cdata<double>(saved), cdata<double>(wp), cdata<double>(wq),
+                                        cdata<double>(dout), data<double>(dz), data<double>(dp), data<double>(dq));
+  else
+    tessel::looped_backward_cpu<float>(p, cdata<float>(saved), cdata<float>(wp), cdata<float>(wq),
+                                       cdata<float>(dout), data<float>(dz), data<float>(dp), data<float>(dq));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -81,4 +114,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dout"), py::arg("lse"), py::arg("dlse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
         py::arg("scale"), py::arg("band_lo"), py::arg("band_hi"), py::arg("num_threads"));
   m.attr("band_inf") = tessel::kBandInf;
+  m.def("looped_forward", &looped_forward, py::arg("z"), py::arg("p"), py::arg("q"), py::arg("out"),
+        py::arg("saved"), py::arg("loops"), py::arg("key_cols"), py::arg("inv_n"), py::arg("every"),
+        py::arg("num_threads"));
+  m.def("looped_backward", &looped_backward, py::arg("saved"), py::arg("p"), py::arg("q"), py::arg("dout"),
+        py::arg("dz"), py::arg("dp"), py::arg("dq"), py::arg("loops"), py::arg("key_cols"), py::arg("inv_n"),
+        py::arg("every"), py::arg("num_threads"));
 }

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import scaled_dot_product_attention
+from .linear_attention import icl_prompt, looped_linear_attention
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -68,3 +69,53 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             y = F.linear(x, w, bias)
             heads.append(y.view(y.shape[0], y.shape[1], h, e // h).transpose(1, 2))
         return heads
+
+
+class LoopedLinearTransformer(torch.nn.Module):
+    """One linear self-attention layer applied `loops` times to an in-context
+    regression prompt (see tessel.looped_linear_attention).
+
+    d: feature dimension (Z has d + 1 rows). heads: attention heads, summed.
+    shared: one (P, Q) for every loop (the looped model) or one per loop.
+    init: "random" (entries N(0, init_scale^2), default init_scale 0.02:
+    the update is cubic in Z, so larger weights diverge within a few loops) or
+    "gd" (the construction under which each loop is one gradient descent step
+    of size init_scale, default 1.0, on the in-context least squares loss:
+    P = e_d e_d^T, Q = -init_scale [[I_d, 0], [0, 0]], divided over heads).
+    recompute: keep only O(sqrt(loops)) copies of Z for the backward.
+    forward(X, y, x_query) -> y_hat, with X (batch, n, d), y (batch, n),
+    x_query (batch, d).
+    """
+
+    def __init__(self, d, loops, heads=1, shared=True, init="random", init_scale=None, recompute=False,
+                 device=None, dtype=None):
+        super().__init__()
+        if init not in ("random", "gd"):
+            raise ValueError(f"init must be 'random' or 'gd', got {init!r}")
+        self.d, self.loops, self.heads, self.shared = d, loops, heads, shared
+        self.init, self.init_scale, self.recompute = init, init_scale, recompute
+        shape = (1 if shared else loops, heads, d + 1, d + 1)
+        self.P = torch.nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.Q = torch.nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        if self.init == "random":
+            scale = 0.02 if self.init_scale is None else self.init_scale
+            self.P.normal_(0.0, scale)
+            self.Q.normal_(0.0, scale)
+            return
+        step = 1.0 if self.init_scale is None else self.init_scale
+        self.P.zero_()
+        self.Q.zero_()
+        self.P[..., self.d, self.d] = 1.0
+        self.Q[..., range(self.d), range(self.d)] = -step / self.heads
+
+    def forward(self, X, y, x_query):
+        Z = looped_linear_attention(icl_prompt(X, y, x_query), self.P, self.Q, self.loops, recompute=self.recompute)
+        return -Z[:, self.d, -1]
+
+    def extra_repr(self):
+        return (f"d={self.d}, loops={self.loops}, heads={self.heads}, shared={self.shared}, init={self.init!r}, "
+                f"recompute={self.recompute}")

@@ -1,11 +1,13 @@
-"""Test setup: Triton kernels run in the interpreter on CPU (set before any
-import of triton), and every test starts with no backend forced."""
+"""Test setup: without a GPU, Triton kernels run in the interpreter on CPU
+(TRITON_INTERPRET=1, set before any kernel is defined); with one they run for
+real. Every test starts with no backend forced."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import tessel  # noqa: E402
 

@@ -1,6 +1,7 @@
 """The Triton attention kernels against the reference: in the interpreter on
 CPU (TRITON_INTERPRET=1 from the test setup, small shapes), or on a real GPU
-when one is present (larger shapes, half precision)."""
+when one is present (larger shapes, half precision). bfloat16 runs on GPUs
+only: triton 3.6's interpreter mangles in-kernel casts to bfloat16."""
 import importlib
 import math
 
