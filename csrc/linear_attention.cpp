@@ -1,14 +1,17 @@
 // Looped linear self-attention, fused over all loops.
 //
-// Every prompt is small (dim = d + 1 ~ 6..21 rows, n + 1 ~ 20..40 columns), so
-// one task runs all loops of one prompt with Z, A and W in L1; OpenMP spreads
-// prompts over threads. By associativity a loop costs O(n dim^2 + heads
-// dim^3) and never forms the (n+1) x (n+1) attention matrix.
+// A prompt is small (dim = d + 1 ~ 6..21 rows, n + 1 ~ 20..40 columns): SIMD
+// inside one prompt would be all tails and reduction chains. Instead a task
+// holds W prompts side by side, one per vector lane ("lane layout": element
+// e of the group is a vector of W prompts' element e), so every step of the
+// per-prompt algorithm is one full-width vector operation. OpenMP spreads the
+// groups over threads. By associativity a loop costs O(n dim^2 + heads dim^3)
+// and never forms the (n+1) x (n+1) attention matrix.
 //
 // Backward walks the loops in reverse. Z before each loop comes from the
 // saved copies; with checkpoints every k loops, the k states of a segment are
-// recomputed from its checkpoint first. dP and dQ are summed per thread, then
-// over threads in a fixed order.
+// recomputed from its checkpoint first. dP and dQ are summed per lane and
+// thread, then over both in a fixed order.
 #include "linear_attention.h"
 
 #include "common.h"
@@ -16,100 +19,114 @@
 namespace tessel {
 namespace {
 
-// Small dense helpers, row-major. Sizes are tiny: plain loops that GCC vectorises.
 template <typename T>
-void matmul(const T* a, const T* b, T* c, int64_t m, int64_t k, int64_t n, bool accumulate) {
-  if (!accumulate) std::fill(c, c + m * n, T(0));
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t p = 0; p < k; ++p) {
-      const T aip = a[i * k + p];
-      for (int64_t j = 0; j < n; ++j) c[i * n + j] += aip * b[p * n + j];
-    }
-}
+using Vec = typename Simd<T>::vec;
 
-// c (+)= a^T b, a: (k, m), b: (k, n)
+// Group element e of prompts [b0, b0 + count) <-> lane layout (lanes past count are zero).
 template <typename T>
-void matmul_tn(const T* a, const T* b, T* c, int64_t m, int64_t k, int64_t n, bool accumulate) {
-  if (!accumulate) std::fill(c, c + m * n, T(0));
-  for (int64_t p = 0; p < k; ++p)
-    for (int64_t i = 0; i < m; ++i) {
-      const T api = a[p * m + i];
-      for (int64_t j = 0; j < n; ++j) c[i * n + j] += api * b[p * n + j];
-    }
-}
-
-// c (+)= a b^T over the first kc columns, a: (m, ld), b: (n, ld)
-template <typename T>
-void matmul_nt(const T* a, const T* b, T* c, int64_t m, int64_t n, int64_t kc, int64_t ld, bool accumulate) {
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      T s = 0;
-      for (int64_t p = 0; p < kc; ++p) s += a[i * ld + p] * b[j * ld + p];
-      c[i * n + j] = accumulate ? c[i * n + j] + s : s;
-    }
+void gather(const T* x, int64_t b0, int64_t count, int64_t size, Vec<T>* out) {
+  for (int64_t e = 0; e < size; ++e) {
+    Vec<T> v{};
+    for (int64_t l = 0; l < count; ++l) v[l] = x[(b0 + l) * size + e];
+    out[e] = v;
+  }
 }
 
 template <typename T>
-struct LoopScratch {
-  std::vector<T> a, w, t, dw, da, g, segment;
-};
+void scatter(const Vec<T>* x, int64_t b0, int64_t count, int64_t size, T* out) {
+  for (int64_t e = 0; e < size; ++e)
+    for (int64_t l = 0; l < count; ++l) out[(b0 + l) * size + e] = x[e][l];
+}
 
 template <typename T>
 const T* loop_weights(const LoopedProblem& p, const T* w, int64_t loop) {
   return w + (p.weight_loops == 1 ? 0 : loop) * p.heads * p.dim * p.dim;
 }
 
-// A = Z M Z^T and W = sum_h P_h A Q_h for one prompt's Z.
 template <typename T>
-void attention_matrices(const LoopedProblem& p, const T* z, const T* wp, const T* wq, T* a, T* w, T* t) {
-  const int64_t D = p.dim, DD = D * D;
-  matmul_nt(z, z, a, D, D, p.key_cols, p.cols, false);
+struct LaneScratch {
+  std::vector<Vec<T>> a, w, t, t2, dw, da, g, g_prev, segment, dp, dq;
+};
+
+// A = Z M Z^T and W = sum_h P_h A Q_h for a group's Z (all in lane layout;
+// P, Q are the same for every lane).
+template <typename T>
+void attention_matrices(const LoopedProblem& p, const Vec<T>* z, const T* wp, const T* wq, Vec<T>* a, Vec<T>* w,
+                        Vec<T>* t) {
+  const int64_t D = p.dim, C = p.cols;
+  std::fill(a, a + D * D, Vec<T>{});
+  for (int64_t c = 0; c < p.key_cols; ++c)
+    for (int64_t i = 0; i < D; ++i) {
+      const Vec<T> zi = z[i * C + c];
+      for (int64_t j = 0; j <= i; ++j) a[i * D + j] += zi * z[j * C + c];
+    }
+  for (int64_t i = 0; i < D; ++i)
+    for (int64_t j = i + 1; j < D; ++j) a[i * D + j] = a[j * D + i];
+  std::fill(w, w + D * D, Vec<T>{});
   for (int64_t h = 0; h < p.heads; ++h) {
-    matmul(a, wq + h * DD, t, D, D, D, false);  // A Q_h
-    matmul(wp + h * DD, t, w, D, D, D, h > 0);   // P_h A Q_h
+    const T* ph = wp + h * D * D;
+    const T* qh = wq + h * D * D;
+    std::fill(t, t + D * D, Vec<T>{});
+    for (int64_t i = 0; i < D; ++i)  // t = A Q_h
+      for (int64_t k = 0; k < D; ++k) {
+        const Vec<T> aik = a[i * D + k];
+        for (int64_t j = 0; j < D; ++j) t[i * D + j] += aik * qh[k * D + j];
+      }
+    for (int64_t i = 0; i < D; ++i)  // w += P_h t
+      for (int64_t k = 0; k < D; ++k) {
+        const T pik = ph[i * D + k];
+        for (int64_t j = 0; j < D; ++j) w[i * D + j] += pik * t[k * D + j];
+      }
   }
 }
 
 // next = z + inv_n * W z
 template <typename T>
-void loop_step(const LoopedProblem& p, const T* z, const T* wp, const T* wq, T* next, LoopScratch<T>& ws) {
+void loop_step(const LoopedProblem& p, const Vec<T>* z, const T* wp, const T* wq, Vec<T>* next, LaneScratch<T>& ws) {
   const int64_t D = p.dim, C = p.cols;
-  T* a = scratch(ws.a, D * D);
-  T* w = scratch(ws.w, D * D);
-  T* t = scratch(ws.t, D * D);
+  Vec<T>* a = scratch(ws.a, D * D);
+  Vec<T>* w = scratch(ws.w, D * D);
+  Vec<T>* t = scratch(ws.t, D * D);
   attention_matrices(p, z, wp, wq, a, w, t);
   const T inv_n = T(p.inv_n);
-  for (int64_t i = 0; i < D * D; ++i) w[i] *= inv_n;
   std::copy(z, z + D * C, next);
-  matmul(w, z, next, D, D, C, true);
+  for (int64_t i = 0; i < D; ++i)
+    for (int64_t k = 0; k < D; ++k) {
+      const Vec<T> wik = inv_n * w[i * D + k];
+      for (int64_t c = 0; c < C; ++c) next[i * C + c] += wik * z[k * C + c];
+    }
 }
 
 }  // namespace
 
 template <typename T>
 int64_t looped_forward_cpu(const LoopedProblem& p, const T* z, const T* wp, const T* wq, T* out, T* saved) {
-  const int64_t zsize = p.dim * p.cols;
+  constexpr int W = Simd<T>::width;
+  const int64_t zsize = p.dim * p.cols, groups = ceil_div(p.batch, W);
   int64_t nonfinite = 0;
 #pragma omp parallel num_threads(p.num_threads) reduction(+ : nonfinite)
   {
-    LoopScratch<T> ws;
-    std::vector<T> buf(2 * zsize);
+    LaneScratch<T> ws;
+    std::vector<Vec<T>> buf(2 * zsize);
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < p.batch; ++b) {
-      const T* cur = z + b * zsize;
-      T* bufs[2] = {buf.data(), buf.data() + zsize};
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t b0 = g * W, count = std::min<int64_t>(W, p.batch - b0);
+      Vec<T>* cur = buf.data();
+      Vec<T>* next = buf.data() + zsize;
+      gather(z, b0, count, zsize, cur);
       for (int64_t l = 0; l < p.loops; ++l) {
         if (l % p.checkpoint_every == 0)
-          std::copy(cur, cur + zsize, saved + ((l / p.checkpoint_every) * p.batch + b) * zsize);
-        T* next = l + 1 == p.loops ? out + b * zsize : bufs[l % 2];
+          scatter(cur, b0, count, zsize, saved + (l / p.checkpoint_every) * p.batch * zsize);
         loop_step(p, cur, loop_weights(p, wp, l), loop_weights(p, wq, l), next, ws);
-        cur = next;
+        std::swap(cur, next);
       }
-      for (int64_t i = 0; i < zsize; ++i)
-        if (!std::isfinite(cur[i])) {
-          ++nonfinite;
-          break;
-        }
+      scatter(cur, b0, count, zsize, out);
+      for (int64_t l = 0; l < count; ++l)
+        for (int64_t e = 0; e < zsize; ++e)
+          if (!std::isfinite(cur[e][l])) {
+            ++nonfinite;
+            break;
+          }
     }
   }
   return nonfinite;
@@ -118,68 +135,108 @@ int64_t looped_forward_cpu(const LoopedProblem& p, const T* z, const T* wp, cons
 template <typename T>
 void looped_backward_cpu(const LoopedProblem& p, const T* saved, const T* wp, const T* wq, const T* dout, T* dz,
                          T* dp, T* dq) {
+  constexpr int W = Simd<T>::width;
   const int64_t D = p.dim, C = p.cols, DD = D * D, zsize = D * C, every = p.checkpoint_every;
-  const int64_t wsize = p.weight_loops * p.heads * DD;
+  const int64_t wsize = p.weight_loops * p.heads * DD, groups = ceil_div(p.batch, W);
   const T inv_n = T(p.inv_n);
   std::vector<T> dp_threads(p.num_threads * wsize, T(0)), dq_threads(p.num_threads * wsize, T(0));
 #pragma omp parallel num_threads(p.num_threads)
   {
-    const int tid = omp_get_thread_num();
-    T* dp_acc = dp_threads.data() + tid * wsize;
-    T* dq_acc = dq_threads.data() + tid * wsize;
-    LoopScratch<T> ws;
-    T* a = scratch(ws.a, DD);
-    T* w = scratch(ws.w, DD);
-    T* t = scratch(ws.t, DD);
-    T* dw = scratch(ws.dw, DD);
-    T* da = scratch(ws.da, DD);
-    T* seg = scratch(ws.segment, every * zsize);
-    std::vector<T> g(zsize), g_prev(zsize);
+    LaneScratch<T> ws;
+    Vec<T>* a = scratch(ws.a, DD);
+    Vec<T>* w = scratch(ws.w, DD);
+    Vec<T>* t = scratch(ws.t, DD);
+    Vec<T>* t2 = scratch(ws.t2, DD);
+    Vec<T>* dw = scratch(ws.dw, DD);
+    Vec<T>* da = scratch(ws.da, DD);
+    Vec<T>* g = scratch(ws.g, zsize);
+    Vec<T>* g_prev = scratch(ws.g_prev, zsize);
+    Vec<T>* seg = scratch(ws.segment, every * zsize);
+    Vec<T>* dp_acc = scratch(ws.dp, wsize);
+    Vec<T>* dq_acc = scratch(ws.dq, wsize);
+    std::fill(dp_acc, dp_acc + wsize, Vec<T>{});
+    std::fill(dq_acc, dq_acc + wsize, Vec<T>{});
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < p.batch; ++b) {
-      std::copy(dout + b * zsize, dout + (b + 1) * zsize, g.data());
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const int64_t b0 = grp * W, count = std::min<int64_t>(W, p.batch - b0);
+      gather(dout, b0, count, zsize, g);
       for (int64_t first = (p.loops - 1) / every * every; first >= 0; first -= every) {
         // Z before loops first .. last of this segment.
         const int64_t last = std::min(first + every, p.loops) - 1;
-        std::copy(saved + ((first / every) * p.batch + b) * zsize, saved + ((first / every) * p.batch + b + 1) * zsize,
-                  seg);
+        gather(saved + (first / every) * p.batch * zsize, b0, count, zsize, seg);
         for (int64_t l = first; l < last; ++l)
           loop_step(p, seg + (l - first) * zsize, loop_weights(p, wp, l), loop_weights(p, wq, l),
                     seg + (l - first + 1) * zsize, ws);
         for (int64_t l = last; l >= first; --l) {
-          const T* zl = seg + (l - first) * zsize;
+          const Vec<T>* z = seg + (l - first) * zsize;
           const T* pl = loop_weights(p, wp, l);
           const T* ql = loop_weights(p, wq, l);
           const int64_t woff = (p.weight_loops == 1 ? 0 : l) * p.heads * DD;
-          attention_matrices(p, zl, pl, ql, a, w, t);
+          attention_matrices(p, z, pl, ql, a, w, t);
           // dW = inv_n * G Z^T
-          matmul_nt(g.data(), zl, dw, D, D, C, C, false);
-          for (int64_t i = 0; i < DD; ++i) dw[i] *= inv_n;
-          std::fill(da, da + DD, T(0));
+          std::fill(dw, dw + DD, Vec<T>{});
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t i = 0; i < D; ++i) {
+              const Vec<T> gic = inv_n * g[i * C + c];
+              for (int64_t j = 0; j < D; ++j) dw[i * D + j] += gic * z[j * C + c];
+            }
+          std::fill(da, da + DD, Vec<T>{});
           for (int64_t h = 0; h < p.heads; ++h) {
             const T* ph = pl + h * DD;
             const T* qh = ql + h * DD;
-            matmul_nt(dw, qh, t, D, D, D, D, false);            // dW Q_h^T
-            matmul(t, a, dp_acc + woff + h * DD, D, D, D, true);  // dP_h += dW Q_h^T A
-            matmul_tn(ph, dw, t, D, D, D, false);               // P_h^T dW
-            matmul(a, t, dq_acc + woff + h * DD, D, D, D, true);  // dQ_h += A P_h^T dW
-            matmul_nt(t, qh, da, D, D, D, D, true);             // dA += P_h^T dW Q_h^T
+            Vec<T>* dph = dp_acc + woff + h * DD;
+            Vec<T>* dqh = dq_acc + woff + h * DD;
+            std::fill(t, t + DD, Vec<T>{});  // t = dW Q_h^T
+            for (int64_t i = 0; i < D; ++i)
+              for (int64_t k = 0; k < D; ++k) {
+                const Vec<T> dwik = dw[i * D + k];
+                for (int64_t j = 0; j < D; ++j) t[i * D + j] += dwik * qh[j * D + k];
+              }
+            for (int64_t i = 0; i < D; ++i)  // dP_h += t A
+              for (int64_t k = 0; k < D; ++k) {
+                const Vec<T> tik = t[i * D + k];
+                for (int64_t j = 0; j < D; ++j) dph[i * D + j] += tik * a[k * D + j];
+              }
+            std::fill(t2, t2 + DD, Vec<T>{});  // t2 = P_h^T dW
+            for (int64_t k = 0; k < D; ++k)
+              for (int64_t i = 0; i < D; ++i) {
+                const T pki = ph[k * D + i];
+                for (int64_t j = 0; j < D; ++j) t2[i * D + j] += pki * dw[k * D + j];
+              }
+            for (int64_t i = 0; i < D; ++i)  // dQ_h += A t2, dA += t2 Q_h^T
+              for (int64_t k = 0; k < D; ++k) {
+                const Vec<T> aik = a[i * D + k];
+                for (int64_t j = 0; j < D; ++j) dqh[i * D + j] += aik * t2[k * D + j];
+              }
+            for (int64_t i = 0; i < D; ++i)
+              for (int64_t k = 0; k < D; ++k) {
+                const Vec<T> t2ik = t2[i * D + k];
+                for (int64_t j = 0; j < D; ++j) da[i * D + j] += t2ik * qh[j * D + k];
+              }
           }
           // G_prev = G + inv_n W^T G + (dA + dA^T) Z M
-          std::copy(g.begin(), g.end(), g_prev.begin());
-          for (int64_t i = 0; i < DD; ++i) w[i] *= inv_n;
-          matmul_tn(w, g.data(), g_prev.data(), D, D, C, true);
-          for (int64_t i = 0; i < D; ++i)
-            for (int64_t j = 0; j < D; ++j) t[i * D + j] = da[i * D + j] + da[j * D + i];
-          for (int64_t i = 0; i < D; ++i)
-            for (int64_t k = 0; k < D; ++k) {
-              const T tik = t[i * D + k];
-              for (int64_t c = 0; c < p.key_cols; ++c) g_prev[i * C + c] += tik * zl[k * C + c];
+          std::copy(g, g + zsize, g_prev);
+          for (int64_t k = 0; k < D; ++k)
+            for (int64_t i = 0; i < D; ++i) {
+              const Vec<T> wki = inv_n * w[k * D + i];
+              const Vec<T> sik = da[i * D + k] + da[k * D + i];
+              for (int64_t c = 0; c < C; ++c) g_prev[i * C + c] += wki * g[k * C + c];
+              for (int64_t c = 0; c < p.key_cols; ++c) g_prev[i * C + c] += sik * z[k * C + c];
             }
-          g.swap(g_prev);
+          std::swap(g, g_prev);
         }
       }
-      std::copy(g.begin(), g.end(), dz + b * zsize);
+      scatter(g, b0, count, zsize, dz);
+    }
+    const int tid = omp_get_thread_num();
+    for (int64_t i = 0; i < wsize; ++i) {
+      T sp = 0, sq = 0;
+      for (int l = 0; l < W; ++l) {
+        sp += dp_acc[i][l];
+        sq += dq_acc[i][l];
+      }
+      dp_threads[tid * wsize + i] = sp;
+      dq_threads[tid * wsize + i] = sq;
     }
   }
   for (int64_t i = 0; i < wsize; ++i) {
