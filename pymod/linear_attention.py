@@ -201,7 +201,10 @@ def looped_linear_attention(Z, P, Q, loops, *, mask="last_col", return_all=False
             Z, _ = _looped_fwd(Z, p_l, q_l, 1, key_cols, 1, backend)
             states.append(Z)
         return torch.stack(states)
-    out, _ = _looped_fwd(Z, P4, Q4, loops, key_cols, _checkpoint_every(loops, recompute), backend)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (Z, P, Q))
+    # Without a backward to come, one checkpoint is all the op needs to keep.
+    every = _checkpoint_every(loops, recompute) if needs_grad else loops
+    out, _ = _looped_fwd(Z, P4, Q4, loops, key_cols, every, backend)
     return out
 
 
