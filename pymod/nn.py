@@ -84,7 +84,7 @@ class LoopedLinearTransformer(torch.nn.Module):
     P = e_d e_d^T, Q = -init_scale [[I_d, 0], [0, 0]], divided over heads).
     recompute: keep only O(sqrt(loops)) copies of Z for the backward.
     forward(X, y, x_query) -> y_hat, with X (batch, n, d), y (batch, n),
-    x_query (batch, d).
+    x_query (batch, d); icl_prompt(X, y, x_query) builds the Z it loops on.
     """
 
     def __init__(self, d, loops, heads=1, shared=True, init="random", init_scale=None, recompute=False,
@@ -111,6 +111,8 @@ class LoopedLinearTransformer(torch.nn.Module):
         self.Q.zero_()
         self.P[..., self.d, self.d] = 1.0
         self.Q[..., range(self.d), range(self.d)] = -step / self.heads
+
+    icl_prompt = staticmethod(icl_prompt)
 
     def forward(self, X, y, x_query):
         Z = looped_linear_attention(icl_prompt(X, y, x_query), self.P, self.Q, self.loops, recompute=self.recompute)

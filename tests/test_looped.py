@@ -206,7 +206,7 @@ def test_module_state_dict_round_trip_and_training_step():
 
 def test_icl_prompt_layout_and_errors():
     X, y, x_query, _ = regression_task(2, 3, 2)
-    Z = icl_prompt(X, y, x_query)
+    Z = tessel.nn.LoopedLinearTransformer.icl_prompt(X, y, x_query)
     assert Z.shape == (2, 3, 4)
     assert torch.equal(Z[:, :2, :3], X.mT) and torch.equal(Z[:, 2, :3], y)
     assert torch.equal(Z[:, :2, 3], x_query) and torch.all(Z[:, 2, 3] == 0)
