@@ -36,3 +36,13 @@ def assert_as_accurate(name: str, ours, same_dtype_ref, exact, factor: float = 2
     assert ours_err <= factor * ref_err + atol, (
         f"{name}: error {ours_err:.3e} vs float64, PyTorch's own {ref_err:.3e} (allowed {factor}x + {atol:g})"
     )
+
+
+def assert_backward_deterministic(fn, inputs):
+    """Two backward passes of fn(*inputs).sum() give bit-identical gradients."""
+    grads = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        fn(*leaves).sum().backward()
+        grads.append([x.grad for x in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

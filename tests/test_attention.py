@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_as_accurate, error_vs
+from conftest import assert_as_accurate, assert_backward_deterministic, error_vs
 
 import tessel
 from tessel.attention import attention_reference
@@ -157,13 +157,8 @@ def test_expanded_kv_heads_read_in_place():
 
 
 def test_backward_is_deterministic():
-    q, k, v = make_qkv(1, 2, 1, 300, 300, 32)
-    grads = []
-    for _ in range(2):
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        tessel.attention(*leaves, causal=True).sum().backward()
-        grads.append([x.grad for x in leaves])
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert_backward_deterministic(lambda q, k, v: tessel.attention(q, k, v, causal=True),
+                                  make_qkv(1, 2, 1, 300, 300, 32))
 
 
 def _peak_rss_growth_mb(fn) -> float:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import error_vs
+from conftest import assert_backward_deterministic, error_vs
 
 import tessel
 from tessel.attention import BAND_INF, attention_reference
@@ -122,13 +122,8 @@ def test_split_k_decode_matches_reference(nq, band):
 
 
 def test_backward_is_deterministic():
-    q, k, v = make(1, 4, 2, 50, 50, 16, torch.float32)
-    grads = []
-    for _ in range(2):
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        tessel.attention(*leaves, causal=True).sum().backward()
-        grads.append([x.grad for x in leaves])
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert_backward_deterministic(lambda q, k, v: tessel.attention(q, k, v, causal=True),
+                                  make(1, 4, 2, 50, 50, 16, torch.float32))
 
 
 def test_head_dim_over_256_is_a_clear_error():
