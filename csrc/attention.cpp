@@ -140,7 +140,7 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PanelHeads
       const T row_sum_p = exp2_shifted_sum(srow + a, e - a, m_new);
       if (m[r] != neg_inf && m[r] != m_new) {
         const T alpha = std::exp2(m[r] - m_new);
-        affine_inplace(O + r * Dp, Dp, alpha, T(0));
+        scale_inplace(O + r * Dp, Dp, alpha);
         l[r] *= alpha;
       }
       l[r] += row_sum_p;

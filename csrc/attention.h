@@ -7,8 +7,7 @@ namespace tessel {
 
 // Query i may attend to key j iff i + band_lo <= j <= i + band_hi (rows are
 // queries, columns keys). Causal, sliding windows and torch's top-left causal
-// all reduce to this band; unbounded sides use +-kBandInf.
-constexpr int64_t kBandInf = int64_t(1) << 50;
+// all reduce to this band; an unbounded side is any value beyond +-(Nq + Nk).
 
 // Element strides of a (B, H, N, D) operand whose last dimension is contiguous.
 struct Strides4 {

@@ -113,7 +113,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_backward", &attention_backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("dout"), py::arg("lse"), py::arg("dlse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
         py::arg("scale"), py::arg("band_lo"), py::arg("band_hi"), py::arg("num_threads"));
-  m.attr("band_inf") = tessel::kBandInf;
   m.def("looped_forward", &looped_forward, py::arg("z"), py::arg("p"), py::arg("q"), py::arg("out"),
         py::arg("saved"), py::arg("loops"), py::arg("key_cols"), py::arg("inv_n"), py::arg("every"),
         py::arg("num_threads"));

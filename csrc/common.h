@@ -252,14 +252,14 @@ inline T row_max(const T* x, int64_t n) {
   return m;
 }
 
-// x[i] = x[i] * a + b
+// x[i] *= a
 template <typename T>
-inline void affine_inplace(T* x, int64_t n, T a, T b) {
+inline void scale_inplace(T* x, int64_t n, T a) {
   using S = Simd<T>;
   constexpr int W = S::width;
   int64_t i = 0;
-  for (; i + W <= n; i += W) S::store(x + i, S::load(x + i) * a + b);
-  for (; i < n; ++i) x[i] = x[i] * a + b;
+  for (; i + W <= n; i += W) S::store(x + i, S::load(x + i) * a);
+  for (; i < n; ++i) x[i] *= a;
 }
 
 // Thread-private scratch, grown on demand and reused across calls.
@@ -279,7 +279,6 @@ class Buffer {
   T* data() { return data_.get(); }
   const T* data() const { return data_.get(); }
   size_t size() const { return size_; }
-  bool empty() const { return size_ == 0; }
   T& operator[](size_t i) { return data_[i]; }
   const T& operator[](size_t i) const { return data_[i]; }
 

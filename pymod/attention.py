@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import _dispatch
 from ._dispatch import check_same, check_scale, check_tensor, last_dim_contiguous, numpy_view
 
-# Mirrors tessel._C.band_inf: a band side this large is unbounded.
+# A band side this large is unbounded (the kernels accept any value past +-(Nq + Nk)).
 BAND_INF = 1 << 50
 _LAYOUT = "(batch, heads, seq, head_dim)"
 _torch_sdpa = F.scaled_dot_product_attention
