@@ -38,6 +38,39 @@ void scatter(const Vec<T>* x, int64_t b0, int64_t count, int64_t size, T* out) {
     for (int64_t l = 0; l < count; ++l) out[(b0 + l) * size + e] = x[e][l];
 }
 
+// c[i][j] (+)= sum_k a[i * a_row + k * a_col] * b[k * b_row + j * b_col] for
+// i < m, j < n, k < kc, where a and b hold lane vectors or scalars shared by
+// every lane. Four outputs at a time stay in registers across the k loop.
+template <typename V, typename TA, typename TB>
+void lane_matmul(const TA* a, int64_t a_row, int64_t a_col, const TB* b, int64_t b_row, int64_t b_col, V* c,
+                 int64_t ldc, int64_t m, int64_t n, int64_t kc, bool accumulate) {
+  for (int64_t i = 0; i < m; ++i) {
+    V* ci = c + i * ldc;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      V acc0 = accumulate ? ci[j] : V{}, acc1 = accumulate ? ci[j + 1] : V{};
+      V acc2 = accumulate ? ci[j + 2] : V{}, acc3 = accumulate ? ci[j + 3] : V{};
+      for (int64_t k = 0; k < kc; ++k) {
+        const auto aik = a[i * a_row + k * a_col];
+        const TB* bk = b + k * b_row + j * b_col;
+        acc0 += aik * bk[0];
+        acc1 += aik * bk[b_col];
+        acc2 += aik * bk[2 * b_col];
+        acc3 += aik * bk[3 * b_col];
+      }
+      ci[j] = acc0;
+      ci[j + 1] = acc1;
+      ci[j + 2] = acc2;
+      ci[j + 3] = acc3;
+    }
+    for (; j < n; ++j) {
+      V acc = accumulate ? ci[j] : V{};
+      for (int64_t k = 0; k < kc; ++k) acc += a[i * a_row + k * a_col] * b[k * b_row + j * b_col];
+      ci[j] = acc;
+    }
+  }
+}
+
 template <typename T>
 const T* loop_weights(const LoopedProblem& p, const T* w, int64_t loop) {
   return w + (p.weight_loops == 1 ? 0 : loop) * p.heads * p.dim * p.dim;
@@ -54,29 +87,13 @@ template <typename T>
 void attention_matrices(const LoopedProblem& p, const Vec<T>* z, const T* wp, const T* wq, Vec<T>* a, Vec<T>* w,
                         Vec<T>* t) {
   const int64_t D = p.dim, C = p.cols;
-  std::fill(a, a + D * D, Vec<T>{});
-  for (int64_t c = 0; c < p.key_cols; ++c)
-    for (int64_t i = 0; i < D; ++i) {
-      const Vec<T> zi = z[i * C + c];
-      for (int64_t j = 0; j <= i; ++j) a[i * D + j] += zi * z[j * C + c];
-    }
+  for (int64_t i = 0; i < D; ++i)  // row i of A up to the diagonal: z_i . z_j over the key columns
+    lane_matmul(z + i * C, 0, 1, z, 1, C, a + i * D, D, 1, i + 1, p.key_cols, false);
   for (int64_t i = 0; i < D; ++i)
     for (int64_t j = i + 1; j < D; ++j) a[i * D + j] = a[j * D + i];
-  std::fill(w, w + D * D, Vec<T>{});
   for (int64_t h = 0; h < p.heads; ++h) {
-    const T* ph = wp + h * D * D;
-    const T* qh = wq + h * D * D;
-    std::fill(t, t + D * D, Vec<T>{});
-    for (int64_t i = 0; i < D; ++i)  // t = A Q_h
-      for (int64_t k = 0; k < D; ++k) {
-        const Vec<T> aik = a[i * D + k];
-        for (int64_t j = 0; j < D; ++j) t[i * D + j] += aik * qh[k * D + j];
-      }
-    for (int64_t i = 0; i < D; ++i)  // w += P_h t
-      for (int64_t k = 0; k < D; ++k) {
-        const T pik = ph[i * D + k];
-        for (int64_t j = 0; j < D; ++j) w[i * D + j] += pik * t[k * D + j];
-      }
+    lane_matmul(a, D, 1, wq + h * D * D, D, 1, t, D, D, D, D, false);     // t = A Q_h
+    lane_matmul(wp + h * D * D, D, 1, t, D, 1, w, D, D, D, D, h > 0);  // w (+)= P_h t
   }
 }
 
@@ -89,12 +106,9 @@ void loop_step(const LoopedProblem& p, const Vec<T>* z, const T* wp, const T* wq
   Vec<T>* t = scratch(ws.t, D * D);
   attention_matrices(p, z, wp, wq, a, w, t);
   const T inv_n = T(p.inv_n);
+  for (int64_t i = 0; i < D * D; ++i) w[i] *= inv_n;
   std::copy(z, z + D * C, next);
-  for (int64_t i = 0; i < D; ++i)
-    for (int64_t k = 0; k < D; ++k) {
-      const Vec<T> wik = inv_n * w[i * D + k];
-      for (int64_t c = 0; c < C; ++c) next[i * C + c] += wik * z[k * C + c];
-    }
+  lane_matmul(w, D, 1, z, C, 1, next, C, D, C, D, true);
 }
 
 }  // namespace
@@ -174,55 +188,24 @@ void looped_backward_cpu(const LoopedProblem& p, const T* saved, const T* wp, co
           const int64_t woff = (p.weight_loops == 1 ? 0 : l) * p.heads * DD;
           attention_matrices(p, z, pl, ql, a, w, t);
           // dW = inv_n * G Z^T
-          std::fill(dw, dw + DD, Vec<T>{});
-          for (int64_t c = 0; c < C; ++c)
-            for (int64_t i = 0; i < D; ++i) {
-              const Vec<T> gic = inv_n * g[i * C + c];
-              for (int64_t j = 0; j < D; ++j) dw[i * D + j] += gic * z[j * C + c];
-            }
-          std::fill(da, da + DD, Vec<T>{});
+          lane_matmul(g, C, 1, z, 1, C, dw, D, D, D, C, false);
+          for (int64_t i = 0; i < DD; ++i) dw[i] *= inv_n;
           for (int64_t h = 0; h < p.heads; ++h) {
             const T* ph = pl + h * DD;
             const T* qh = ql + h * DD;
-            Vec<T>* dph = dp_acc + woff + h * DD;
-            Vec<T>* dqh = dq_acc + woff + h * DD;
-            std::fill(t, t + DD, Vec<T>{});  // t = dW Q_h^T
-            for (int64_t i = 0; i < D; ++i)
-              for (int64_t k = 0; k < D; ++k) {
-                const Vec<T> dwik = dw[i * D + k];
-                for (int64_t j = 0; j < D; ++j) t[i * D + j] += dwik * qh[j * D + k];
-              }
-            for (int64_t i = 0; i < D; ++i)  // dP_h += t A
-              for (int64_t k = 0; k < D; ++k) {
-                const Vec<T> tik = t[i * D + k];
-                for (int64_t j = 0; j < D; ++j) dph[i * D + j] += tik * a[k * D + j];
-              }
-            std::fill(t2, t2 + DD, Vec<T>{});  // t2 = P_h^T dW
-            for (int64_t k = 0; k < D; ++k)
-              for (int64_t i = 0; i < D; ++i) {
-                const T pki = ph[k * D + i];
-                for (int64_t j = 0; j < D; ++j) t2[i * D + j] += pki * dw[k * D + j];
-              }
-            for (int64_t i = 0; i < D; ++i)  // dQ_h += A t2, dA += t2 Q_h^T
-              for (int64_t k = 0; k < D; ++k) {
-                const Vec<T> aik = a[i * D + k];
-                for (int64_t j = 0; j < D; ++j) dqh[i * D + j] += aik * t2[k * D + j];
-              }
-            for (int64_t i = 0; i < D; ++i)
-              for (int64_t k = 0; k < D; ++k) {
-                const Vec<T> t2ik = t2[i * D + k];
-                for (int64_t j = 0; j < D; ++j) da[i * D + j] += t2ik * qh[j * D + k];
-              }
+            lane_matmul(dw, D, 1, qh, 1, D, t, D, D, D, D, false);                   // t = dW Q_h^T
+            lane_matmul(t, D, 1, a, D, 1, dp_acc + woff + h * DD, D, D, D, D, true);  // dP_h += t A
+            lane_matmul(ph, 1, D, dw, D, 1, t2, D, D, D, D, false);                  // t2 = P_h^T dW
+            lane_matmul(a, D, 1, t2, D, 1, dq_acc + woff + h * DD, D, D, D, D, true);  // dQ_h += A t2
+            lane_matmul(t2, D, 1, qh, 1, D, da, D, D, D, D, h > 0);                  // dA (+)= t2 Q_h^T
           }
           // G_prev = G + inv_n W^T G + (dA + dA^T) Z M
+          for (int64_t i = 0; i < DD; ++i) w[i] *= inv_n;
+          for (int64_t i = 0; i < D; ++i)
+            for (int64_t j = 0; j < D; ++j) t[i * D + j] = da[i * D + j] + da[j * D + i];
           std::copy(g, g + zsize, g_prev);
-          for (int64_t k = 0; k < D; ++k)
-            for (int64_t i = 0; i < D; ++i) {
-              const Vec<T> wki = inv_n * w[k * D + i];
-              const Vec<T> sik = da[i * D + k] + da[k * D + i];
-              for (int64_t c = 0; c < C; ++c) g_prev[i * C + c] += wki * g[k * C + c];
-              for (int64_t c = 0; c < p.key_cols; ++c) g_prev[i * C + c] += sik * z[k * C + c];
-            }
+          lane_matmul(w, 1, D, g, C, 1, g_prev, C, D, C, D, true);
+          lane_matmul(t, D, 1, z, C, 1, g_prev, C, D, p.key_cols, D, true);
           std::swap(g, g_prev);
         }
       }
