@@ -48,6 +48,27 @@ class Case:
     bytes: float | None = None
 
 
+def forward_call(fn, inputs) -> Callable[[], object]:
+    """fn(*inputs) without autograd: a forward-only provider."""
+
+    @torch.no_grad()
+    def run():
+        return fn(*inputs)
+
+    return run
+
+
+def forward_backward_call(fn, leaves, grad) -> Callable[[], object]:
+    """fn(*leaves).backward(grad), gradients cleared first: a training-step provider."""
+
+    def run():
+        for x in leaves:
+            x.grad = None
+        fn(*leaves).backward(grad)
+
+    return run
+
+
 def time_call(fn: Callable[[], object], device: str, quick: bool) -> float:
     """Median seconds per call over one short measurement."""
     if device == "cuda":

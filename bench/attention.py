@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import tessel
 from tessel.attention import attention_reference
 
-from ._harness import Case
+from ._harness import Case, forward_backward_call, forward_call
 
 # (B, H, Hkv, N, D): small research transformers, then LLM-like shapes.
 FULL = [
@@ -64,23 +64,6 @@ def peer_fns(device: str, causal: bool, gqa: bool) -> dict:
     return peers
 
 
-def _forward(fn, inputs):
-    @torch.no_grad()
-    def run():
-        return fn(*inputs)
-
-    return run
-
-
-def _forward_backward(fn, leaves, grad):
-    def run():
-        for x in leaves:
-            x.grad = None
-        fn(*leaves).backward(grad)
-
-    return run
-
-
 def _output_error(ours, ref, inputs) -> float:
     with torch.no_grad():
         return (ours(*inputs).float() - ref(*inputs).float()).abs().max().item()
@@ -89,7 +72,7 @@ def _output_error(ours, ref, inputs) -> float:
 def _grad_error(ours, ref, leaves, grad) -> float:
     grads = []
     for fn in (ours, ref):
-        _forward_backward(fn, leaves, grad)()
+        forward_backward_call(fn, leaves, grad)()
         grads.append([x.grad.float().clone() for x in leaves])
     return max((a - b).abs().max().item() for a, b in zip(*grads))
 
@@ -112,9 +95,9 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
             peers = peer_fns(device, causal, hk != h)
             out.append(Case(
                 "attention", name, "fwd", dtype, device, flops,
-                _forward(ours, (q, k, v)),
-                _forward(ref, (q, k, v)) if with_ref else None,
-                {p: _forward(f, (q, k, v)) for p, f in peers.items()},
+                forward_call(ours, (q, k, v)),
+                forward_call(ref, (q, k, v)) if with_ref else None,
+                {p: forward_call(f, (q, k, v)) for p, f in peers.items()},
                 (lambda o=ours, r=ref, x=(q, k, v): _output_error(o, r, x)) if with_ref else None,
             ))
             if device == "cpu" and n > CPU_BACKWARD_MAX_N:
@@ -122,9 +105,9 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
             # Backward is 5 matmuls to the forward's 2: 3.5x the forward's FLOPs in all.
             out.append(Case(
                 "attention", name, "fwd+bwd", dtype, device, 3.5 * flops,
-                _forward_backward(ours, leaves, grad),
-                _forward_backward(ref, leaves, grad) if with_ref else None,
-                {p: _forward_backward(f, leaves, grad) for p, f in peers.items()},
+                forward_backward_call(ours, leaves, grad),
+                forward_backward_call(ref, leaves, grad) if with_ref else None,
+                {p: forward_backward_call(f, leaves, grad) for p, f in peers.items()},
                 (lambda o=ours, r=ref, lv=leaves, g=grad: _grad_error(o, r, lv, g)) if with_ref else None,
             ))
     if device == "cuda" and not quick:
@@ -146,8 +129,8 @@ def _decode_cases(dtype, gen) -> list[Case]:
         peers = peer_fns("cuda", False, hk != h)
         out.append(Case(
             "attention", name, "fwd", dtype, "cuda", 4 * b * h * nq * nk * d,
-            _forward(ours, (q, k, v)), _forward(ref, (q, k, v)),
-            {p: _forward(f, (q, k, v)) for p, f in peers.items()},
+            forward_call(ours, (q, k, v)), forward_call(ref, (q, k, v)),
+            {p: forward_call(f, (q, k, v)) for p, f in peers.items()},
             (lambda o=ours, r=ref, x=(q, k, v): _output_error(o, r, x)),
             bytes=2 * k.numel() * k.element_size(),
         ))

@@ -9,7 +9,7 @@ import torch
 import tessel
 from tessel.linear_attention import looped_linear_attention_reference
 
-from ._harness import Case
+from ._harness import Case, forward_backward_call, forward_call
 
 # (batch, d, n, loops): the papers' training-step workloads.
 FULL = [(1024, 5, 20, 10), (4096, 10, 20, 10), (4096, 10, 20, 1), (4096, 10, 40, 20), (8192, 20, 40, 10)]
@@ -27,15 +27,6 @@ def eager(Z, P, Q, loops):
 
 
 _compiled = torch.compile(eager)
-
-
-def _step(fn, leaves, grad):
-    def run():
-        for x in leaves:
-            x.grad = None
-        fn(*leaves).backward(grad)
-
-    return run
 
 
 def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
@@ -61,13 +52,11 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
             with torch.no_grad():
                 return (o(*x) - r(*x)).abs().max().item()
 
-        def forward(fn, x=(Z, P, Q)):
-            return torch.no_grad()(lambda: fn(*x))
-
-        out.append(Case("looped", name, "fwd", dtype, device, flops, forward(ours), forward(ref),
-                        {k: forward(f) for k, f in peers.items()}, err))
+        x = (Z, P, Q)
+        out.append(Case("looped", name, "fwd", dtype, device, flops, forward_call(ours, x), forward_call(ref, x),
+                        {k: forward_call(f, x) for k, f in peers.items()}, err))
         for label, fn in (("fwd+bwd", ours), ("fwd+bwd recompute", ours_rc)):
             out.append(Case("looped", name, label, dtype, device, 3 * flops,
-                            _step(fn, leaves, grad), _step(ref, leaves, grad),
-                            {k: _step(f, leaves, grad) for k, f in peers.items()}))
+                            forward_backward_call(fn, leaves, grad), forward_backward_call(ref, leaves, grad),
+                            {k: forward_backward_call(f, leaves, grad) for k, f in peers.items()}))
     return out

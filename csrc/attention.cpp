@@ -83,7 +83,7 @@ struct RowOperand {
 #pragma omp parallel for collapse(2) num_threads(p.num_threads)
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t h = 0; h < heads; ++h)
-        pack_rows_padded(x + b * st.b + h * st.h, n, D, st.n, padded.data() + (b * heads + h) * n * Dp, n, Dp);
+        pack_rows_padded(x + b * st.b + h * st.h, n, D, st.n, padded.data() + (b * heads + h) * n * Dp, Dp);
     base = padded.data();
     stride_b = heads * n * Dp;
     stride_h = n * Dp;

@@ -166,15 +166,13 @@ void pack_transposed_panels(const T* x, int64_t n, int64_t cols, int64_t ld, T* 
 }
 
 // Copies n rows of `cols` values (row stride ld) into rows of padded_cols
-// values, zero-filling the padding and rows [n, padded_rows).
+// values, zero-filling the padding.
 template <typename T>
-void pack_rows_padded(const T* x, int64_t n, int64_t cols, int64_t ld, T* out, int64_t padded_rows,
-                      int64_t padded_cols) {
+void pack_rows_padded(const T* x, int64_t n, int64_t cols, int64_t ld, T* out, int64_t padded_cols) {
   for (int64_t r = 0; r < n; ++r) {
     std::memcpy(out + r * padded_cols, x + r * ld, cols * sizeof(T));
     std::fill(out + r * padded_cols + cols, out + (r + 1) * padded_cols, T(0));
   }
-  std::fill(out + n * padded_cols, out + padded_rows * padded_cols, T(0));
 }
 
 // x[i] = 2^(x[i] - shift) for x[i] - shift <= 128, returning the sum.

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import triton_interpreting
+from .._dispatch import last_dim_contiguous, triton_interpreting
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -328,10 +328,6 @@ def _clamp_band(band_lo: int, band_hi: int, nq: int, nk: int) -> tuple[int, int]
     return min(max(band_lo, -nq), nk + 1), min(max(band_hi, -nq - 1), nk)
 
 
-def _last_dim_contiguous(*xs):
-    return [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
-
-
 def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -350,7 +346,7 @@ def attention_forward(q, k, v, scale: float, band_lo: int, band_hi: int, num_spl
     num_splits: key splits for the split-K decode path; None picks it (more
     than one only for at most 16 queries against a long KV cache).
     """
-    q, k, v = _last_dim_contiguous(q, k, v)
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     block_d = _block_d(q.dtype, d)
@@ -391,7 +387,7 @@ def attention_forward(q, k, v, scale: float, band_lo: int, band_hi: int, num_spl
 
 def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, band_lo: int, band_hi: int):
     """(dq, dk, dv) in the inputs' dtypes; deterministic (no atomics)."""
-    q, k, v, dout = _last_dim_contiguous(q, k, v, dout)
+    q, k, v, dout = (last_dim_contiguous(x) for x in (q, k, v, dout))
     out, lse = out.contiguous(), lse.contiguous()
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]

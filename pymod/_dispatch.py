@@ -118,6 +118,12 @@ def check_scale(scale) -> None:
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
 
 
+def cpp_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the C++ kernels compute in: float32 and float64 as given,
+    half types in float32."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def numpy_view(x: torch.Tensor):
     """Zero-copy numpy view of a CPU tensor whose last dim is contiguous."""
     return x.detach().numpy()

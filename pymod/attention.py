@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _dispatch
-from ._dispatch import check_same, check_scale, check_tensor, last_dim_contiguous, numpy_view
+from ._dispatch import check_same, check_scale, check_tensor, cpp_dtype, last_dim_contiguous, numpy_view
 
 # A band side this large is unbounded (the kernels accept any value past +-(Nq + Nk)).
 BAND_INF = 1 << 50
@@ -106,13 +106,8 @@ def check_attention_inputs(q, k, v) -> None:
 # ---------------------------------------------------------------- kernels
 
 
-def _cpu_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The C++ kernels run float32 and float64; half types compute in float32."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def _forward_cpp(q, k, v, scale, lo, hi):
-    work = _cpu_dtype(q.dtype)
+    work = cpp_dtype(q.dtype)
     q, k, v = (last_dim_contiguous(x.to(work)) for x in (q, k, v))
     b, h, nq, d = q.shape
     out = torch.empty(b, h, nq, d, dtype=work)
@@ -125,7 +120,7 @@ def _forward_cpp(q, k, v, scale, lo, hi):
 
 
 def _backward_cpp(dout, q, k, v, out, lse, dlse, scale, lo, hi):
-    work = _cpu_dtype(q.dtype)
+    work = cpp_dtype(q.dtype)
     q, k, v, dout = (last_dim_contiguous(x.to(work)) for x in (q, k, v, dout))
     out = out.to(work).contiguous()
     lse = lse.to(work).contiguous()

@@ -27,7 +27,7 @@ import math
 import torch
 
 from . import _dispatch
-from ._dispatch import check_same, check_tensor, numpy_view
+from ._dispatch import check_same, check_tensor, cpp_dtype, numpy_view
 
 MASKS = ("last_col", "none")
 _Z_LAYOUT = "(batch, d+1, n+1)"
@@ -103,17 +103,9 @@ def _checkpoint_every(loops: int, recompute: bool) -> int:
     return max(1, math.isqrt(loops - 1) + 1) if recompute else 1
 
 
-def _cpu_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-@torch.library.custom_op("tessel::looped_lsa_fwd", mutates_args=())
-def _looped_fwd(
-    Z: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, loops: int, key_cols: int, every: int, backend: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend != "cpp":
-        _dispatch.triton_module("linear_attention")
-    work = _cpu_dtype(Z.dtype)
+def _forward_cpp(Z, P, Q, loops, key_cols, every):
+    """(Z after the loops, saved states, how many prompts ended non-finite)."""
+    work = cpp_dtype(Z.dtype)
     z, p, q = (x.to(work).contiguous() for x in (Z, P, Q))
     out = torch.empty_like(z)
     saved = torch.empty((loops + every - 1) // every, *z.shape, dtype=work)
@@ -121,25 +113,10 @@ def _looped_fwd(
         numpy_view(z), numpy_view(p), numpy_view(q), numpy_view(out), numpy_view(saved),
         loops, key_cols, 1.0 / (z.shape[-1] - 1), every, torch.get_num_threads(),
     )
-    if nonfinite:
-        raise FloatingPointError(
-            f"looped_linear_attention diverged: Z of {nonfinite} of {z.shape[0]} prompts left the range of "
-            f"{Z.dtype} within {loops} loops (or the input was not finite); use fewer loops or smaller P, Q"
-        )
-    return out.to(Z.dtype), saved
+    return out, saved, nonfinite
 
 
-@_looped_fwd.register_fake
-def _(Z, P, Q, loops, key_cols, every, backend):
-    saved = Z.new_empty(((loops + every - 1) // every, *Z.shape), dtype=_cpu_dtype(Z.dtype))
-    return torch.empty_like(Z, memory_format=torch.contiguous_format), saved
-
-
-@torch.library.custom_op("tessel::looped_lsa_bwd", mutates_args=())
-def _looped_bwd(
-    saved: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, dout: torch.Tensor,
-    loops: int, key_cols: int, every: int, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_cpp(saved, P, Q, dout, loops, key_cols, every):
     work = saved.dtype
     p, q, g = (x.to(work).contiguous() for x in (P, Q, dout))
     dz = torch.empty(saved.shape[1:], dtype=work)
@@ -148,6 +125,44 @@ def _looped_bwd(
         numpy_view(saved), numpy_view(p), numpy_view(q), numpy_view(g), numpy_view(dz), numpy_view(dp),
         numpy_view(dq), loops, key_cols, 1.0 / (dz.shape[-1] - 1), every, torch.get_num_threads(),
     )
+    return dz, dp, dq
+
+
+@torch.library.custom_op("tessel::looped_lsa_fwd", mutates_args=())
+def _looped_fwd(
+    Z: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, loops: int, key_cols: int, every: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "cpp":
+        out, saved, nonfinite = _forward_cpp(Z, P, Q, loops, key_cols, every)
+    else:
+        out, saved, nonfinite = _dispatch.triton_module("linear_attention").looped_forward(
+            Z, P, Q, loops, key_cols, every
+        )
+    if nonfinite:
+        raise FloatingPointError(
+            f"looped_linear_attention diverged: Z of {nonfinite} of {Z.shape[0]} prompts left the range of "
+            f"{Z.dtype} within {loops} loops (or the input was not finite); use fewer loops or smaller P, Q"
+        )
+    return out.to(Z.dtype), saved
+
+
+@_looped_fwd.register_fake
+def _(Z, P, Q, loops, key_cols, every, backend):
+    saved = Z.new_empty(((loops + every - 1) // every, *Z.shape), dtype=cpp_dtype(Z.dtype))
+    return torch.empty_like(Z, memory_format=torch.contiguous_format), saved
+
+
+@torch.library.custom_op("tessel::looped_lsa_bwd", mutates_args=())
+def _looped_bwd(
+    saved: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, dout: torch.Tensor,
+    loops: int, key_cols: int, every: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "cpp":
+        dz, dp, dq = _backward_cpp(saved, P, Q, dout, loops, key_cols, every)
+    else:
+        dz, dp, dq = _dispatch.triton_module("linear_attention").looped_backward(
+            saved, P, Q, dout, loops, key_cols, every
+        )
     return dz.to(dout.dtype), dp.to(P.dtype), dq.to(Q.dtype)
 
 
