@@ -3,16 +3,13 @@
 
 #include <cstdint>
 
+#include "common.h"
+
 namespace tessel {
 
 // Query i may attend to key j iff i + band_lo <= j <= i + band_hi (rows are
 // queries, columns keys). Causal, sliding windows and torch's top-left causal
 // all reduce to this band; an unbounded side is any value beyond +-(Nq + Nk).
-
-// Element strides of a (B, H, N, D) operand whose last dimension is contiguous.
-struct Strides4 {
-  int64_t b, h, n;
-};
 
 struct AttentionProblem {
   int64_t batch, heads, kv_heads, len_q, len_k, head_dim;

@@ -103,6 +103,64 @@ void looped_backward(const py::array& saved, const py::array& wp, const py::arra
                                        cdata<float>(dout), data<float>(dz), data<float>(dp), data<float>(dq));
 }
 
+tessel::LinearProblem linear_problem(const py::array& q, const py::array& k, const py::array& v, double scale,
+                                     bool causal, int num_threads) {
+  return tessel::LinearProblem{q.shape(0), q.shape(1), k.shape(1),  q.shape(2),  k.shape(2),  q.shape(3),
+                               v.shape(3), scale,      causal,      strides4(q), strides4(k), strides4(v),
+                               num_threads};
+}
+
+template <typename T>
+const T* optional_data(const py::object& x) {
+  return x.is_none() ? nullptr : static_cast<const T*>(x.cast<py::array>().data());
+}
+
+template <typename T>
+T* optional_mutable(const py::object& x) {
+  return x.is_none() ? nullptr : static_cast<T*>(x.cast<py::array>().mutable_data());
+}
+
+template <typename T>
+void linear_forward_typed(const tessel::LinearProblem& p, const py::array& q, const py::array& k,
+                          const py::array& v, const py::object& state0, py::array out, py::array state_out) {
+  const T* s0 = optional_data<T>(state0);
+  py::gil_scoped_release release;
+  tessel::linear_forward_cpu<T>(p, cdata<T>(q), cdata<T>(k), cdata<T>(v), s0, data<T>(out), data<T>(state_out));
+}
+
+void linear_forward(const py::array& q, const py::array& k, const py::array& v, const py::object& state0,
+                    py::array out, py::array state_out, double scale, bool causal, int num_threads) {
+  const auto p = linear_problem(q, k, v, scale, causal, num_threads);
+  if (q.dtype().is(py::dtype::of<double>()))
+    linear_forward_typed<double>(p, q, k, v, state0, out, state_out);
+  else
+    linear_forward_typed<float>(p, q, k, v, state0, out, state_out);
+}
+
+template <typename T>
+void linear_backward_typed(const tessel::LinearProblem& p, const py::array& q, const py::array& k,
+                           const py::array& v, const py::object& state0, const py::array& dout,
+                           const py::object& dstate, py::array dq, py::array dk, py::array dv,
+                           const py::object& dstate0) {
+  const T* s0 = optional_data<T>(state0);
+  const T* ds = optional_data<T>(dstate);
+  T* ds0 = optional_mutable<T>(dstate0);
+  const Strides4 dos = strides4(dout);
+  py::gil_scoped_release release;
+  tessel::linear_backward_cpu<T>(p, cdata<T>(q), cdata<T>(k), cdata<T>(v), s0, cdata<T>(dout), dos, ds,
+                                 data<T>(dq), data<T>(dk), data<T>(dv), ds0);
+}
+
+void linear_backward(const py::array& q, const py::array& k, const py::array& v, const py::object& state0,
+                     const py::array& dout, const py::object& dstate, py::array dq, py::array dk, py::array dv,
+                     const py::object& dstate0, double scale, bool causal, int num_threads) {
+  const auto p = linear_problem(q, k, v, scale, causal, num_threads);
+  if (q.dtype().is(py::dtype::of<double>()))
+    linear_backward_typed<double>(p, q, k, v, state0, dout, dstate, dq, dk, dv, dstate0);
+  else
+    linear_backward_typed<float>(p, q, k, v, state0, dout, dstate, dq, dk, dv, dstate0);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -119,4 +177,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("looped_backward", &looped_backward, py::arg("saved"), py::arg("p"), py::arg("q"), py::arg("dout"),
         py::arg("dz"), py::arg("dp"), py::arg("dq"), py::arg("loops"), py::arg("key_cols"), py::arg("inv_n"),
         py::arg("every"), py::arg("num_threads"));
+  m.def("linear_forward", &linear_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("state0"),
+        py::arg("out"), py::arg("state_out"), py::arg("scale"), py::arg("causal"), py::arg("num_threads"));
+  m.def("linear_backward", &linear_backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("state0"),
+        py::arg("dout"), py::arg("dstate"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dstate0"),
+        py::arg("scale"), py::arg("causal"), py::arg("num_threads"));
 }

@@ -56,6 +56,11 @@ struct Simd {
   }
 };
 
+// Element strides of a (B, H, N, D) operand whose last dimension is contiguous.
+struct Strides4 {
+  int64_t b, h, n;
+};
+
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 

@@ -3,11 +3,12 @@ gradient compression, behind a thin PyTorch API."""
 from . import nn
 from ._dispatch import get_backend, set_backend
 from .attention import attention, patch_sdpa, scaled_dot_product_attention
-from .linear_attention import looped_linear_attention
+from .linear_attention import linear_attention, looped_linear_attention
 
 __all__ = [
     "attention",
     "get_backend",
+    "linear_attention",
     "looped_linear_attention",
     "nn",
     "patch_sdpa",

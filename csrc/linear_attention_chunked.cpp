@@ -1,0 +1,293 @@
+// Chunked linear attention (causal and non-causal), forward and backward.
+//
+// One task per (batch, kv head), OpenMP over tasks; the q heads of a GQA
+// group run inside their kv head's task, so the running state S (D x Dv) is
+// built once and stays in cache. A chunk of kChunk tokens costs one masked
+// kChunk x kChunk product (intra-chunk) plus products with the state
+// (inter-chunk): O(N (kChunk + D) Dv) in all, never the N x N matrix. Every
+// product goes through the register-blocked GEMM micro-kernel of common.h,
+// on operands packed once per chunk: "T" packs hold a chunk transposed
+// ([cols][kChunk], the rows past the chunk zero) and serve as the A operand
+// (ATrans) or as B panels; "R" packs hold it row-major padded to whole panels.
+//
+// Backward: dq in a forward pass over chunks (carrying S^T), dk and dv in a
+// reverse pass (carrying dS, the gradient of the state after the chunk).
+#include "common.h"
+#include "linear_attention.h"
+
+namespace tessel {
+namespace {
+
+constexpr int64_t kChunk = 64;
+
+template <typename T>
+struct Operand {
+  const T* base;
+  Strides4 st;
+  const T* rows(int64_t b, int64_t h, int64_t r0) const { return base + b * st.b + h * st.h + r0 * st.n; }
+};
+
+// dst[r * ld_dst + c] = factor * src[r * ld_src + c] for r < rows, c < cols.
+template <typename T>
+void copy_rows(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T factor, T* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[r * ld_dst + c] = factor * src[r * ld_src + c];
+}
+
+// dst (cols x ld_dst) = src^T for src (rows x ld_src), the padding of dst zero.
+template <typename T>
+void transpose_padded(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst, int64_t ld_dst) {
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t r = 0; r < rows; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
+    std::fill(dst + c * ld_dst + rows, dst + (c + 1) * ld_dst, T(0));
+  }
+}
+
+// Zeroes s[i][j] for j > i (keep_lower) or j < i (keep upper), j < len, and
+// multiplies what is kept by factor.
+template <typename T>
+void mask_chunk(T* s, int64_t len, bool keep_lower, T factor) {
+  for (int64_t i = 0; i < len; ++i) {
+    T* row = s + i * kChunk;
+    for (int64_t j = 0; j < len; ++j) row[j] = (keep_lower ? j <= i : j >= i) ? row[j] * factor : T(0);
+  }
+}
+
+// The per-thread working set of a task.
+template <typename T>
+struct Work {
+  static constexpr int64_t NR = Simd<T>::panel;
+  int64_t dp, dvp;  // D and Dv padded to whole panels
+  Buffer<T> qT, kT, vT, oT, qR, kR, vR, oR, s1, s2, acc1, acc2, state, stateT;
+  Work(int64_t d, int64_t dv)
+      : dp(round_up(d, NR)),
+        dvp(round_up(dv, NR)),
+        qT(d * kChunk), kT(d * kChunk), vT(dv * kChunk), oT(dv * kChunk),
+        qR(kChunk * dp), kR(kChunk * dp), vR(kChunk * dvp), oR(kChunk * dvp),
+        s1(kChunk * kChunk), s2(kChunk * kChunk),
+        acc1(kChunk * std::max(dp, dvp)), acc2(kChunk * std::max(dp, dvp)),
+        state(std::max(d * dvp, dv * dp)), stateT(std::max(d * dvp, dv * dp)) {}
+};
+
+// C (m x w) (+)= A B with A transposed-packed ([k][kChunk]) or row-major
+// (m x kChunk), B row-major with row stride w (a multiple of the panel).
+template <typename T>
+void mm_at(int64_t m, int64_t w, int64_t k, const T* a, const T* b, T* c, bool acc) {
+  gemm_panels<T, true, kChunk>(m, w / Simd<T>::panel, k, a, b, w, Simd<T>::panel, c, w, acc);
+}
+template <typename T>
+void mm_a(int64_t m, int64_t w, int64_t k, const T* a, const T* b, T* c, bool acc) {
+  gemm_panels<T, false, kChunk>(m, w / Simd<T>::panel, k, a, b, w, Simd<T>::panel, c, w, acc);
+}
+// S (m x kChunk) = A B^T with A and B transposed-packed ([k][kChunk]).
+template <typename T>
+void mm_abt(int64_t m, int64_t k, const T* a, const T* b, T* s) {
+  gemm_panels<T, true, kChunk>(m, kChunk / Simd<T>::panel, k, a, b, kChunk, Simd<T>::panel, s, kChunk, false);
+}
+
+template <typename T>
+void load_state(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+  if (src)
+    pack_rows_padded(src, rows, cols, cols, dst, ld);
+  else
+    std::fill(dst, dst + rows * ld, T(0));
+}
+
+template <typename T>
+void forward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T> v, const T* state0, T* out,
+                  T* state_out, int64_t b, int64_t hk, Work<T>& w) {
+  const int64_t D = p.dim, Dv = p.dim_v, group = p.heads / p.kv_heads;
+  const T scale = static_cast<T>(p.scale);
+  const int64_t state_off = (b * p.kv_heads + hk) * D * Dv;
+  T* S = w.state.data();
+  load_state(state0 ? state0 + state_off : nullptr, D, Dv, S, w.dvp);
+  auto emit = [&](int64_t h, int64_t r0, int64_t len) {  // out rows = acc1 rows
+    copy_rows(w.acc1.data(), w.dvp, len, Dv, T(1), out + ((b * p.heads + h) * p.len_q + r0) * Dv, Dv);
+  };
+  auto add_chunk_to_state = [&](int64_t len) { mm_a(D, w.dvp, len, w.kT.data(), w.vR.data(), S, true); };
+  auto pack_kv = [&](int64_t r0, int64_t len) {
+    pack_transposed_scaled(k.rows(b, hk, r0), len, D, k.st.n, T(1), w.kT.data(), kChunk);
+    pack_rows_padded(v.rows(b, hk, r0), len, Dv, v.st.n, w.vR.data(), w.dvp);
+  };
+  if (!p.causal) {
+    for (int64_t r0 = 0; r0 < p.len_k; r0 += kChunk) {
+      const int64_t len = std::min(kChunk, p.len_k - r0);
+      pack_kv(r0, len);
+      add_chunk_to_state(len);
+    }
+  }
+  const int64_t n_rows = p.len_q;
+  for (int64_t r0 = 0; r0 < n_rows; r0 += kChunk) {
+    const int64_t len = std::min(kChunk, n_rows - r0);
+    if (p.causal) pack_kv(r0, len);
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = hk * group + g;
+      pack_transposed_scaled(q.rows(b, h, r0), len, D, q.st.n, scale, w.qT.data(), kChunk);
+      mm_at(len, w.dvp, D, w.qT.data(), S, w.acc1.data(), false);  // inter-chunk: q S
+      if (p.causal) {
+        mm_abt(len, D, w.qT.data(), w.kT.data(), w.s1.data());
+        mask_chunk(w.s1.data(), len, true, T(1));
+        mm_a(len, w.dvp, len, w.s1.data(), w.vR.data(), w.acc1.data(), true);
+      }
+      emit(h, r0, len);
+    }
+    if (p.causal) add_chunk_to_state(len);
+  }
+  if (state_out) copy_rows(S, w.dvp, D, Dv, T(1), state_out + state_off, Dv);
+}
+
+template <typename T>
+void backward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T> v, const T* state0,
+                   Operand<T> dout, const T* dstate, T* dq, T* dk, T* dv, T* dstate0, int64_t b, int64_t hk,
+                   Work<T>& w) {
+  const int64_t D = p.dim, Dv = p.dim_v, group = p.heads / p.kv_heads;
+  const T scale = static_cast<T>(p.scale);
+  const int64_t state_off = (b * p.kv_heads + hk) * D * Dv;
+  const int64_t dp = w.dp, dvp = w.dvp;
+  auto pack_k = [&](int64_t r0, int64_t len) {
+    pack_transposed_scaled(k.rows(b, hk, r0), len, D, k.st.n, T(1), w.kT.data(), kChunk);
+    pack_rows_padded(k.rows(b, hk, r0), len, D, k.st.n, w.kR.data(), dp);
+  };
+  auto pack_v = [&](int64_t r0, int64_t len) {
+    pack_transposed_scaled(v.rows(b, hk, r0), len, Dv, v.st.n, T(1), w.vT.data(), kChunk);
+    pack_rows_padded(v.rows(b, hk, r0), len, Dv, v.st.n, w.vR.data(), dvp);
+  };
+  auto pack_q = [&](int64_t h, int64_t r0, int64_t len) {
+    pack_transposed_scaled(q.rows(b, h, r0), len, D, q.st.n, scale, w.qT.data(), kChunk);
+    pack_rows_padded(q.rows(b, h, r0), len, D, q.st.n, w.qR.data(), dp);
+  };
+  auto pack_do = [&](int64_t h, int64_t r0, int64_t len) {
+    pack_transposed_scaled(dout.rows(b, h, r0), len, Dv, dout.st.n, T(1), w.oT.data(), kChunk);
+    pack_rows_padded(dout.rows(b, h, r0), len, Dv, dout.st.n, w.oR.data(), dvp);
+  };
+
+  // dq = scale * (dO S_{before}^T + tril(dO v^T) k), carrying S^T (Dv x Dp).
+  T* ST = w.stateT.data();
+  if (state0)
+    transpose_padded(state0 + state_off, D, Dv, Dv, ST, dp);
+  else
+    std::fill(ST, ST + Dv * dp, T(0));
+  auto add_kv_to_state_t = [&](int64_t len) { mm_a(Dv, dp, len, w.vT.data(), w.kR.data(), ST, true); };
+  if (!p.causal) {
+    for (int64_t r0 = 0; r0 < p.len_k; r0 += kChunk) {
+      const int64_t len = std::min(kChunk, p.len_k - r0);
+      pack_k(r0, len);
+      pack_v(r0, len);
+      add_kv_to_state_t(len);
+    }
+  }
+  for (int64_t r0 = 0; r0 < p.len_q; r0 += kChunk) {
+    const int64_t len = std::min(kChunk, p.len_q - r0);
+    if (p.causal) {
+      pack_k(r0, len);
+      pack_v(r0, len);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = hk * group + g;
+      pack_do(h, r0, len);
+      mm_at(len, dp, Dv, w.oT.data(), ST, w.acc1.data(), false);
+      if (p.causal) {
+        mm_abt(len, Dv, w.oT.data(), w.vT.data(), w.s1.data());
+        mask_chunk(w.s1.data(), len, true, T(1));
+        mm_a(len, dp, len, w.s1.data(), w.kR.data(), w.acc1.data(), true);
+      }
+      copy_rows(w.acc1.data(), dp, len, D, scale, dq + ((b * p.heads + h) * p.len_q + r0) * D, D);
+    }
+    if (p.causal) add_kv_to_state_t(len);
+  }
+
+  // dS: the gradient of the state after a chunk; starts at dstate.
+  T* dS = w.state.data();
+  T* dST = ST;
+  load_state(dstate ? dstate + state_off : nullptr, D, Dv, dS, dvp);
+  auto add_q_do_to_ds = [&](int64_t h, int64_t r0, int64_t len) {
+    pack_q(h, r0, len);
+    pack_do(h, r0, len);
+    mm_a(D, dvp, len, w.qT.data(), w.oR.data(), dS, true);
+  };
+  auto emit_dk_dv = [&](int64_t r0, int64_t len) {
+    copy_rows(w.acc1.data(), dp, len, D, T(1), dk + ((b * p.kv_heads + hk) * p.len_k + r0) * D, D);
+    copy_rows(w.acc2.data(), dvp, len, Dv, T(1), dv + ((b * p.kv_heads + hk) * p.len_k + r0) * Dv, Dv);
+  };
+  auto inter_dk_dv = [&](int64_t len) {  // dk = v dS^T, dv = k dS
+    transpose_padded(dS, D, Dv, dvp, dST, dp);
+    mm_at(len, dp, Dv, w.vT.data(), dST, w.acc1.data(), false);
+    mm_at(len, dvp, D, w.kT.data(), dS, w.acc2.data(), false);
+  };
+  const int64_t n_chunks = ceil_div(p.len_k, kChunk);
+  if (!p.causal) {
+    for (int64_t r0 = 0; r0 < p.len_q; r0 += kChunk)
+      for (int64_t g = 0; g < group; ++g) add_q_do_to_ds(hk * group + g, r0, std::min(kChunk, p.len_q - r0));
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      const int64_t r0 = c * kChunk, len = std::min(kChunk, p.len_k - r0);
+      pack_k(r0, len);
+      pack_v(r0, len);
+      inter_dk_dv(len);
+      emit_dk_dv(r0, len);
+    }
+  } else {
+    for (int64_t c = n_chunks - 1; c >= 0; --c) {
+      const int64_t r0 = c * kChunk, len = std::min(kChunk, p.len_k - r0);
+      pack_k(r0, len);
+      pack_v(r0, len);
+      inter_dk_dv(len);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g;
+        // dv += triu(k qs^T) dO; dk += scale * triu(v dO^T) q
+        pack_q(h, r0, len);
+        pack_do(h, r0, len);
+        mm_abt(len, D, w.kT.data(), w.qT.data(), w.s1.data());
+        mask_chunk(w.s1.data(), len, false, T(1));
+        mm_a(len, dvp, len, w.s1.data(), w.oR.data(), w.acc2.data(), true);
+        mm_abt(len, Dv, w.vT.data(), w.oT.data(), w.s2.data());
+        mask_chunk(w.s2.data(), len, false, scale);
+        mm_a(len, dp, len, w.s2.data(), w.qR.data(), w.acc1.data(), true);
+        mm_a(D, dvp, len, w.qT.data(), w.oR.data(), dS, true);
+      }
+      emit_dk_dv(r0, len);
+    }
+  }
+  if (dstate0) copy_rows(dS, dvp, D, Dv, T(1), dstate0 + state_off, Dv);
+}
+
+}  // namespace
+
+template <typename T>
+void linear_forward_cpu(const LinearProblem& p, const T* q, const T* k, const T* v, const T* state0, T* out,
+                        T* state_out) {
+#pragma omp parallel num_threads(p.num_threads)
+  {
+    Work<T> w(p.dim, p.dim_v);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t hk = 0; hk < p.kv_heads; ++hk)
+        forward_task<T>(p, {q, p.q}, {k, p.k}, {v, p.v}, state0, out, state_out, b, hk, w);
+  }
+}
+
+template <typename T>
+void linear_backward_cpu(const LinearProblem& p, const T* q, const T* k, const T* v, const T* state0,
+                         const T* dout, Strides4 dout_strides, const T* dstate, T* dq, T* dk, T* dv, T* dstate0) {
+#pragma omp parallel num_threads(p.num_threads)
+  {
+    Work<T> w(p.dim, p.dim_v);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t hk = 0; hk < p.kv_heads; ++hk)
+        backward_task<T>(p, {q, p.q}, {k, p.k}, {v, p.v}, state0, {dout, dout_strides}, dstate, dq, dk, dv,
+                         dstate0, b, hk, w);
+  }
+}
+
+template void linear_forward_cpu<float>(const LinearProblem&, const float*, const float*, const float*, const float*,
+                                        float*, float*);
+template void linear_forward_cpu<double>(const LinearProblem&, const double*, const double*, const double*,
+                                         const double*, double*, double*);
+template void linear_backward_cpu<float>(const LinearProblem&, const float*, const float*, const float*,
+                                         const float*, const float*, Strides4, const float*, float*, float*, float*,
+                                         float*);
+template void linear_backward_cpu<double>(const LinearProblem&, const double*, const double*, const double*,
+                                          const double*, const double*, Strides4, const double*, double*, double*,
+                                          double*, double*);
+
+}  // namespace tessel
