@@ -1,4 +1,4 @@
-"""python -m bench attention|looped|all [--device cpu|cuda|auto] [--quick] [--json PATH] [--plot PATH]
+"""python -m bench attention|linear|looped|all [--device cpu|cuda|auto] [--quick] [--json PATH] [--plot PATH]
 
 Runs each suite's cases side by side (tessel, reference, peers), prints a
 table, and writes JSON (device, versions, date, rows) and a plot. In --json,
@@ -13,7 +13,7 @@ import torch
 
 from . import _harness
 
-SUITES = ("attention", "looped")
+SUITES = ("attention", "linear", "looped")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -139,26 +139,28 @@ void linear_forward(const py::array& q, const py::array& k, const py::array& v, 
 
 template <typename T>
 void linear_backward_typed(const tessel::LinearProblem& p, const py::array& q, const py::array& k,
-                           const py::array& v, const py::object& state0, const py::array& dout,
-                           const py::object& dstate, py::array dq, py::array dk, py::array dv,
+                           const py::array& v, const py::object& state0, const py::array& state_final,
+                           const py::array& dout, const py::object& dstate, py::array dq, py::array dk, py::array dv,
                            const py::object& dstate0) {
   const T* s0 = optional_data<T>(state0);
   const T* ds = optional_data<T>(dstate);
   T* ds0 = optional_mutable<T>(dstate0);
   const Strides4 dos = strides4(dout);
   py::gil_scoped_release release;
-  tessel::linear_backward_cpu<T>(p, cdata<T>(q), cdata<T>(k), cdata<T>(v), s0, cdata<T>(dout), dos, ds,
+  tessel::linear_backward_cpu<T>(p, cdata<T>(q), cdata<T>(k), cdata<T>(v), s0, cdata<T>(state_final),
+                                 cdata<T>(dout), dos, ds,
                                  data<T>(dq), data<T>(dk), data<T>(dv), ds0);
 }
 
 void linear_backward(const py::array& q, const py::array& k, const py::array& v, const py::object& state0,
-                     const py::array& dout, const py::object& dstate, py::array dq, py::array dk, py::array dv,
+                     const py::array& state_final, const py::array& dout, const py::object& dstate, py::array dq,
+                     py::array dk, py::array dv,
                      const py::object& dstate0, double scale, bool causal, int num_threads) {
   const auto p = linear_problem(q, k, v, scale, causal, num_threads);
   if (q.dtype().is(py::dtype::of<double>()))
-    linear_backward_typed<double>(p, q, k, v, state0, dout, dstate, dq, dk, dv, dstate0);
+    linear_backward_typed<double>(p, q, k, v, state0, state_final, dout, dstate, dq, dk, dv, dstate0);
   else
-    linear_backward_typed<float>(p, q, k, v, state0, dout, dstate, dq, dk, dv, dstate0);
+    linear_backward_typed<float>(p, q, k, v, state0, state_final, dout, dstate, dq, dk, dv, dstate0);
 }
 
 }  // namespace
@@ -180,6 +182,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("linear_forward", &linear_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("state0"),
         py::arg("out"), py::arg("state_out"), py::arg("scale"), py::arg("causal"), py::arg("num_threads"));
   m.def("linear_backward", &linear_backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("state0"),
-        py::arg("dout"), py::arg("dstate"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dstate0"),
+        py::arg("state_final"), py::arg("dout"), py::arg("dstate"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+        py::arg("dstate0"),
         py::arg("scale"), py::arg("causal"), py::arg("num_threads"));
 }

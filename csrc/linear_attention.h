@@ -28,12 +28,14 @@ template <typename T>
 void linear_forward_cpu(const LinearProblem& p, const T* q, const T* k, const T* v, const T* state0, T* out,
                         T* state_out);
 
-// dout: (B, H, Nq, Dv) with strides dout_strides; dstate (nullable): gradient
-// of the final state. dq, dk, dv: contiguous, fully overwritten; dstate0
-// (nullable): gradient of state0.
+// state_final: the forward's final state (read when non-causal only). dout:
+// (B, H, Nq, Dv) with strides dout_strides; dstate (nullable): gradient of the
+// final state. dq, dk, dv: contiguous, fully overwritten; dstate0 (nullable):
+// gradient of state0.
 template <typename T>
 void linear_backward_cpu(const LinearProblem& p, const T* q, const T* k, const T* v, const T* state0,
-                         const T* dout, Strides4 dout_strides, const T* dstate, T* dq, T* dk, T* dv, T* dstate0);
+                         const T* state_final, const T* dout, Strides4 dout_strides, const T* dstate, T* dq, T* dk,
+                         T* dv, T* dstate0);
 
 // Z: (batch, dim, cols) prompt matrices, dim = d + 1, cols = n + 1.
 // P, Q: (weight_loops, heads, dim, dim); weight_loops is 1 (shared by every

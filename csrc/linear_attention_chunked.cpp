@@ -138,8 +138,8 @@ void forward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T>
 
 template <typename T>
 void backward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T> v, const T* state0,
-                   Operand<T> dout, const T* dstate, T* dq, T* dk, T* dv, T* dstate0, int64_t b, int64_t hk,
-                   Work<T>& w) {
+                   const T* state_final, Operand<T> dout, const T* dstate, T* dq, T* dk, T* dv, T* dstate0,
+                   int64_t b, int64_t hk, Work<T>& w) {
   const int64_t D = p.dim, Dv = p.dim_v, group = p.heads / p.kv_heads;
   const T scale = static_cast<T>(p.scale);
   const int64_t state_off = (b * p.kv_heads + hk) * D * Dv;
@@ -161,79 +161,78 @@ void backward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T
     pack_rows_padded(dout.rows(b, h, r0), len, Dv, dout.st.n, w.oR.data(), dvp);
   };
 
-  // dq = scale * (dO S_{before}^T + tril(dO v^T) k), carrying S^T (Dv x Dp).
-  T* ST = w.stateT.data();
-  if (state0)
-    transpose_padded(state0 + state_off, D, Dv, Dv, ST, dp);
-  else
-    std::fill(ST, ST + Dv * dp, T(0));
+  T* ST = w.stateT.data();  // S^T (Dv x Dp), the state dq reads
+  T* dS = w.state.data();    // dS (D x Dvp), the gradient of the state after a chunk
+  auto load_state_t = [&](const T* src) {
+    if (src)
+      transpose_padded(src + state_off, D, Dv, Dv, ST, dp);
+    else
+      std::fill(ST, ST + Dv * dp, T(0));
+  };
   auto add_kv_to_state_t = [&](int64_t len) { mm_a(Dv, dp, len, w.vT.data(), w.kR.data(), ST, true); };
-  if (!p.causal) {
-    for (int64_t r0 = 0; r0 < p.len_k; r0 += kChunk) {
-      const int64_t len = std::min(kChunk, p.len_k - r0);
-      pack_k(r0, len);
-      pack_v(r0, len);
-      add_kv_to_state_t(len);
-    }
-  }
-  for (int64_t r0 = 0; r0 < p.len_q; r0 += kChunk) {
-    const int64_t len = std::min(kChunk, p.len_q - r0);
-    if (p.causal) {
-      pack_k(r0, len);
-      pack_v(r0, len);
-    }
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t h = hk * group + g;
-      pack_do(h, r0, len);
-      mm_at(len, dp, Dv, w.oT.data(), ST, w.acc1.data(), false);
-      if (p.causal) {
-        mm_abt(len, Dv, w.oT.data(), w.vT.data(), w.s1.data());
-        mask_chunk(w.s1.data(), len, true, T(1));
-        mm_a(len, dp, len, w.s1.data(), w.kR.data(), w.acc1.data(), true);
-      }
-      copy_rows(w.acc1.data(), dp, len, D, scale, dq + ((b * p.heads + h) * p.len_q + r0) * D, D);
-    }
-    if (p.causal) add_kv_to_state_t(len);
-  }
-
-  // dS: the gradient of the state after a chunk; starts at dstate.
-  T* dS = w.state.data();
-  T* dST = ST;
-  load_state(dstate ? dstate + state_off : nullptr, D, Dv, dS, dvp);
-  auto add_q_do_to_ds = [&](int64_t h, int64_t r0, int64_t len) {
-    pack_q(h, r0, len);
-    pack_do(h, r0, len);
-    mm_a(D, dvp, len, w.qT.data(), w.oR.data(), dS, true);
+  auto emit_dq = [&](int64_t h, int64_t r0, int64_t len) {
+    copy_rows(w.acc1.data(), dp, len, D, scale, dq + ((b * p.heads + h) * p.len_q + r0) * D, D);
+  };
+  auto add_q_do_to_ds = [&](int64_t len) { mm_a(D, dvp, len, w.qT.data(), w.oR.data(), dS, true); };
+  auto inter_dk_dv = [&](int64_t len) {  // dk = v dS^T, dv = k dS
+    transpose_padded(dS, D, Dv, dvp, ST, dp);
+    mm_at(len, dp, Dv, w.vT.data(), ST, w.acc1.data(), false);
+    mm_at(len, dvp, D, w.kT.data(), dS, w.acc2.data(), false);
   };
   auto emit_dk_dv = [&](int64_t r0, int64_t len) {
     copy_rows(w.acc1.data(), dp, len, D, T(1), dk + ((b * p.kv_heads + hk) * p.len_k + r0) * D, D);
     copy_rows(w.acc2.data(), dvp, len, Dv, T(1), dv + ((b * p.kv_heads + hk) * p.len_k + r0) * Dv, Dv);
   };
-  auto inter_dk_dv = [&](int64_t len) {  // dk = v dS^T, dv = k dS
-    transpose_padded(dS, D, Dv, dvp, dST, dp);
-    mm_at(len, dp, Dv, w.vT.data(), dST, w.acc1.data(), false);
-    mm_at(len, dvp, D, w.kT.data(), dS, w.acc2.data(), false);
-  };
-  const int64_t n_chunks = ceil_div(p.len_k, kChunk);
+  load_state(dstate ? dstate + state_off : nullptr, D, Dv, dS, dvp);
+
   if (!p.causal) {
-    for (int64_t r0 = 0; r0 < p.len_q; r0 += kChunk)
-      for (int64_t g = 0; g < group; ++g) add_q_do_to_ds(hk * group + g, r0, std::min(kChunk, p.len_q - r0));
-    for (int64_t c = 0; c < n_chunks; ++c) {
-      const int64_t r0 = c * kChunk, len = std::min(kChunk, p.len_k - r0);
+    // S is the forward's final state; dq = scale dO S^T, dS += qs^T dO, then
+    // dk = v dS^T, dv = k dS.
+    load_state_t(state_final);
+    for (int64_t r0 = 0; r0 < p.len_q; r0 += kChunk) {
+      const int64_t len = std::min(kChunk, p.len_q - r0);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g;
+        pack_q(h, r0, len);
+        pack_do(h, r0, len);
+        mm_at(len, dp, Dv, w.oT.data(), ST, w.acc1.data(), false);
+        emit_dq(h, r0, len);
+        add_q_do_to_ds(len);
+      }
+    }
+    for (int64_t r0 = 0; r0 < p.len_k; r0 += kChunk) {
+      const int64_t len = std::min(kChunk, p.len_k - r0);
       pack_k(r0, len);
       pack_v(r0, len);
       inter_dk_dv(len);
       emit_dk_dv(r0, len);
     }
   } else {
-    for (int64_t c = n_chunks - 1; c >= 0; --c) {
+    // Forward over chunks: dq = scale (dO S_before^T + tril(dO v^T) k).
+    load_state_t(state0);
+    for (int64_t r0 = 0; r0 < p.len_q; r0 += kChunk) {
+      const int64_t len = std::min(kChunk, p.len_q - r0);
+      pack_k(r0, len);
+      pack_v(r0, len);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g;
+        pack_do(h, r0, len);
+        mm_at(len, dp, Dv, w.oT.data(), ST, w.acc1.data(), false);
+        mm_abt(len, Dv, w.oT.data(), w.vT.data(), w.s1.data());
+        mask_chunk(w.s1.data(), len, true, T(1));
+        mm_a(len, dp, len, w.s1.data(), w.kR.data(), w.acc1.data(), true);
+        emit_dq(h, r0, len);
+      }
+      add_kv_to_state_t(len);
+    }
+    // Reverse: dv = triu(k qs^T) dO + k dS, dk = scale triu(v dO^T) q + v dS^T.
+    for (int64_t c = ceil_div(p.len_k, kChunk) - 1; c >= 0; --c) {
       const int64_t r0 = c * kChunk, len = std::min(kChunk, p.len_k - r0);
       pack_k(r0, len);
       pack_v(r0, len);
       inter_dk_dv(len);
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g;
-        // dv += triu(k qs^T) dO; dk += scale * triu(v dO^T) q
         pack_q(h, r0, len);
         pack_do(h, r0, len);
         mm_abt(len, D, w.kT.data(), w.qT.data(), w.s1.data());
@@ -242,7 +241,7 @@ void backward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T
         mm_abt(len, Dv, w.vT.data(), w.oT.data(), w.s2.data());
         mask_chunk(w.s2.data(), len, false, scale);
         mm_a(len, dp, len, w.s2.data(), w.qR.data(), w.acc1.data(), true);
-        mm_a(D, dvp, len, w.qT.data(), w.oR.data(), dS, true);
+        add_q_do_to_ds(len);
       }
       emit_dk_dv(r0, len);
     }
@@ -267,14 +266,15 @@ void linear_forward_cpu(const LinearProblem& p, const T* q, const T* k, const T*
 
 template <typename T>
 void linear_backward_cpu(const LinearProblem& p, const T* q, const T* k, const T* v, const T* state0,
-                         const T* dout, Strides4 dout_strides, const T* dstate, T* dq, T* dk, T* dv, T* dstate0) {
+                         const T* state_final, const T* dout, Strides4 dout_strides, const T* dstate, T* dq, T* dk,
+                         T* dv, T* dstate0) {
 #pragma omp parallel num_threads(p.num_threads)
   {
     Work<T> w(p.dim, p.dim_v);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t hk = 0; hk < p.kv_heads; ++hk)
-        backward_task<T>(p, {q, p.q}, {k, p.k}, {v, p.v}, state0, {dout, dout_strides}, dstate, dq, dk, dv,
+        backward_task<T>(p, {q, p.q}, {k, p.k}, {v, p.v}, state0, state_final, {dout, dout_strides}, dstate, dq, dk, dv,
                          dstate0, b, hk, w);
   }
 }
@@ -284,10 +284,10 @@ template void linear_forward_cpu<float>(const LinearProblem&, const float*, cons
 template void linear_forward_cpu<double>(const LinearProblem&, const double*, const double*, const double*,
                                          const double*, double*, double*);
 template void linear_backward_cpu<float>(const LinearProblem&, const float*, const float*, const float*,
-                                         const float*, const float*, Strides4, const float*, float*, float*, float*,
-                                         float*);
+                                         const float*, const float*, const float*, Strides4, const float*, float*,
+                                         float*, float*, float*);
 template void linear_backward_cpu<double>(const LinearProblem&, const double*, const double*, const double*,
-                                          const double*, const double*, Strides4, const double*, double*, double*,
-                                          double*, double*);
+                                          const double*, const double*, const double*, Strides4, const double*,
+                                          double*, double*, double*, double*);
 
 }  // namespace tessel

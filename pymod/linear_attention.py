@@ -216,15 +216,16 @@ def _linear_forward_cpp(q, k, v, state0, scale, causal):
     return out, state
 
 
-def _linear_backward_cpp(q, k, v, state0, dout, dstate, scale, causal):
+def _linear_backward_cpp(q, k, v, state0, state, dout, dstate, scale, causal):
     work = cpp_dtype(q.dtype)
     q, k, v, dout = (last_dim_contiguous(x.to(work)) for x in (q, k, v, dout))
     s0 = None if state0 is None else numpy_view(state0.to(work).contiguous())
+    state = numpy_view(state.to(work).contiguous())
     ds = None if dstate is None else numpy_view(dstate.to(work).contiguous())
     dq, dk, dv = torch.empty(q.shape, dtype=work), torch.empty(k.shape, dtype=work), torch.empty(v.shape, dtype=work)
     ds0 = torch.empty(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1], dtype=work)
     _dispatch.cpp_module().linear_backward(
-        numpy_view(q), numpy_view(k), numpy_view(v), s0, numpy_view(dout), ds,
+        numpy_view(q), numpy_view(k), numpy_view(v), s0, state, numpy_view(dout), ds,
         numpy_view(dq), numpy_view(dk), numpy_view(dv), numpy_view(ds0), scale, causal, torch.get_num_threads(),
     )
     return dq, dk, dv, ds0
@@ -251,34 +252,35 @@ def _(q, k, v, state0, scale, causal, backend):
 
 @torch.library.custom_op("tessel::linear_attn_bwd", mutates_args=())
 def _linear_bwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state0: torch.Tensor | None, dout: torch.Tensor,
-    dstate: torch.Tensor | None, scale: float, causal: bool, backend: str,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state0: torch.Tensor | None, state: torch.Tensor,
+    dout: torch.Tensor, dstate: torch.Tensor | None, scale: float, causal: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # state: the forward's final state; the non-causal backward reads it as S.
     if backend == "cpp":
-        dq, dk, dv, ds0 = _linear_backward_cpp(q, k, v, state0, dout, dstate, scale, causal)
+        dq, dk, dv, ds0 = _linear_backward_cpp(q, k, v, state0, state, dout, dstate, scale, causal)
     else:
         dq, dk, dv, ds0 = _dispatch.triton_module("linear_attention").linear_backward(
-            q, k, v, state0, dout, dstate, scale, causal
+            q, k, v, state0, state, dout, dstate, scale, causal
         )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds0.to(_acc_dtype(q.dtype))
 
 
 @_linear_bwd.register_fake
-def _(q, k, v, state0, dout, dstate, scale, causal, backend):
+def _(q, k, v, state0, state, dout, dstate, scale, causal, backend):
     ds0 = q.new_empty(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1], dtype=_acc_dtype(q.dtype))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), ds0
 
 
 def _linear_setup_context(ctx, inputs, output):
     q, k, v, state0, scale, causal, backend = inputs
-    ctx.save_for_backward(q, k, v, state0)
+    ctx.save_for_backward(q, k, v, state0, output[1])
     ctx.args = (scale, causal, backend)
     ctx.state0_dtype = None if state0 is None else state0.dtype
 
 
 def _linear_backward(ctx, dout, dstate):
-    q, k, v, state0 = ctx.saved_tensors
-    dq, dk, dv, ds0 = _linear_bwd(q, k, v, state0, dout, dstate, *ctx.args)
+    q, k, v, state0, state = ctx.saved_tensors
+    dq, dk, dv, ds0 = _linear_bwd(q, k, v, state0, state, dout, dstate, *ctx.args)
     ds0 = None if ctx.state0_dtype is None else ds0.to(ctx.state0_dtype)
     return dq, dk, dv, ds0, None, None, None
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import scaled_dot_product_attention
-from .linear_attention import icl_prompt, looped_linear_attention
+from .linear_attention import feature_map_fn, icl_prompt, linear_attention, looped_linear_attention
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -69,6 +69,65 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             y = F.linear(x, w, bias)
             heads.append(y.view(y.shape[0], y.shape[1], h, e // h).transpose(1, 2))
         return heads
+
+
+class LinearAttention(torch.nn.Module):
+    """Multi-head linear attention layer (q/k/v/out projections around
+    tessel.linear_attention), a drop-in for MultiheadAttention in models that
+    want O(N) attention.
+
+    feature_map: "elu1" (default, Katharopoulos et al.), "relu" or "identity".
+    causal: each position attends to itself and earlier ones (forward's
+    is_causal=True asks for it too). normalize: divide by the feature-mapped
+    key sum (softmax-like rows; default True). forward(query, key, value,
+    key_padding_mask=None, need_weights=True, attn_mask=None,
+    average_attn_weights=True, is_causal=False) -> (output, None): the
+    signature of MultiheadAttention; linear attention forms no weight matrix,
+    so weights are always None. key_padding_mask (batch, Nk), True = ignore,
+    drops those keys; attn_mask other than None is refused (no N x N matrix).
+    """
+
+    def __init__(self, embed_dim, num_heads, feature_map="elu1", causal=False, normalize=True, bias=True,
+                 batch_first=False, kdim=None, vdim=None, device=None, dtype=None):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.phi = feature_map_fn(feature_map)
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.feature_map, self.causal, self.normalize, self.batch_first = feature_map, causal, normalize, batch_first
+        factory = {"device": device, "dtype": dtype}
+        self.q_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = torch.nn.Linear(kdim or embed_dim, embed_dim, bias=bias, **factory)
+        self.v_proj = torch.nn.Linear(vdim or embed_dim, embed_dim, bias=bias, **factory)
+        self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if attn_mask is not None:
+            raise ValueError("LinearAttention takes no attn_mask (it forms no N x N matrix); use causal=True "
+                             "or is_causal=True for a causal mask")
+        if not self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        b, nq, nk = query.shape[0], query.shape[1], key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        q = self.phi(self.q_proj(query)).view(b, nq, h, d).transpose(1, 2)
+        k = self.phi(self.k_proj(key)).view(b, nk, h, d)
+        v = self.v_proj(value).view(b, nk, h, d)
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != (b, nk):
+                raise ValueError(f"key_padding_mask must have shape {(b, nk)} (batch, key length), "
+                                 f"got {tuple(key_padding_mask.shape)}")
+            # A dropped key adds nothing to the state or the normaliser.
+            keep = ~key_padding_mask.bool() if key_padding_mask.dtype == torch.bool else key_padding_mask == 0
+            k = k * keep[:, :, None, None].to(k.dtype)
+        out = linear_attention(q, k.transpose(1, 2), v.transpose(1, 2), causal=self.causal or is_causal,
+                               normalize=self.normalize)
+        out = self.out_proj(out.transpose(1, 2).reshape(b, nq, self.embed_dim))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def extra_repr(self):
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, feature_map={self.feature_map!r}, "
+                f"causal={self.causal}, normalize={self.normalize}, batch_first={self.batch_first}")
 
 
 class LoopedLinearTransformer(torch.nn.Module):
