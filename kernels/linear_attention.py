@@ -1,0 +1,417 @@
+"""Triton linear attention: chunked linear attention (forward, backward) and
+the fused looped linear transformer (forward, backward).
+
+Chunked linear attention (flash-linear-attention's fused-chunk scheme), with
+the feature maps already applied and s = scale:
+- forward: one program per (batch * head, block of value columns) walks the
+  chunks in order, the state S[:, block] (D x BV, fp32) in registers: per
+  chunk o = s q S + tril(s q k^T) v, then S += k^T v. Non-causal: S over all
+  keys first, then o = s q S.
+- dq: one program per (batch * head, block of key dims) walks forward
+  carrying S^T: dq = s (dO S^T + tril(dO v^T) k).
+- dk, dv: one program per (batch * kv head, block of value columns) walks
+  backward carrying dS (the gradient of the state after the chunk), summing
+  the q heads of its GQA group: dv = triu(k qs^T) dO + k dS, dk = triu(v dO^T)
+  qs + v dS^T (a partial sum per value block, added up after), dS += qs^T dO.
+  No atomics: deterministic.
+Dots take the input dtype with fp32 accumulation; states are fp32 (cast to
+the input dtype as dot operands, as fla does). Dims pad to powers of two, at
+least 16 (the smallest tl.dot).
+
+Looped linear transformer: one program per prompt keeps Z (padded to
+powers of two) in registers through all loops, in fp32 with IEEE dots:
+A = (Z M)(Z M)^T, U = sum_h P_h A Q_h, Z += U Z / n. The backward walks the
+loops in reverse from the saved checkpoints (recomputing the states of a
+segment into scratch memory first) and writes per-prompt dP, dQ partials that
+are summed after (deterministic).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._dispatch import last_dim_contiguous, triton_interpreting
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_DIM = 256
+# Elements of a state tile one program keeps in registers.
+STATE_TILE = 4096
+
+
+def _chunk_configs():
+    if triton_interpreting():
+        return [triton.Config({"BT": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BT": bt}, num_warps=w, num_stages=s)
+            for bt in (32, 64) for w in (2, 4, 8) for s in (1, 2, 3)]
+
+
+_KEY = ["BD", "BV", "CAUSAL"]
+
+
+@triton.jit
+def _load_tile(base, rows, cols, stride_row, n_rows, n_cols):
+    """[len(rows), len(cols)] tile of a row-major matrix, zero outside."""
+    return tl.load(base + rows[:, None] * stride_row + cols[None, :],
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.autotune(configs=_chunk_configs(), key=_KEY)
+@triton.jit
+def _fwd_kernel(Q, K, V, S0, O, SF, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                H, G, NQ, NK, D, DV, scale,
+                HAS_S0: tl.constexpr, CAUSAL: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+                BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    iv, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    hk = h // G
+    HK = H // G
+    offs_d = tl.arange(0, BD)
+    offs_v = iv * BV + tl.arange(0, BV)
+    offs_t = tl.arange(0, BT)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    state_base = (b * HK + hk) * D * DV
+    if HAS_S0:
+        S = _load_tile(S0 + state_base, offs_d, offs_v, DV, D, DV)
+    else:
+        S = tl.zeros([BD, BV], dtype=tl.float32)
+    dt = Q.dtype.element_ty
+    if not CAUSAL:
+        for t0 in range(0, NK, BT):
+            rows = t0 + offs_t
+            k = _load_tile(k_base, rows, offs_d, skn, NK, D)
+            v = _load_tile(v_base, rows, offs_v, svn, NK, DV)
+            S += tl.dot(tl.trans(k), v, input_precision=DOT_PRECISION)
+    for t0 in range(0, NQ, BT):
+        rows = t0 + offs_t
+        q = (_load_tile(q_base, rows, offs_d, sqn, NQ, D) * scale).to(dt)
+        o = tl.dot(q, S.to(dt), input_precision=DOT_PRECISION)
+        if CAUSAL:
+            k = _load_tile(k_base, rows, offs_d, skn, NK, D)
+            v = _load_tile(v_base, rows, offs_v, svn, NK, DV)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            s = tl.where(offs_t[:, None] >= offs_t[None, :], s, 0.0)
+            o += tl.dot(s.to(dt), v, input_precision=DOT_PRECISION)
+            S += tl.dot(tl.trans(k), v, input_precision=DOT_PRECISION)
+        tl.store(O + (bh * NQ + rows[:, None]) * DV + offs_v[None, :], o.to(O.dtype.element_ty),
+                 mask=(rows[:, None] < NQ) & (offs_v[None, :] < DV))
+    if h % G == 0:
+        tl.store(SF + state_base + offs_d[:, None] * DV + offs_v[None, :], S,
+                 mask=(offs_d[:, None] < D) & (offs_v[None, :] < DV))
+
+
+@triton.autotune(configs=_chunk_configs(), key=["BK", "BVF", "CAUSAL"])
+@triton.jit
+def _bwd_dq_kernel(K, V, DO, ST0, DQ, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+                   H, G, NQ, NK, D, DV, scale,
+                   HAS_S0: tl.constexpr, CAUSAL: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
+                   BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    ik, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    hk = h // G
+    HK = H // G
+    offs_k = ik * BK + tl.arange(0, BK)
+    offs_v = tl.arange(0, BVF)
+    offs_t = tl.arange(0, BT)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    do_base = DO + b * sdb + h * sdh
+    dt = K.dtype.element_ty
+    # S^T[:, key block] (Dv x BK): the state before the chunk (causal) or the final state.
+    if HAS_S0:
+        ST = tl.load(ST0 + (b * HK + hk) * D * DV + offs_k[None, :] * DV + offs_v[:, None],
+                     mask=(offs_k[None, :] < D) & (offs_v[:, None] < DV), other=0.0)
+    else:
+        ST = tl.zeros([BVF, BK], dtype=tl.float32)
+    for t0 in range(0, NQ, BT):
+        rows = t0 + offs_t
+        do = _load_tile(do_base, rows, offs_v, sdn, NQ, DV).to(dt)
+        dq = tl.dot(do, ST.to(dt), input_precision=DOT_PRECISION)
+        if CAUSAL:
+            k = _load_tile(k_base, rows, offs_k, skn, NK, D)
+            v = _load_tile(v_base, rows, offs_v, svn, NK, DV)
+            p = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            p = tl.where(offs_t[:, None] >= offs_t[None, :], p, 0.0)
+            dq += tl.dot(p.to(dt), k, input_precision=DOT_PRECISION)
+            ST += tl.dot(tl.trans(v), k, input_precision=DOT_PRECISION)
+        tl.store(DQ + (bh * NQ + rows[:, None]) * D + offs_k[None, :], dq * scale,
+                 mask=(rows[:, None] < NQ) & (offs_k[None, :] < D))
+
+
+@triton.jit
+def _dkdv_chunk(dS, q_base, do_base, sqn, sdn, k, v, rows, offs_t, offs_d, offs_v, NQ, D, DV, scale, dv, dk,
+                CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One q head's share of a chunk: the intra-chunk dv, dk and dS += qs^T dO."""
+    dt = k.dtype
+    qs = (_load_tile(q_base, rows, offs_d, sqn, NQ, D) * scale).to(dt)
+    do = _load_tile(do_base, rows, offs_v, sdn, NQ, DV).to(dt)
+    if CAUSAL:
+        upper = offs_t[:, None] <= offs_t[None, :]
+        s = tl.where(upper, tl.dot(k, tl.trans(qs), input_precision=DOT_PRECISION), 0.0)
+        dv += tl.dot(s.to(dt), do, input_precision=DOT_PRECISION)
+        p = tl.where(upper, tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION), 0.0)
+        dk += tl.dot(p.to(dt), qs, input_precision=DOT_PRECISION)
+    dS += tl.dot(tl.trans(qs), do, input_precision=DOT_PRECISION)
+    return dS, dv, dk
+
+
+@triton.autotune(configs=_chunk_configs(), key=_KEY)
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DSF, DS0, DKP, DV_, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                     sdb, sdh, sdn, H, G, NQ, NK, D, DV, scale,
+                     HAS_DS: tl.constexpr, CAUSAL: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+                     BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    iv, bhk = tl.program_id(0), tl.program_id(1)
+    HK = H // G
+    b, hk = bhk // HK, bhk % HK
+    offs_d = tl.arange(0, BD)
+    offs_v = iv * BV + tl.arange(0, BV)
+    offs_t = tl.arange(0, BT)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    dt = K.dtype.element_ty
+    state_base = bhk * D * DV
+    if HAS_DS:
+        dS = _load_tile(DSF + state_base, offs_d, offs_v, DV, D, DV)
+    else:
+        dS = tl.zeros([BD, BV], dtype=tl.float32)
+    zero_v = tl.zeros([BT, BV], dtype=tl.float32)
+    zero_d = tl.zeros([BT, BD], dtype=tl.float32)
+    if not CAUSAL:
+        for g in range(G):
+            h = hk * G + g
+            for t0 in range(0, NQ, BT):
+                dS, _, _ = _dkdv_chunk(dS, Q + b * sqb + h * sqh, DO + b * sdb + h * sdh, sqn, sdn,
+                                       zero_d.to(dt), zero_v.to(dt), t0 + offs_t, offs_t, offs_d, offs_v,
+                                       NQ, D, DV, scale, zero_v, zero_d, False, DOT_PRECISION)
+    n_chunks = tl.cdiv(NK, BT)
+    for i in range(0, n_chunks):
+        c = i
+        if CAUSAL:
+            c = n_chunks - 1 - i
+        rows = c * BT + offs_t
+        k = _load_tile(k_base, rows, offs_d, skn, NK, D).to(dt)
+        v = _load_tile(v_base, rows, offs_v, svn, NK, DV).to(dt)
+        dv = tl.dot(k, dS.to(dt), input_precision=DOT_PRECISION)
+        dk = tl.dot(v, tl.trans(dS.to(dt)), input_precision=DOT_PRECISION)
+        if CAUSAL:
+            for g in range(G):
+                h = hk * G + g
+                dS, dv, dk = _dkdv_chunk(dS, Q + b * sqb + h * sqh, DO + b * sdb + h * sdh, sqn, sdn, k, v,
+                                         rows, offs_t, offs_d, offs_v, NQ, D, DV, scale, dv, dk, True,
+                                         DOT_PRECISION)
+        tl.store(DV_ + (bhk * NK + rows[:, None]) * DV + offs_v[None, :], dv,
+                 mask=(rows[:, None] < NK) & (offs_v[None, :] < DV))
+        tl.store(DKP + ((iv * tl.num_programs(1) + bhk) * NK + rows[:, None]) * D + offs_d[None, :], dk,
+                 mask=(rows[:, None] < NK) & (offs_d[None, :] < D))
+    tl.store(DS0 + state_base + offs_d[:, None] * DV + offs_v[None, :], dS,
+             mask=(offs_d[:, None] < D) & (offs_v[None, :] < DV))
+
+
+def supports(dtype: torch.dtype, dim: int, dim_v: int) -> bool:
+    return dtype in DTYPES and dim <= MAX_DIM and dim_v <= MAX_DIM
+
+
+def _check(dtype, d, dv):
+    if dtype not in DTYPES:
+        raise TypeError(f"the Triton linear attention kernel runs float16, bfloat16 and float32, got {dtype}")
+    if max(d, dv) > MAX_DIM:
+        raise ValueError(f"the Triton linear attention kernel supports dims <= {MAX_DIM}, got {d} and {dv}")
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _state_block(full_rows: int, cols: int) -> int:
+    """Columns of a (full_rows x block) fp32 state tile that fits STATE_TILE."""
+    return min(_pow2(cols), max(16, STATE_TILE // full_rows))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not triton_interpreting():
+        return "tf32"
+    return "ieee"
+
+
+def _s(x):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def linear_forward(q, k, v, state0, scale: float, causal: bool):
+    """out (B, H, Nq, Dv) in q's dtype and the final state (B, Hkv, D, Dv) fp32."""
+    b, h, nq, d = q.shape
+    hk, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    _check(q.dtype, d, dv)
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
+    out = torch.empty(b, h, nq, dv, device=q.device, dtype=q.dtype)
+    state = torch.empty(b, hk, d, dv, device=q.device, dtype=torch.float32)
+    s0 = state if state0 is None else state0.float().contiguous()
+    bd = _pow2(d)
+    bv = _state_block(bd, dv)
+    grid = (triton.cdiv(dv, bv), b * h)
+    _fwd_kernel[grid](q, k, v, s0, out, state, *_s(q), *_s(k), *_s(v), h, h // hk, nq, nk, d, dv, scale,
+                      HAS_S0=state0 is not None, CAUSAL=causal, BD=bd, BV=bv,
+                      DOT_PRECISION=_dot_precision(q.dtype))
+    return out, state
+
+
+def linear_backward(q, k, v, state0, state, dout, dstate, scale: float, causal: bool):
+    """dq, dk, dv in fp32 and the gradient of state0 (B, Hkv, D, Dv) fp32.
+    state: the forward's final state (the non-causal dq reads it)."""
+    b, h, nq, d = q.shape
+    hk, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    _check(q.dtype, d, dv)
+    q, k, v, dout = (last_dim_contiguous(x) for x in (q, k, v, dout))
+    precision = _dot_precision(q.dtype)
+    bd, bvf = _pow2(d), _pow2(dv)
+
+    dq = torch.empty(b, h, nq, d, device=q.device, dtype=torch.float32)
+    st = (state0 if causal else state)
+    has_st = st is not None
+    st = st.float().contiguous() if has_st else dq
+    bk = _state_block(bvf, d)
+    _bwd_dq_kernel[(triton.cdiv(d, bk), b * h)](
+        k, v, dout, st, dq, *_s(k), *_s(v), *_s(dout), h, h // hk, nq, nk, d, dv, scale,
+        HAS_S0=has_st, CAUSAL=causal, BK=bk, BVF=bvf, DOT_PRECISION=precision)
+
+    bv = _state_block(bd, dv)
+    n_vb = triton.cdiv(dv, bv)
+    dk_parts = torch.empty(n_vb, b, hk, nk, d, device=q.device, dtype=torch.float32)
+    dv_ = torch.empty(b, hk, nk, dv, device=q.device, dtype=torch.float32)
+    ds0 = torch.empty(b, hk, d, dv, device=q.device, dtype=torch.float32)
+    dsf = ds0 if dstate is None else dstate.float().contiguous()
+    _bwd_dkdv_kernel[(n_vb, b * hk)](
+        q, k, v, dout, dsf, ds0, dk_parts, dv_, *_s(q), *_s(k), *_s(v), *_s(dout), h, h // hk, nq, nk, d, dv,
+        scale, HAS_DS=dstate is not None, CAUSAL=causal, BD=bd, BV=bv, DOT_PRECISION=precision)
+    dk = dk_parts[0] if n_vb == 1 else dk_parts.sum(0)
+    return dq, dk, dv_, ds0
+
+
+# ---------------------------------------------------------------- looped linear transformer
+
+
+@triton.jit
+def _looped_step(Z, P, Q, wl_base, HEADS, D1, inv_n, key_cols, offs_r, offs_c):
+    """Z + inv_n (sum_h P_h A Q_h) Z with A = (Z M)(Z M)^T; also returns Z M and U."""
+    keys = tl.where(offs_c[None, :] < key_cols, Z, 0.0)
+    A = tl.dot(keys, tl.trans(keys), input_precision="ieee")
+    U = tl.zeros_like(A)
+    for hh in range(HEADS):
+        base = wl_base + hh * D1 * D1
+        p = _load_tile(P + base, offs_r, offs_r, D1, D1, D1)
+        q = _load_tile(Q + base, offs_r, offs_r, D1, D1, D1)
+        U += tl.dot(tl.dot(p, A, input_precision="ieee"), q, input_precision="ieee")
+    return Z + inv_n * tl.dot(U, Z, input_precision="ieee"), keys, A, U
+
+
+@triton.jit
+def _looped_fwd_kernel(ZIN, P, Q, ZOUT, SAVED, NONFINITE, B, D1, N1, key_cols, inv_n, LOOPS, EVERY, HEADS,
+                       WEIGHT_LOOPS, BD: tl.constexpr, BN: tl.constexpr):
+    b = tl.program_id(0)
+    offs_r = tl.arange(0, BD)
+    offs_c = tl.arange(0, BN)
+    tile = offs_r[:, None] * N1 + offs_c[None, :]
+    inside = (offs_r[:, None] < D1) & (offs_c[None, :] < N1)
+    Z = tl.load(ZIN + b * D1 * N1 + tile, mask=inside, other=0.0).to(tl.float32)
+    for loop in range(LOOPS):
+        if loop % EVERY == 0:
+            tl.store(SAVED + ((loop // EVERY) * B + b) * D1 * N1 + tile, Z, mask=inside)
+        wl = 0 if WEIGHT_LOOPS == 1 else loop
+        Z, _, _, _ = _looped_step(Z, P, Q, wl * HEADS * D1 * D1, HEADS, D1, inv_n, key_cols, offs_r, offs_c)
+    tl.store(ZOUT + b * D1 * N1 + tile, Z, mask=inside)
+    finite = (Z == Z) & (tl.abs(Z) < float("inf"))
+    bad = tl.where(finite | ~inside, 0, 1)
+    tl.store(NONFINITE + b, tl.sum(tl.sum(bad, axis=1), axis=0))
+
+
+@triton.jit
+def _looped_bwd_kernel(SAVED, P, Q, DOUT, DZ, DPP, DQP, SCRATCH, B, D1, N1, key_cols, inv_n, LOOPS, EVERY,
+                       HEADS, WEIGHT_LOOPS, BD: tl.constexpr, BN: tl.constexpr):
+    b = tl.program_id(0)
+    offs_r = tl.arange(0, BD)
+    offs_c = tl.arange(0, BN)
+    tile = offs_r[:, None] * N1 + offs_c[None, :]
+    inside = (offs_r[:, None] < D1) & (offs_c[None, :] < N1)
+    wtile = offs_r[:, None] * D1 + offs_r[None, :]
+    winside = (offs_r[:, None] < D1) & (offs_r[None, :] < D1)
+    G = tl.load(DOUT + b * D1 * N1 + tile, mask=inside, other=0.0).to(tl.float32)
+    n_ckpt = tl.cdiv(LOOPS, EVERY)
+    scratch = SCRATCH + b * EVERY * D1 * N1
+    # Partials of this prompt start at zero.
+    for i in range(WEIGHT_LOOPS * HEADS):
+        zero = tl.zeros([BD, BD], dtype=tl.float32)
+        tl.store(DPP + (b * WEIGHT_LOOPS * HEADS + i) * D1 * D1 + wtile, zero, mask=winside)
+        tl.store(DQP + (b * WEIGHT_LOOPS * HEADS + i) * D1 * D1 + wtile, zero, mask=winside)
+    for j in range(n_ckpt):
+        seg = n_ckpt - 1 - j
+        first = seg * EVERY
+        count = tl.minimum(EVERY, LOOPS - first)
+        # Recompute the segment's states from its checkpoint.
+        Z = tl.load(SAVED + (seg * B + b) * D1 * N1 + tile, mask=inside, other=0.0)
+        for i in range(count):
+            tl.store(scratch + i * D1 * N1 + tile, Z, mask=inside)
+            loop = first + i
+            wl = 0 if WEIGHT_LOOPS == 1 else loop
+            Z, _, _, _ = _looped_step(Z, P, Q, wl * HEADS * D1 * D1, HEADS, D1, inv_n, key_cols, offs_r, offs_c)
+        for i2 in range(count):
+            i = count - 1 - i2
+            loop = first + i
+            wl = 0 if WEIGHT_LOOPS == 1 else loop
+            Z = tl.load(scratch + i * D1 * N1 + tile, mask=inside, other=0.0)
+            _, keys, A, U = _looped_step(Z, P, Q, wl * HEADS * D1 * D1, HEADS, D1, inv_n, key_cols, offs_r,
+                                         offs_c)
+            dU = inv_n * tl.dot(G, tl.trans(Z), input_precision="ieee")
+            dZ = G + inv_n * tl.dot(tl.trans(U), G, input_precision="ieee")
+            dA = tl.zeros_like(A)
+            for hh in range(HEADS):
+                base = (wl * HEADS + hh) * D1 * D1
+                p = _load_tile(P + base, offs_r, offs_r, D1, D1, D1)
+                q = _load_tile(Q + base, offs_r, offs_r, D1, D1, D1)
+                dp = tl.dot(tl.dot(dU, tl.trans(q), input_precision="ieee"), A, input_precision="ieee")
+                dq = tl.dot(tl.dot(A, tl.trans(p), input_precision="ieee"), dU, input_precision="ieee")
+                part = (b * WEIGHT_LOOPS * HEADS + wl * HEADS + hh) * D1 * D1 + wtile
+                tl.store(DPP + part, tl.load(DPP + part, mask=winside, other=0.0) + dp, mask=winside)
+                tl.store(DQP + part, tl.load(DQP + part, mask=winside, other=0.0) + dq, mask=winside)
+                dA += tl.dot(tl.dot(tl.trans(p), dU, input_precision="ieee"), tl.trans(q), input_precision="ieee")
+            dkeys = tl.dot(dA + tl.trans(dA), keys, input_precision="ieee")
+            G = dZ + tl.where(offs_c[None, :] < key_cols, dkeys, 0.0)
+    tl.store(DZ + b * D1 * N1 + tile, G, mask=inside)
+
+
+def _looped_blocks(Z):
+    return _pow2(Z.shape[1]), _pow2(Z.shape[2])
+
+
+def looped_forward(Z, P, Q, loops: int, key_cols: int, every: int):
+    """(Z after the loops in fp32, saved states (ceil(loops/every), B, d+1, n+1)
+    fp32, how many prompts ended non-finite)."""
+    b, d1, n1 = Z.shape
+    wl, heads = P.shape[0], P.shape[1]
+    z = Z.contiguous()
+    p, q = (w.float().contiguous() for w in (P, Q))
+    out = torch.empty(b, d1, n1, device=Z.device, dtype=torch.float32)
+    saved = torch.empty(triton.cdiv(loops, every), b, d1, n1, device=Z.device, dtype=torch.float32)
+    nonfinite = torch.empty(b, device=Z.device, dtype=torch.int32)
+    bd, bn = _looped_blocks(Z)
+    _looped_fwd_kernel[(b,)](z, p, q, out, saved, nonfinite, b, d1, n1, key_cols, 1.0 / (n1 - 1), loops, every,
+                             heads, wl, BD=bd, BN=bn)
+    return out, saved, int((nonfinite > 0).sum())
+
+
+def looped_backward(saved, P, Q, dout, loops: int, key_cols: int, every: int):
+    """dZ (B, d+1, n+1), dP, dQ (weight_loops, heads, d+1, d+1), fp32."""
+    b, d1, n1 = dout.shape
+    wl, heads = P.shape[0], P.shape[1]
+    p, q = (w.float().contiguous() for w in (P, Q))
+    g = dout.contiguous()
+    dz = torch.empty(b, d1, n1, device=dout.device, dtype=torch.float32)
+    dpp = torch.empty(b, wl, heads, d1, d1, device=dout.device, dtype=torch.float32)
+    dqp = torch.empty_like(dpp)
+    scratch = torch.empty(b, every, d1, n1, device=dout.device, dtype=torch.float32)
+    bd, bn = _looped_blocks(dout)
+    _looped_bwd_kernel[(b,)](saved.contiguous(), p, q, g, dz, dpp, dqp, scratch, b, d1, n1, key_cols,
+                             1.0 / (n1 - 1), loops, every, heads, wl, BD=bd, BN=bn)
+    return dz, dpp.sum(0), dqp.sum(0)
