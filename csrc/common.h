@@ -113,28 +113,40 @@ constexpr std::array<MicroFn<T>, sizeof...(Rs)> micro_table(std::integer_sequenc
   return {&micro_tile<T, Rs + 1, ATrans, kLda>...};
 }
 
+// Which part of a square product a gemm may skip (causal chunks): the entries
+// of C above (kOutLower) or below (kOutUpper) the diagonal are not needed, or
+// A (non-transposed, m x k with k = m) is zero above (kALower) or below
+// (kAUpper) its diagonal.
+enum class Triangle { kNone, kOutLower, kOutUpper, kALower, kAUpper };
+
 // C (m x npanels*panel) (+)= A (m x k) * B (k x npanels*panel).
 // Panel j of B starts at b + j * b_panel_stride with rows ldb apart, which
 // covers both a row-major matrix (stride = panel) and a panel-packed one
 // (stride = k * panel, ldb = panel). Panels outer, rows inner: one B panel
-// stays in L1 while every row tile of A passes over it.
+// stays in L1 while every row tile of A passes over it. Entries a Triangle
+// skips are left unwritten.
 template <typename T, bool ATrans, int64_t kLda>
 void gemm_panels(int64_t m, int64_t npanels, int64_t k, const T* a, const T* b, int64_t ldb,
-                 int64_t b_panel_stride, T* c, int64_t ldc, bool accumulate) {
+                 int64_t b_panel_stride, T* c, int64_t ldc, bool accumulate, Triangle tri = Triangle::kNone) {
   static_assert(kLda > 0, "A's leading dimension is a compile-time block size");
   static constexpr auto table = micro_table<T, ATrans, kLda>(std::make_integer_sequence<int, kMicroRows>{});
   constexpr int NR = Simd<T>::panel;
   for (int64_t j = 0; j < npanels; ++j) {
     const T* bj = b + j * b_panel_stride;
     T* cj = c + j * NR;
-    int64_t i = 0;
-    for (; i + kMicroRows <= m; i += kMicroRows) {
-      const T* ai = ATrans ? a + i : a + i * kLda;
-      micro_tile<T, kMicroRows, ATrans, kLda>(k, ai, kLda, bj, ldb, cj + i * ldc, ldc, accumulate);
-    }
-    if (i < m) {
-      const T* ai = ATrans ? a + i : a + i * kLda;
-      table[m - i - 1](k, ai, kLda, bj, ldb, cj + i * ldc, ldc, accumulate);
+    const int64_t row_begin = tri == Triangle::kOutLower ? std::min(m, j * NR) : 0;
+    const int64_t row_end = tri == Triangle::kOutUpper ? std::min(m, (j + 1) * NR) : m;
+    for (int64_t i = row_begin; i < row_end; i += kMicroRows) {
+      const int64_t rows = std::min<int64_t>(kMicroRows, row_end - i);
+      // A's nonzero columns for these rows.
+      const int64_t p0 = tri == Triangle::kAUpper ? i : 0;
+      const int64_t p1 = tri == Triangle::kALower ? std::min(k, i + rows) : k;
+      const T* ai = (ATrans ? a + i : a + i * kLda) + (ATrans ? p0 * kLda : p0);
+      const T* bi = bj + p0 * ldb;
+      if (rows == kMicroRows)
+        micro_tile<T, kMicroRows, ATrans, kLda>(p1 - p0, ai, kLda, bi, ldb, cj + i * ldc, ldc, accumulate);
+      else
+        table[rows - 1](p1 - p0, ai, kLda, bi, ldb, cj + i * ldc, ldc, accumulate);
     }
   }
 }

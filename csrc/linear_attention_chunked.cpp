@@ -19,6 +19,9 @@ namespace tessel {
 namespace {
 
 constexpr int64_t kChunk = 64;
+// Keys per step when summing the whole non-causal state: longer GEMM depth,
+// fewer passes over the state.
+constexpr int64_t kKeyBlock = 256;
 
 template <typename T>
 struct Operand {
@@ -58,7 +61,7 @@ template <typename T>
 struct Work {
   static constexpr int64_t NR = Simd<T>::panel;
   int64_t dp, dvp;  // D and Dv padded to whole panels
-  Buffer<T> qT, kT, vT, oT, qR, kR, vR, oR, s1, s2, acc1, acc2, state, stateT;
+  Buffer<T> qT, kT, vT, oT, qR, kR, vR, oR, s1, s2, acc1, acc2, state, stateT, keysT, valuesR;
   Work(int64_t d, int64_t dv)
       : dp(round_up(d, NR)),
         dvp(round_up(dv, NR)),
@@ -66,7 +69,8 @@ struct Work {
         qR(kChunk * dp), kR(kChunk * dp), vR(kChunk * dvp), oR(kChunk * dvp),
         s1(kChunk * kChunk), s2(kChunk * kChunk),
         acc1(kChunk * std::max(dp, dvp)), acc2(kChunk * std::max(dp, dvp)),
-        state(std::max(d * dvp, dv * dp)), stateT(std::max(d * dvp, dv * dp)) {}
+        state(std::max(d * dvp, dv * dp)), stateT(std::max(d * dvp, dv * dp)),
+        keysT(d * kKeyBlock), valuesR(kKeyBlock * dvp) {}
 };
 
 // C (m x w) (+)= A B with A transposed-packed ([k][kChunk]) or row-major
@@ -76,13 +80,16 @@ void mm_at(int64_t m, int64_t w, int64_t k, const T* a, const T* b, T* c, bool a
   gemm_panels<T, true, kChunk>(m, w / Simd<T>::panel, k, a, b, w, Simd<T>::panel, c, w, acc);
 }
 template <typename T>
-void mm_a(int64_t m, int64_t w, int64_t k, const T* a, const T* b, T* c, bool acc) {
-  gemm_panels<T, false, kChunk>(m, w / Simd<T>::panel, k, a, b, w, Simd<T>::panel, c, w, acc);
+void mm_a(int64_t m, int64_t w, int64_t k, const T* a, const T* b, T* c, bool acc,
+          Triangle tri = Triangle::kNone) {
+  gemm_panels<T, false, kChunk>(m, w / Simd<T>::panel, k, a, b, w, Simd<T>::panel, c, w, acc, tri);
 }
-// S (m x kChunk) = A B^T with A and B transposed-packed ([k][kChunk]).
+// S (m x kChunk) = A B^T with A and B transposed-packed ([k][kChunk]); only
+// the triangle `tri` (kOutLower or kOutUpper) is computed.
 template <typename T>
-void mm_abt(int64_t m, int64_t k, const T* a, const T* b, T* s) {
-  gemm_panels<T, true, kChunk>(m, kChunk / Simd<T>::panel, k, a, b, kChunk, Simd<T>::panel, s, kChunk, false);
+void mm_abt(int64_t m, int64_t k, const T* a, const T* b, T* s, Triangle tri) {
+  gemm_panels<T, true, kChunk>(m, ceil_div(m, Simd<T>::panel), k, a, b, kChunk, Simd<T>::panel, s, kChunk, false,
+                               tri);
 }
 
 template <typename T>
@@ -110,10 +117,12 @@ void forward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T>
     pack_rows_padded(v.rows(b, hk, r0), len, Dv, v.st.n, w.vR.data(), w.dvp);
   };
   if (!p.causal) {
-    for (int64_t r0 = 0; r0 < p.len_k; r0 += kChunk) {
-      const int64_t len = std::min(kChunk, p.len_k - r0);
-      pack_kv(r0, len);
-      add_chunk_to_state(len);
+    for (int64_t r0 = 0; r0 < p.len_k; r0 += kKeyBlock) {  // S += k^T v over all keys
+      const int64_t len = std::min(kKeyBlock, p.len_k - r0);
+      pack_transposed_scaled(k.rows(b, hk, r0), len, D, k.st.n, T(1), w.keysT.data(), kKeyBlock);
+      pack_rows_padded(v.rows(b, hk, r0), len, Dv, v.st.n, w.valuesR.data(), w.dvp);
+      gemm_panels<T, false, kKeyBlock>(D, w.dvp / Work<T>::NR, len, w.keysT.data(), w.valuesR.data(), w.dvp,
+                                       Work<T>::NR, S, w.dvp, true);
     }
   }
   const int64_t n_rows = p.len_q;
@@ -125,9 +134,9 @@ void forward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T>
       pack_transposed_scaled(q.rows(b, h, r0), len, D, q.st.n, scale, w.qT.data(), kChunk);
       mm_at(len, w.dvp, D, w.qT.data(), S, w.acc1.data(), false);  // inter-chunk: q S
       if (p.causal) {
-        mm_abt(len, D, w.qT.data(), w.kT.data(), w.s1.data());
+        mm_abt(len, D, w.qT.data(), w.kT.data(), w.s1.data(), Triangle::kOutLower);
         mask_chunk(w.s1.data(), len, true, T(1));
-        mm_a(len, w.dvp, len, w.s1.data(), w.vR.data(), w.acc1.data(), true);
+        mm_a(len, w.dvp, len, w.s1.data(), w.vR.data(), w.acc1.data(), true, Triangle::kALower);
       }
       emit(h, r0, len);
     }
@@ -218,9 +227,9 @@ void backward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T
         const int64_t h = hk * group + g;
         pack_do(h, r0, len);
         mm_at(len, dp, Dv, w.oT.data(), ST, w.acc1.data(), false);
-        mm_abt(len, Dv, w.oT.data(), w.vT.data(), w.s1.data());
+        mm_abt(len, Dv, w.oT.data(), w.vT.data(), w.s1.data(), Triangle::kOutLower);
         mask_chunk(w.s1.data(), len, true, T(1));
-        mm_a(len, dp, len, w.s1.data(), w.kR.data(), w.acc1.data(), true);
+        mm_a(len, dp, len, w.s1.data(), w.kR.data(), w.acc1.data(), true, Triangle::kALower);
         emit_dq(h, r0, len);
       }
       add_kv_to_state_t(len);
@@ -235,12 +244,12 @@ void backward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T
         const int64_t h = hk * group + g;
         pack_q(h, r0, len);
         pack_do(h, r0, len);
-        mm_abt(len, D, w.kT.data(), w.qT.data(), w.s1.data());
+        mm_abt(len, D, w.kT.data(), w.qT.data(), w.s1.data(), Triangle::kOutUpper);
         mask_chunk(w.s1.data(), len, false, T(1));
-        mm_a(len, dvp, len, w.s1.data(), w.oR.data(), w.acc2.data(), true);
-        mm_abt(len, Dv, w.vT.data(), w.oT.data(), w.s2.data());
+        mm_a(len, dvp, len, w.s1.data(), w.oR.data(), w.acc2.data(), true, Triangle::kAUpper);
+        mm_abt(len, Dv, w.vT.data(), w.oT.data(), w.s2.data(), Triangle::kOutUpper);
         mask_chunk(w.s2.data(), len, false, scale);
-        mm_a(len, dp, len, w.s2.data(), w.qR.data(), w.acc1.data(), true);
+        mm_a(len, dp, len, w.s2.data(), w.qR.data(), w.acc1.data(), true, Triangle::kAUpper);
         add_q_do_to_ds(len);
       }
       emit_dk_dv(r0, len);
