@@ -6,6 +6,7 @@
 #include "attention.h"
 #include "common.h"
 #include "linear_attention.h"
+#include "lowrank.h"
 
 namespace py = pybind11;
 using tessel::AttentionProblem;
@@ -163,6 +164,71 @@ void linear_backward(const py::array& q, const py::array& k, const py::array& v,
     linear_backward_typed<float>(p, q, k, v, state0, state_final, dout, dstate, dq, dk, dv, dstate0);
 }
 
+// A bucket's matrices as rows of an int64 table: grad address, error address
+// (0: none), n, m, offset of pt, offset of qt.
+template <typename T>
+std::vector<tessel::LowRankItem<T>> lowrank_items(const py::array_t<int64_t>& table) {
+  const auto t = table.unchecked<2>();
+  std::vector<tessel::LowRankItem<T>> items;
+  for (py::ssize_t i = 0; i < t.shape(0); ++i)
+    items.push_back({reinterpret_cast<T*>(t(i, 0)), reinterpret_cast<T*>(t(i, 1)), t(i, 2), t(i, 3), t(i, 4),
+                     t(i, 5)});
+  return items;
+}
+
+bool is_double(const py::array& x) { return x.dtype().is(py::dtype::of<double>()); }
+
+template <typename T>
+void project_typed(const py::array_t<int64_t>& table, py::array p, py::array q, int64_t rank, bool onto_p,
+                   int num_threads) {
+  const auto items = lowrank_items<T>(table);
+  py::gil_scoped_release release;
+  if (onto_p)
+    tessel::lowrank_project_p<T>(items.data(), items.size(), rank, data<T>(p), cdata<T>(q), num_threads);
+  else
+    tessel::lowrank_project_q<T>(items.data(), items.size(), rank, cdata<T>(p), data<T>(q), num_threads);
+}
+
+void lowrank_project(const py::array_t<int64_t>& table, py::array p, py::array q, int64_t rank, bool onto_p,
+                     int num_threads) {
+  if (is_double(p))
+    project_typed<double>(table, p, q, rank, onto_p, num_threads);
+  else
+    project_typed<float>(table, p, q, rank, onto_p, num_threads);
+}
+
+template <typename T>
+void reconstruct_typed(const py::array_t<int64_t>& table, const py::array& p_out, const py::array& q_out,
+                       const py::array& p_err, const py::array& q_err, int64_t rank, int num_threads) {
+  const auto items = lowrank_items<T>(table);
+  py::gil_scoped_release release;
+  tessel::lowrank_reconstruct<T>(items.data(), items.size(), rank, cdata<T>(p_out), cdata<T>(q_out), cdata<T>(p_err),
+                                 cdata<T>(q_err), num_threads);
+}
+
+void lowrank_reconstruct(const py::array_t<int64_t>& table, const py::array& p_out, const py::array& q_out,
+                         const py::array& p_err, const py::array& q_err, int64_t rank, int num_threads) {
+  if (is_double(p_out))
+    reconstruct_typed<double>(table, p_out, q_out, p_err, q_err, rank, num_threads);
+  else
+    reconstruct_typed<float>(table, p_out, q_out, p_err, q_err, rank, num_threads);
+}
+
+template <typename T>
+void orthonormalize_typed(py::array buf, const py::array_t<int64_t>& offsets, const py::array_t<int64_t>& lengths,
+                          int64_t rank, double eps, int num_threads) {
+  py::gil_scoped_release release;
+  tessel::orthonormalize<T>(data<T>(buf), offsets.data(), lengths.data(), offsets.shape(0), rank, eps, num_threads);
+}
+
+void orthonormalize(py::array buf, const py::array_t<int64_t>& offsets, const py::array_t<int64_t>& lengths,
+                    int64_t rank, double eps, int num_threads) {
+  if (is_double(buf))
+    orthonormalize_typed<double>(buf, offsets, lengths, rank, eps, num_threads);
+  else
+    orthonormalize_typed<float>(buf, offsets, lengths, rank, eps, num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -185,4 +251,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("state_final"), py::arg("dout"), py::arg("dstate"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
         py::arg("dstate0"),
         py::arg("scale"), py::arg("causal"), py::arg("num_threads"));
+  m.def("lowrank_project", &lowrank_project, py::arg("table"), py::arg("p"), py::arg("q"), py::arg("rank"),
+        py::arg("onto_p"), py::arg("num_threads"));
+  m.def("lowrank_reconstruct", &lowrank_reconstruct, py::arg("table"), py::arg("p_out"), py::arg("q_out"),
+        py::arg("p_err"), py::arg("q_err"), py::arg("rank"), py::arg("num_threads"));
+  m.def("orthonormalize", &orthonormalize, py::arg("buf"), py::arg("offsets"), py::arg("lengths"), py::arg("rank"),
+        py::arg("eps"), py::arg("num_threads"));
 }

@@ -1,0 +1,173 @@
+// PowerSGD passes over a bucket of gradient matrices, memory-bound: each pass
+// reads every gradient (and error) element once, forming M = grad + error on
+// the fly, and all matrices of a bucket go in one call. OpenMP spreads
+// (matrix, block) tasks; every output element is written by one task in a
+// fixed order, so results do not depend on the thread count.
+#include "lowrank.h"
+
+#include "common.h"
+
+namespace tessel {
+namespace {
+
+template <typename T>
+using S = Simd<T>;
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  constexpr int W = S<T>::width;
+  typename S<T>::vec acc0{}, acc1{};
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    acc0 += S<T>::load(a + i) * S<T>::load(b + i);
+    acc1 += S<T>::load(a + i + W) * S<T>::load(b + i + W);
+  }
+  T total = S<T>::hsum(acc0 + acc1);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// y += alpha * x
+template <typename T>
+void axpy(T alpha, const T* x, T* y, int64_t n) {
+  constexpr int W = S<T>::width;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) S<T>::store(y + i, S<T>::load(y + i) + alpha * S<T>::load(x + i));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// Row `row` of M = grad + error, pointing at grad itself when there is no error.
+template <typename T>
+const T* m_row(const LowRankItem<T>& it, int64_t row, int64_t c0, int64_t c1, T* tmp) {
+  const T* g = it.grad + row * it.m;
+  if (!it.error) return g + c0;
+  const T* e = it.error + row * it.m;
+  for (int64_t c = c0; c < c1; ++c) tmp[c - c0] = g[c] + e[c];
+  return tmp;
+}
+
+struct Task {
+  int64_t item, begin, end;
+};
+
+// Blocks of `block` along each item's rows (by_rows) or columns.
+template <typename T>
+std::vector<Task> tasks_of(const LowRankItem<T>* items, int64_t count, bool by_rows, int64_t block) {
+  std::vector<Task> tasks;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t len = by_rows ? items[i].n : items[i].m;
+    for (int64_t b = 0; b < len; b += block) tasks.push_back({i, b, std::min(len, b + block)});
+  }
+  return tasks;
+}
+
+constexpr int64_t kRowBlock = 32;
+constexpr int64_t kColBlock = 512;
+
+}  // namespace
+
+template <typename T>
+void lowrank_project_p(const LowRankItem<T>* items, int64_t count, int64_t rank, T* p, const T* q, int num_threads) {
+  const auto tasks = tasks_of(items, count, true, kRowBlock);
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<T> tmp;
+#pragma omp for schedule(dynamic)
+    for (size_t t = 0; t < tasks.size(); ++t) {
+      const auto& it = items[tasks[t].item];
+      T* tmp_row = scratch(tmp, it.m);
+      for (int64_t row = tasks[t].begin; row < tasks[t].end; ++row) {
+        const T* mrow = m_row(it, row, 0, it.m, tmp_row);
+        for (int64_t k = 0; k < rank; ++k)
+          p[it.p_offset + k * it.n + row] = dot(mrow, q + it.q_offset + k * it.m, it.m);
+      }
+    }
+  }
+}
+
+template <typename T>
+void lowrank_project_q(const LowRankItem<T>* items, int64_t count, int64_t rank, const T* p, T* q,
+                       int num_threads) {
+  const auto tasks = tasks_of(items, count, false, kColBlock);
+#pragma omp parallel num_threads(num_threads)
+  {
+    T tmp[kColBlock];
+#pragma omp for schedule(dynamic)
+    for (size_t t = 0; t < tasks.size(); ++t) {
+      const auto& it = items[tasks[t].item];
+      const int64_t c0 = tasks[t].begin, width = tasks[t].end - c0;
+      for (int64_t k = 0; k < rank; ++k) std::fill_n(q + it.q_offset + k * it.m + c0, width, T(0));
+      for (int64_t row = 0; row < it.n; ++row) {
+        const T* seg = m_row(it, row, c0, c0 + width, tmp);
+        for (int64_t k = 0; k < rank; ++k)
+          axpy(p[it.p_offset + k * it.n + row], seg, q + it.q_offset + k * it.m + c0, width);
+      }
+    }
+  }
+}
+
+template <typename T>
+void lowrank_reconstruct(const LowRankItem<T>* items, int64_t count, int64_t rank, const T* p_out, const T* q_out,
+                         const T* p_err, const T* q_err, int num_threads) {
+  const auto tasks = tasks_of(items, count, true, kRowBlock);
+  const bool same = p_err == p_out && q_err == q_out;
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<T> out_buf, local_buf;
+#pragma omp for schedule(dynamic)
+    for (size_t t = 0; t < tasks.size(); ++t) {
+      const auto& it = items[tasks[t].item];
+      T* out = scratch(out_buf, it.m);
+      T* local = scratch(local_buf, it.m);
+      for (int64_t row = tasks[t].begin; row < tasks[t].end; ++row) {
+        std::fill_n(out, it.m, T(0));
+        for (int64_t k = 0; k < rank; ++k)
+          axpy(p_out[it.p_offset + k * it.n + row], q_out + it.q_offset + k * it.m, out, it.m);
+        T* g = it.grad + row * it.m;
+        if (it.error) {
+          const T* sent = out;
+          if (!same) {
+            std::fill_n(local, it.m, T(0));
+            for (int64_t k = 0; k < rank; ++k)
+              axpy(p_err[it.p_offset + k * it.n + row], q_err + it.q_offset + k * it.m, local, it.m);
+            sent = local;
+          }
+          T* e = it.error + row * it.m;
+          for (int64_t c = 0; c < it.m; ++c) e[c] = g[c] + e[c] - sent[c];
+        }
+        std::copy_n(out, it.m, g);
+      }
+    }
+  }
+}
+
+template <typename T>
+void orthonormalize(T* buf, const int64_t* offsets, const int64_t* lengths, int64_t count, int64_t rank, double eps,
+                    int num_threads) {
+#pragma omp parallel for schedule(dynamic) num_threads(num_threads)
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t len = lengths[i];
+    T* v = buf + offsets[i];
+    for (int64_t j = 0; j < rank; ++j) {
+      T* vj = v + j * len;
+      const T norm = std::sqrt(dot(vj, vj, len)) + static_cast<T>(eps);
+      if (norm > T(0)) scale_inplace(vj, len, T(1) / norm);
+      for (int64_t l = j + 1; l < rank; ++l) {
+        T* vl = v + l * len;
+        axpy(-dot(vj, vl, len), vj, vl, len);
+      }
+    }
+  }
+}
+
+#define TESSEL_LOWRANK(T)                                                                                      \
+  template void lowrank_project_p<T>(const LowRankItem<T>*, int64_t, int64_t, T*, const T*, int);              \
+  template void lowrank_project_q<T>(const LowRankItem<T>*, int64_t, int64_t, const T*, T*, int);              \
+  template void lowrank_reconstruct<T>(const LowRankItem<T>*, int64_t, int64_t, const T*, const T*, const T*, \
+                                       const T*, int);                                                         \
+  template void orthonormalize<T>(T*, const int64_t*, const int64_t*, int64_t, int64_t, double, int);
+TESSEL_LOWRANK(float)
+TESSEL_LOWRANK(double)
+#undef TESSEL_LOWRANK
+
+}  // namespace tessel
