@@ -25,9 +25,11 @@ tensor t to power p_t (|x_i|^2 <= p_t) by sqrt(p_t) / c_t, c_t = max_i |x_i|
 plus N(0, 1) noise per entry and the workers get it back noiselessly, so the
 average each worker decodes is mean_i x_i + N(0, s_t^2), s_t = c_t /
 (n sqrt(p_t)), n workers. The total power per step, `power`, is split over
-the tensors sent in proportion to c_t ("norm") or evenly ("uniform"). The
-noise comes from a generator seeded identically on every worker: all decode
-the same values, and runs are reproducible.
+the tensors of one call (one DDP bucket: keep a model in one bucket for a
+per-step budget) in proportion to c_t ("norm") or evenly ("uniform"). The
+noise of a signal is drawn from a generator keyed by (seed, the signal's name,
+the step): every worker decodes the same values, and runs are reproducible
+and resumable whatever the bucketing.
 """
 from __future__ import annotations
 
@@ -233,8 +235,9 @@ class ProcessGroupComm:
 class NoiselessChannel:
     """The exact mean over workers (an all-reduce)."""
 
-    def average_(self, signals: list[torch.Tensor], comm) -> bool:
-        """Replaces each signal by its mean over workers; False if the sum is not finite."""
+    def average_(self, signals: list[torch.Tensor], comm, names=(), step=0) -> bool:
+        """Replaces each signal by its mean over workers; False if the sum is
+        not finite. names, step: what each signal is and when (noise keys)."""
         if not signals:
             return True
         flat = torch.cat([s.reshape(-1) for s in signals])
@@ -245,12 +248,6 @@ class NoiselessChannel:
         _scatter(flat, signals)
         return True
 
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
 
 class NoisyChannel(NoiselessChannel):
     """LASER's analog uplink under a power budget (see the module docstring)."""
@@ -260,8 +257,7 @@ class NoisyChannel(NoiselessChannel):
             raise ValueError(f"power must be a finite number > 0 (or None for a noiseless channel), got {power!r}")
         if power_allocation not in POWER_ALLOCATIONS:
             raise ValueError(f"power_allocation must be one of {POWER_ALLOCATIONS}, got {power_allocation!r}")
-        self.power, self.power_allocation = float(power), power_allocation
-        self.generator = torch.Generator().manual_seed(seed)
+        self.power, self.power_allocation, self.seed = float(power), power_allocation, seed
 
     def noise_std(self, peak_norms: torch.Tensor, workers: int) -> torch.Tensor:
         """s_t = c_t / (n sqrt(p_t)) for each signal's largest norm c_t (0 where c_t = 0)."""
@@ -274,26 +270,23 @@ class NoisyChannel(NoiselessChannel):
         std = peak_norms / (workers * power.sqrt())
         return torch.where(peak_norms > 0, std, torch.zeros_like(std))
 
-    def average_(self, signals, comm) -> bool:
+    def average_(self, signals, comm, names=(), step=0) -> bool:
         if not signals:
             return True
+        names = list(names) or [str(i) for i in range(len(signals))]
         norms = torch.stack([s.detach().float().norm() for s in signals]).to(torch.float64)
         comm.max_(norms)
-        if not self.average_noiseless_(signals, comm):
+        if not self.average_noiseless_(signals, comm, names, step):
             return False
         std = self.noise_std(norms, comm.world_size)
-        for s, sd in zip(signals, std.tolist()):
-            noise = torch.randn(s.shape, generator=self.generator, dtype=torch.float64)
+        for s, sd, name in zip(signals, std.tolist(), names):
+            # Keyed by (seed, signal, step): the same on every worker, whatever the bucketing.
+            gen = torch.Generator().manual_seed(_name_seed(self.seed, name, step))
+            noise = torch.randn(s.shape, generator=gen, dtype=torch.float64)
             s.add_((noise * sd).to(device=s.device, dtype=s.dtype))
         return True
 
     average_noiseless_ = NoiselessChannel.average_
-
-    def state_dict(self):
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
 
 
 def _scatter(flat: torch.Tensor, targets: list[torch.Tensor]) -> None:
@@ -357,12 +350,10 @@ class Compressor:
         raise NotImplementedError
 
     def state_dict(self):
-        return {"iteration": self.iteration, "skipped_steps": self.skipped_steps,
-                "channel": self.channel.state_dict()}
+        return {"iteration": self.iteration, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state):
         self.iteration, self.skipped_steps = state["iteration"], state["skipped_steps"]
-        self.channel.load_state_dict(state["channel"])
 
 
 class ZSGD(Compressor):
@@ -375,7 +366,8 @@ class ZSGD(Compressor):
         super().__init__(channel, on_nonfinite)
 
     def _reduce(self, named_grads, comm):
-        return self.channel.average_([g for _, g in named_grads], comm)
+        return self.channel.average_([g for _, g in named_grads], comm, [nm for nm, _ in named_grads],
+                                     self.iteration)
 
     def compress(self, name, grad):
         return grad, None
@@ -477,7 +469,7 @@ class PowerSGD(Compressor):
         plain = [(nm, g) for nm, g in named_grads if not (compress and self.compressible(g))]
         mats = [(nm, g) for nm, g in named_grads if compress and self.compressible(g)]
         if not mats:
-            return self.channel.average_([g for _, g in plain], comm)
+            return self.channel.average_([g for _, g in plain], comm, [nm for nm, _ in plain], self.iteration)
         self._verify_once(named_grads, mats, comm)
         backend = _dispatch.resolve_backend("compress", mats[0][1].device)
         work_dtype = _work_dtype(mats[0][1].dtype, backend)
@@ -512,16 +504,19 @@ class PowerSGD(Compressor):
         P_parts = [P[it.p_offset:it.p_offset + rank * it.n] for it in items]
         Q_parts = [Q[it.q_offset:it.q_offset + rank * it.m] for it in items]
         plain_signals = [g for _, g in plain]
+        plain_names = [nm for nm, _ in plain]
+        names = [nm for nm, _, _ in members]
 
         if not self.alternate:
             for (nm, g, st), q in zip(members, Q_parts):
                 q.copy_(self._fresh_q(nm, st) if not self.warm_start else st.q.reshape(-1))
             ops.project_p(items, P, Q, rank)
-            if not self.channel.average_(plain_signals + P_parts, comm):
+            if not self.channel.average_(plain_signals + P_parts, comm, plain_names + [f"{n}:P" for n in names],
+                                         self.iteration):
                 return False
             self._orthonormalize(ops, P, items, "p", rank)
             ops.project_q(items, P, Q, rank)
-            if not self.channel.average_(Q_parts, comm):
+            if not self.channel.average_(Q_parts, comm, [f"{n}:Q" for n in names], self.iteration):
                 return False
             ops.reconstruct(items, P, Q, P, Q, rank)
             self._record(members, P_parts, Q_parts, rank)
@@ -534,7 +529,8 @@ class PowerSGD(Compressor):
                 part.copy_((st.q if phase == 0 else st.p).reshape(-1))
             (ops.project_p if phase == 0 else ops.project_q)(items, P, Q, rank)
             local = sent.clone()
-            if not self.channel.average_(plain_signals + sent_parts, comm):
+            sent_names = [f"{n}:{'PQ'[phase]}" for n in names]
+            if not self.channel.average_(plain_signals + sent_parts, comm, plain_names + sent_names, self.iteration):
                 return False
             if phase == 0:
                 ops.reconstruct(items, P, Q, local, Q, rank)

@@ -13,8 +13,6 @@ backward), gradients named by parameter (pass `model` to name them as
 model.named_parameters() does), and state_dict() / load_state_dict() for
 checkpoints that resume bit for bit.
 """
-from __future__ import annotations
-
 import torch
 import torch.distributed as dist
 
@@ -38,7 +36,7 @@ class _HookState:
     def iter(self) -> int:
         return self.compressor.iteration
 
-    def gradient_names(self, bucket) -> list[str]:
+    def gradient_names(self, bucket):
         params = bucket.parameters()
         if self._names is not None and all(id(p) in self._names for p in params):
             return [self._names[id(p)] for p in params]
@@ -128,16 +126,16 @@ def _compressed_hook(state: _HookState, bucket):
     return _done(buffer)
 
 
-def powersgd_hook(state: PowerSGDState, bucket) -> torch.futures.Future:
+def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """PowerSGD communication hook (see PowerSGDState)."""
     return _compressed_hook(state, bucket)
 
 
-def laser_hook(state: LaserState, bucket) -> torch.futures.Future:
+def laser_hook(state: LaserState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """LASER communication hook (see LaserState)."""
     return _compressed_hook(state, bucket)
 
 
-def zsgd_hook(state: ZSGDState, bucket) -> torch.futures.Future:
+def zsgd_hook(state: ZSGDState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Z-SGD communication hook (see ZSGDState)."""
     return _compressed_hook(state, bucket)
