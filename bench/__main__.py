@@ -1,4 +1,4 @@
-"""python -m bench attention|linear|looped|all [--device cpu|cuda|auto] [--quick] [--json PATH] [--plot PATH]
+"""python -m bench attention|linear|looped|compress|all [--device cpu|cuda|auto] [--quick] [--json PATH] [--plot PATH]
 
 Runs each suite's cases side by side (tessel, reference, peers), prints a
 table, and writes JSON (device, versions, date, rows) and a plot. In --json,
@@ -13,7 +13,7 @@ import torch
 
 from . import _harness
 
-SUITES = ("attention", "linear", "looped")
+SUITES = ("attention", "linear", "looped", "compress")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -42,6 +42,8 @@ def main(argv=None) -> None:
     for suite in suites:
         module = importlib.import_module(f"bench.{suite}")
         suite_rows = _harness.run_cases(module.cases(device, dtype, args.quick), args.quick)
+        if hasattr(module, "extra_rows"):  # rows a suite measures its own way (e.g. across processes)
+            suite_rows += module.extra_rows(device, dtype, args.quick)
         print(f"\n== {suite} ==")
         print(_harness.format_table(suite_rows, sgemm))
         rows += suite_rows

@@ -46,6 +46,8 @@ class Case:
     error: Callable[[], float] | None = None
     # Bytes one call must move at least, for memory-bound cases (GB/s column).
     bytes: float | None = None
+    # Extra columns for the row (e.g. bytes sent by a communication hook).
+    info: dict = field(default_factory=dict)
 
 
 def forward_call(fn, inputs) -> Callable[[], object]:
@@ -182,7 +184,7 @@ def run_cases(cases: list[Case], quick: bool) -> list[dict]:
     for case in tqdm(cases, desc="time", unit="case", leave=False):
         row = {
             "suite": case.suite, "case": case.name, "mode": case.mode,
-            "dtype": str(case.dtype).removeprefix("torch."), "device": case.device,
+            "dtype": str(case.dtype).removeprefix("torch."), "device": case.device, **case.info,
         }
         providers = {"tessel": case.tessel}
         if case.reference is not None:
@@ -216,7 +218,7 @@ def format_table(rows: list[dict], sgemm: float | None) -> str:
         columns += [c for c in row if c not in columns and c not in ("suite", "device")]
     if sgemm:
         columns.insert(columns.index("gflops") + 1, "of_sgemm")
-        rows = [{**r, "of_sgemm": r["gflops"] / sgemm} for r in rows]
+        rows = [{**r, "of_sgemm": r["gflops"] / sgemm if r.get("gflops") else None} for r in rows]
 
     def cell(v) -> str:
         if v is None:

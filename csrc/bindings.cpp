@@ -216,17 +216,19 @@ void lowrank_reconstruct(const py::array_t<int64_t>& table, const py::array& p_o
 
 template <typename T>
 void orthonormalize_typed(py::array buf, const py::array_t<int64_t>& offsets, const py::array_t<int64_t>& lengths,
-                          int64_t rank, double eps, int num_threads) {
+                          int64_t rank, int64_t vector_stride, int64_t element_stride, double eps,
+                          int num_threads) {
   py::gil_scoped_release release;
-  tessel::orthonormalize<T>(data<T>(buf), offsets.data(), lengths.data(), offsets.shape(0), rank, eps, num_threads);
+  tessel::orthonormalize<T>(data<T>(buf), offsets.data(), lengths.data(), offsets.shape(0), rank, vector_stride,
+                            element_stride, eps, num_threads);
 }
 
 void orthonormalize(py::array buf, const py::array_t<int64_t>& offsets, const py::array_t<int64_t>& lengths,
-                    int64_t rank, double eps, int num_threads) {
+                    int64_t rank, int64_t vector_stride, int64_t element_stride, double eps, int num_threads) {
   if (is_double(buf))
-    orthonormalize_typed<double>(buf, offsets, lengths, rank, eps, num_threads);
+    orthonormalize_typed<double>(buf, offsets, lengths, rank, vector_stride, element_stride, eps, num_threads);
   else
-    orthonormalize_typed<float>(buf, offsets, lengths, rank, eps, num_threads);
+    orthonormalize_typed<float>(buf, offsets, lengths, rank, vector_stride, element_stride, eps, num_threads);
 }
 
 }  // namespace
@@ -256,5 +258,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("lowrank_reconstruct", &lowrank_reconstruct, py::arg("table"), py::arg("p_out"), py::arg("q_out"),
         py::arg("p_err"), py::arg("q_err"), py::arg("rank"), py::arg("num_threads"));
   m.def("orthonormalize", &orthonormalize, py::arg("buf"), py::arg("offsets"), py::arg("lengths"), py::arg("rank"),
-        py::arg("eps"), py::arg("num_threads"));
+        py::arg("vector_stride"), py::arg("element_stride"), py::arg("eps"), py::arg("num_threads"));
 }

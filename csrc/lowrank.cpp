@@ -142,20 +142,34 @@ void lowrank_reconstruct(const LowRankItem<T>* items, int64_t count, int64_t ran
 }
 
 template <typename T>
-void orthonormalize(T* buf, const int64_t* offsets, const int64_t* lengths, int64_t count, int64_t rank, double eps,
-                    int num_threads) {
-#pragma omp parallel for schedule(dynamic) num_threads(num_threads)
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t len = lengths[i];
-    T* v = buf + offsets[i];
-    for (int64_t j = 0; j < rank; ++j) {
-      T* vj = v + j * len;
-      const T norm = std::sqrt(dot(vj, vj, len)) + static_cast<T>(eps);
-      if (norm > T(0)) scale_inplace(vj, len, T(1) / norm);
-      for (int64_t l = j + 1; l < rank; ++l) {
-        T* vl = v + l * len;
-        axpy(-dot(vj, vl, len), vj, vl, len);
+void orthonormalize(T* buf, const int64_t* offsets, const int64_t* lengths, int64_t count, int64_t rank,
+                    int64_t vector_stride, int64_t element_stride, double eps, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<T> rows_buf;
+#pragma omp for schedule(dynamic)
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t len = lengths[i];
+      const int64_t vs = vector_stride > 0 ? vector_stride : len;
+      T* v = buf + offsets[i];
+      // Vectors not stored contiguously are gathered into rows (in cache) first.
+      const bool gathered = element_stride != 1 || vs != len;
+      T* rows = gathered ? scratch(rows_buf, rank * len) : v;
+      if (gathered)
+        for (int64_t e = 0; e < len; ++e)
+          for (int64_t j = 0; j < rank; ++j) rows[j * len + e] = v[j * vs + e * element_stride];
+      for (int64_t j = 0; j < rank; ++j) {
+        T* vj = rows + j * len;
+        const T norm = std::sqrt(dot(vj, vj, len)) + static_cast<T>(eps);
+        if (norm > T(0)) scale_inplace(vj, len, T(1) / norm);
+        for (int64_t l = j + 1; l < rank; ++l) {
+          T* vl = rows + l * len;
+          axpy(-dot(vj, vl, len), vj, vl, len);
+        }
       }
+      if (gathered)
+        for (int64_t e = 0; e < len; ++e)
+          for (int64_t j = 0; j < rank; ++j) v[j * vs + e * element_stride] = rows[j * len + e];
     }
   }
 }
@@ -165,7 +179,8 @@ void orthonormalize(T* buf, const int64_t* offsets, const int64_t* lengths, int6
   template void lowrank_project_q<T>(const LowRankItem<T>*, int64_t, int64_t, const T*, T*, int);              \
   template void lowrank_reconstruct<T>(const LowRankItem<T>*, int64_t, int64_t, const T*, const T*, const T*, \
                                        const T*, int);                                                         \
-  template void orthonormalize<T>(T*, const int64_t*, const int64_t*, int64_t, int64_t, double, int);
+  template void orthonormalize<T>(T*, const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, double, \
+                                  int);
 TESSEL_LOWRANK(float)
 TESSEL_LOWRANK(double)
 #undef TESSEL_LOWRANK

@@ -34,11 +34,14 @@ template <typename T>
 void lowrank_reconstruct(const LowRankItem<T>* items, int64_t count, int64_t rank, const T* p_out, const T* q_out,
                          const T* p_err, const T* q_err, int num_threads);
 
-// Modified Gram-Schmidt on the `rank` contiguous vectors of length lengths[i]
-// at buf + offsets[i], for every i: v_j /= (|v_j| + eps), then removed from
-// the later vectors. A zero vector stays zero.
+// Modified Gram-Schmidt on `rank` vectors of length lengths[i] starting at
+// buf + offsets[i], for every i: vector j at + j * vector_stride (0: the
+// length, i.e. vectors stored one after another), element e at
+// + e * element_stride. v_j /= (|v_j| + eps), then it is removed from the
+// later vectors; a zero vector stays zero. Covers the factors (vectors
+// contiguous) and a (m, r) matrix's columns (vector_stride 1, element_stride r).
 template <typename T>
-void orthonormalize(T* buf, const int64_t* offsets, const int64_t* lengths, int64_t count, int64_t rank, double eps,
-                    int num_threads);
+void orthonormalize(T* buf, const int64_t* offsets, const int64_t* lengths, int64_t count, int64_t rank,
+                    int64_t vector_stride, int64_t element_stride, double eps, int num_threads);
 
 }  // namespace tessel

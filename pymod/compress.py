@@ -37,6 +37,7 @@ import math
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import _dispatch
@@ -77,10 +78,19 @@ def _check_orthogonalize(M, eps):
 @torch.library.custom_op("tessel::orthogonalize_", mutates_args=("M",))
 def _orthogonalize_op(M: torch.Tensor, eps: float, backend: str) -> None:
     m, r = M.shape[-2:]
+    count = M.numel() // (m * r)
+    offsets = torch.from_numpy(np.arange(count, dtype=np.int64) * (m * r))
+    lengths = torch.from_numpy(np.full(count, m, dtype=np.int64))
+    if backend == "cpp":
+        # In place on (m, r) row-major matrices: columns are vectors with element stride r.
+        work = M if M.dtype == cpp_dtype(M.dtype) and M.is_contiguous() else M.to(cpp_dtype(M.dtype)).contiguous()
+        _dispatch.cpp_module().orthonormalize(numpy_view(work.view(-1)), offsets.numpy(), lengths.numpy(), r, 1, r,
+                                              eps, torch.get_num_threads())
+        if work is not M:
+            M.copy_(work)
+        return
     vectors = M.reshape(-1, m, r).mT.to(_work_dtype(M.dtype, backend)).contiguous()  # (b, r, m): rows
-    count = vectors.shape[0]
-    offsets = torch.arange(count, dtype=torch.int64) * (r * m)
-    _ops(backend).orthonormalize(vectors.view(-1), offsets, torch.full((count,), m, dtype=torch.int64), r, eps)
+    _ops(backend).orthonormalize(vectors.view(-1), offsets, lengths, r, eps)
     M.copy_(vectors.mT.reshape(M.shape))
 
 
@@ -184,7 +194,7 @@ class _CppOps:
                                                    (p_out, q_out, p_err, q_err)), rank, torch.get_num_threads())
 
     def orthonormalize(self, buf, offsets, lengths, rank, eps):
-        _dispatch.cpp_module().orthonormalize(numpy_view(buf), offsets.numpy(), lengths.numpy(), rank, eps,
+        _dispatch.cpp_module().orthonormalize(numpy_view(buf), offsets.numpy(), lengths.numpy(), rank, 0, 1, eps,
                                               torch.get_num_threads())
 
 
