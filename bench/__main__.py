@@ -1,4 +1,4 @@
-"""python -m bench attention|linear|looped|compress|all [--device cpu|cuda|auto] [--quick] [--json PATH] [--plot PATH]
+"""python -m bench attention|linear|looped|compress|science|all [--device cpu|cuda|auto] [--quick] [--json PATH] [--plot PATH]
 
 Runs each suite's cases side by side (tessel, reference, peers), prints a
 table, and writes JSON (device, versions, date, rows) and a plot. In --json,
@@ -14,12 +14,14 @@ import torch
 from . import _harness
 
 SUITES = ("attention", "linear", "looped", "compress")
+# Not in "all": the studies train models (minutes), they are not kernel benchmarks.
+EXTRA_SUITES = ("science",)
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=SUITES + ("all",))
+    parser.add_argument("suite", choices=SUITES + EXTRA_SUITES + ("all",))
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="default: float32 on CPU, bfloat16 on CUDA")

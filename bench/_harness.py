@@ -216,7 +216,7 @@ def format_table(rows: list[dict], sgemm: float | None) -> str:
     columns = []
     for row in rows:
         columns += [c for c in row if c not in columns and c not in ("suite", "device")]
-    if sgemm:
+    if sgemm and "gflops" in columns:
         columns.insert(columns.index("gflops") + 1, "of_sgemm")
         rows = [{**r, "of_sgemm": r["gflops"] / sgemm if r.get("gflops") else None} for r in rows]
 

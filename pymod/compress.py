@@ -331,6 +331,7 @@ class Compressor:
         self.channel, self.on_nonfinite = channel, on_nonfinite
         self.iteration = 0
         self.skipped_steps = 0
+        self.floats_sent = 0  # by this worker, over all steps
 
     def reduce(self, named_grads, comm=None, advance=True) -> bool:
         """Average the gradients over the workers in place. Returns False when
@@ -359,11 +360,17 @@ class Compressor:
     def _reduce(self, named_grads, comm) -> bool:
         raise NotImplementedError
 
+    def _send(self, signals, comm, names, step) -> bool:
+        """Average signals over the channel, counting what one worker sends."""
+        self.floats_sent += sum(s.numel() for s in signals)
+        return self.channel.average_(signals, comm, names, step)
+
     def state_dict(self):
-        return {"iteration": self.iteration, "skipped_steps": self.skipped_steps}
+        return {"iteration": self.iteration, "skipped_steps": self.skipped_steps, "floats_sent": self.floats_sent}
 
     def load_state_dict(self, state):
         self.iteration, self.skipped_steps = state["iteration"], state["skipped_steps"]
+        self.floats_sent = state["floats_sent"]
 
 
 class ZSGD(Compressor):
@@ -376,7 +383,7 @@ class ZSGD(Compressor):
         super().__init__(channel, on_nonfinite)
 
     def _reduce(self, named_grads, comm):
-        return self.channel.average_([g for _, g in named_grads], comm, [nm for nm, _ in named_grads],
+        return self._send([g for _, g in named_grads], comm, [nm for nm, _ in named_grads],
                                      self.iteration)
 
     def compress(self, name, grad):
@@ -479,7 +486,7 @@ class PowerSGD(Compressor):
         plain = [(nm, g) for nm, g in named_grads if not (compress and self.compressible(g))]
         mats = [(nm, g) for nm, g in named_grads if compress and self.compressible(g)]
         if not mats:
-            return self.channel.average_([g for _, g in plain], comm, [nm for nm, _ in plain], self.iteration)
+            return self._send([g for _, g in plain], comm, [nm for nm, _ in plain], self.iteration)
         self._verify_once(named_grads, mats, comm)
         backend = _dispatch.resolve_backend("compress", mats[0][1].device)
         work_dtype = _work_dtype(mats[0][1].dtype, backend)
@@ -521,12 +528,12 @@ class PowerSGD(Compressor):
             for (nm, g, st), q in zip(members, Q_parts):
                 q.copy_(self._fresh_q(nm, st) if not self.warm_start else st.q.reshape(-1))
             ops.project_p(items, P, Q, rank)
-            if not self.channel.average_(plain_signals + P_parts, comm, plain_names + [f"{n}:P" for n in names],
+            if not self._send(plain_signals + P_parts, comm, plain_names + [f"{n}:P" for n in names],
                                          self.iteration):
                 return False
             self._orthonormalize(ops, P, items, "p", rank)
             ops.project_q(items, P, Q, rank)
-            if not self.channel.average_(Q_parts, comm, [f"{n}:Q" for n in names], self.iteration):
+            if not self._send(Q_parts, comm, [f"{n}:Q" for n in names], self.iteration):
                 return False
             ops.reconstruct(items, P, Q, P, Q, rank)
             self._record(members, P_parts, Q_parts, rank)
@@ -540,7 +547,7 @@ class PowerSGD(Compressor):
             (ops.project_p if phase == 0 else ops.project_q)(items, P, Q, rank)
             local = sent.clone()
             sent_names = [f"{n}:{'PQ'[phase]}" for n in names]
-            if not self.channel.average_(plain_signals + sent_parts, comm, plain_names + sent_names, self.iteration):
+            if not self._send(plain_signals + sent_parts, comm, plain_names + sent_names, self.iteration):
                 return False
             if phase == 0:
                 ops.reconstruct(items, P, Q, local, Q, rank)

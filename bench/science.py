@@ -1,0 +1,30 @@
+"""Science suite: the three studies (examples/) in quick mode, each run with
+tessel's kernels and with the plain PyTorch references (same seed, same
+steps); the row is the wall time of each and their ratio."""
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from examples import laser_lm, looped_icl, markov
+
+STUDIES = {"markov": markov, "looped_icl": looped_icl, "laser_lm": laser_lm}
+
+
+def cases(device: str, dtype: torch.dtype, quick: bool):
+    return []
+
+
+def extra_rows(device: str, dtype: torch.dtype, quick: bool) -> list[dict]:
+    rows = []
+    for name, study in STUDIES.items():
+        times = {}
+        for backend in ("tessel", "reference"):
+            with tempfile.TemporaryDirectory() as out:
+                argv = ["--device", device, "--backend", backend, "--out", out] + (["--quick"] if quick else [])
+                times[backend] = study.main(argv)["wall_s"]
+        rows.append({"suite": "science", "case": name, "mode": "quick" if quick else "full", "dtype": "float32",
+                     "device": device, "tessel_ms": 1e3 * times["tessel"], "reference_ms": 1e3 * times["reference"],
+                     "x_reference": times["reference"] / times["tessel"]})
+    return rows

@@ -1,0 +1,76 @@
+"""What the studies share: the command line, the backend switch, and the
+JSON + PNG + verdict table each study writes."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+
+import torch
+
+import tessel
+
+
+def parse_args(study: str, doc: str, argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m examples.{study}", description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small run in seconds (what CI runs)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--backend", choices=("tessel", "reference"), default="tessel",
+                        help="tessel's kernels, or the plain PyTorch references (same seed, same steps)")
+    parser.add_argument("--out", default=os.path.join("examples", "out", study), help="directory for JSON and PNG")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """tessel's kernels ("tessel": the automatic choice) or its references."""
+    previous = tessel._dispatch._chosen
+    tessel.set_backend("auto" if name == "tessel" else "reference")
+    try:
+        yield
+    finally:
+        tessel._dispatch._chosen = previous
+
+
+def verdict_table(rows: list[tuple[str, str, str]]) -> str:
+    """(check, measured, verdict) rows as aligned text."""
+    header = ("check", "measured", "verdict")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(3)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header, *rows])
+
+
+def finish(study: str, args, metrics: dict, figure, rows) -> dict:
+    """Writes <out>/<study>.json and .png, prints the verdict table."""
+    os.makedirs(args.out, exist_ok=True)
+    metrics = {"study": study, "quick": args.quick, "device": args.device, "backend": args.backend,
+               "seed": args.seed, "torch": torch.__version__, **metrics}
+    with open(os.path.join(args.out, f"{study}.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    figure.savefig(os.path.join(args.out, f"{study}.png"), dpi=110)
+    print(verdict_table(rows))
+    print(f"wrote {args.out}/{study}.json and .png ({metrics['wall_s']:.1f} s)")
+    return metrics
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
