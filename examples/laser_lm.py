@@ -32,9 +32,9 @@ from tessel import distributed as td
 from . import _common
 from .markov import Transformer
 
-FULL = dict(world=4, powers=[1e2, 1e3, 1e4, 1e5, 1e6], steps=300, batch=16, seq=64, dim=64, layers=2, heads=4,
+FULL = dict(world=4, powers=[1e1, 1e2, 1e3, 1e4, 1e5], steps=300, batch=16, seq=64, dim=64, layers=2, heads=4,
             rank=4, lr=2e-3)
-QUICK = dict(world=2, powers=[1e3], steps=60, batch=16, seq=32, dim=32, layers=2, heads=2, rank=2, lr=3e-3)
+QUICK = dict(world=2, powers=[1e2], steps=60, batch=16, seq=32, dim=32, layers=2, heads=2, rank=2, lr=3e-3)
 METHODS = ("noiseless", "zsgd", "powersgd_channel", "laser")
 CORPUS_MODULES = ("argparse", "textwrap", "difflib", "inspect", "typing")
 
@@ -157,17 +157,16 @@ def plot(results):
 
 def checks(results):
     base = _series(results, "noiseless")[1][0]
-    powers, laser = _series(results, "laser")
+    _, laser = _series(results, "laser")
     _, zsgd = _series(results, "zsgd")
     low = 0  # the lowest power
     floats = {r["method"]: r["floats_per_step"] for r in results["results"]}
     return [
         ("LASER vs Z-SGD at the lowest power", f"ppl {laser[low]:.2f} vs {zsgd[low]:.2f} (noiseless {base:.2f})",
-         laser[low] < zsgd[low]),
-        ("LASER's excess perplexity over noiseless, lowest power", f"{laser[low] / base:.2f}x",
-         laser[low] / base < zsgd[low] / base),
+         laser[low] < 0.9 * zsgd[low]),
+        ("noiseless baseline learns (uniform: 95)", f"ppl {base:.2f}", base < 30),
         ("floats sent per step, LASER vs uncompressed", f"{floats['laser']:.0f} vs {floats['zsgd']:.0f}",
-         floats["laser"] < floats["zsgd"]),
+         floats["laser"] < floats["zsgd"] / 4),
     ]
 
 

@@ -23,8 +23,8 @@ from tessel.nn import LoopedLinearTransformer
 
 from . import _common
 
-FULL = dict(d=10, n=20, kappa=5.0, loops=list(range(1, 13)), steps=2000, batch=1024, noise=0.0)
-QUICK = dict(d=5, n=10, kappa=3.0, loops=[1, 2, 4], steps=250, batch=512, noise=0.0)
+FULL = dict(d=10, n=20, kappa=5.0, loops=list(range(1, 13)), steps=2000, batch=1024, noise=0.0, lr=3e-3)
+QUICK = dict(d=5, n=10, kappa=3.0, loops=[1, 2, 4], steps=300, batch=512, noise=0.0, lr=1e-2)
 EVAL_BATCH = 4096
 
 
@@ -70,11 +70,11 @@ def run(args) -> dict:
         for loops in cfg["loops"]:
             gen = torch.Generator().manual_seed(args.seed + 100 + loops)
             model = LoopedLinearTransformer(cfg["d"], loops, init="random", init_scale=0.02, device=device)
-            train(model, list(model.parameters()), cfg, gen, device, lr=3e-3)
+            train(model, list(model.parameters()), cfg, gen, device, lr=cfg["lr"])
             # GD with a learned preconditioner (its scale is the step size), from a small step.
             gamma = torch.nn.Parameter(torch.eye(cfg["d"], device=device) * 0.1)
             pgd = lambda X, y, xq, g=gamma, L=loops: preconditioned_gd_predict(X, y, xq, L, preconditioner=g)
-            train(pgd, [gamma], cfg, torch.Generator().manual_seed(args.seed + 100 + loops), device, lr=1e-2)
+            train(pgd, [gamma], cfg, torch.Generator().manual_seed(args.seed + 100 + loops), device, lr=3e-2)
             results["loops"].append(loops)
             results["looped"].append(test_loss(model, test))
             results["pgd"].append(test_loss(pgd, test))
