@@ -25,7 +25,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_p
 from tessel import compress
 from tessel import distributed as td
 
-from ._harness import Case, forward_call
+from ._harness import Case
 
 BUCKET_BYTES = 25 * 2**20
 

@@ -125,10 +125,12 @@ enum class Triangle { kNone, kOutLower, kOutUpper, kALower, kAUpper };
 // (stride = k * panel, ldb = panel). Panels outer, rows inner: one B panel
 // stays in L1 while every row tile of A passes over it. Entries a Triangle
 // skips are left unwritten.
+// kLda = 0: A's leading dimension is the runtime `lda` (an operand read in place).
 template <typename T, bool ATrans, int64_t kLda>
 void gemm_panels(int64_t m, int64_t npanels, int64_t k, const T* a, const T* b, int64_t ldb,
-                 int64_t b_panel_stride, T* c, int64_t ldc, bool accumulate, Triangle tri = Triangle::kNone) {
-  static_assert(kLda > 0, "A's leading dimension is a compile-time block size");
+                 int64_t b_panel_stride, T* c, int64_t ldc, bool accumulate, Triangle tri = Triangle::kNone,
+                 int64_t lda_arg = kLda) {
+  const int64_t lda = kLda > 0 ? kLda : lda_arg;
   static constexpr auto table = micro_table<T, ATrans, kLda>(std::make_integer_sequence<int, kMicroRows>{});
   constexpr int NR = Simd<T>::panel;
   for (int64_t j = 0; j < npanels; ++j) {
@@ -141,12 +143,12 @@ void gemm_panels(int64_t m, int64_t npanels, int64_t k, const T* a, const T* b, 
       // A's nonzero columns for these rows.
       const int64_t p0 = tri == Triangle::kAUpper ? i : 0;
       const int64_t p1 = tri == Triangle::kALower ? std::min(k, i + rows) : k;
-      const T* ai = (ATrans ? a + i : a + i * kLda) + (ATrans ? p0 * kLda : p0);
+      const T* ai = (ATrans ? a + i : a + i * lda) + (ATrans ? p0 * lda : p0);
       const T* bi = bj + p0 * ldb;
       if (rows == kMicroRows)
-        micro_tile<T, kMicroRows, ATrans, kLda>(p1 - p0, ai, kLda, bi, ldb, cj + i * ldc, ldc, accumulate);
+        micro_tile<T, kMicroRows, ATrans, kLda>(p1 - p0, ai, lda, bi, ldb, cj + i * ldc, ldc, accumulate);
       else
-        table[rows - 1](p1 - p0, ai, kLda, bi, ldb, cj + i * ldc, ldc, accumulate);
+        table[rows - 1](p1 - p0, ai, lda, bi, ldb, cj + i * ldc, ldc, accumulate);
     }
   }
 }

@@ -125,6 +125,19 @@ void forward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T>
                                        Work<T>::NR, S, w.dvp, true);
     }
   }
+  if (!p.causal && Dv == w.dvp) {
+    // o = q (scale S): q read in place, o written in place.
+    if (state_out) copy_rows(S, w.dvp, D, Dv, T(1), state_out + state_off, Dv);
+    scale_inplace(S, D * w.dvp, scale);
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = hk * group + g;
+      for (int64_t r0 = 0; r0 < p.len_q; r0 += kChunk)  // a chunk of q stays in L1 across the panels
+        gemm_panels<T, false, 0>(std::min(kChunk, p.len_q - r0), w.dvp / Work<T>::NR, D, q.rows(b, h, r0), S,
+                                 w.dvp, Work<T>::NR, out + ((b * p.heads + h) * p.len_q + r0) * Dv, Dv, false,
+                                 Triangle::kNone, q.st.n);
+    }
+    return;
+  }
   const int64_t n_rows = p.len_q;
   for (int64_t r0 = 0; r0 < n_rows; r0 += kChunk) {
     const int64_t len = std::min(kChunk, n_rows - r0);

@@ -58,6 +58,15 @@ def finish(study: str, args, metrics: dict, figure, rows) -> dict:
     return metrics
 
 
+def main(study, argv=None) -> dict:
+    """The command line of a study module (run, plot, checks): parse, run, write, judge."""
+    name = study.__name__.rsplit(".", 1)[-1]
+    args = parse_args(name, study.__doc__, argv)
+    results = study.run(args)
+    rows = [(check, measured, "ok" if good else "MISSED") for check, measured, good in study.checks(results)]
+    return finish(name, args, results, study.plot(results), rows)
+
+
 def pyplot():
     import matplotlib
 

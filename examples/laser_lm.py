@@ -19,6 +19,7 @@ import inspect
 import math
 import os
 import socket
+import sys
 import tempfile
 
 import torch
@@ -171,10 +172,7 @@ def checks(results):
 
 
 def main(argv=None):
-    args = _common.parse_args("laser_lm", __doc__, argv)
-    results = run(args)
-    rows = [(name, measured, "ok" if good else "MISSED") for name, measured, good in checks(results)]
-    return _common.finish("laser_lm", args, results, plot(results), rows)
+    return _common.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

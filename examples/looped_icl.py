@@ -14,7 +14,7 @@ falls with L.
 """
 from __future__ import annotations
 
-import math
+import sys
 
 import torch
 
@@ -108,10 +108,7 @@ def checks(results) -> list[tuple[str, str, bool]]:
 
 
 def main(argv=None):
-    args = _common.parse_args("looped_icl", __doc__, argv)
-    results = run(args)
-    rows = [(name, measured, "ok" if good else "MISSED") for name, measured, good in checks(results)]
-    return _common.finish("looped_icl", args, results, plot(results), rows)
+    return _common.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

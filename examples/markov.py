@@ -12,6 +12,7 @@ model, against the k-th order conditional entropy.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -176,10 +177,7 @@ def checks(results):
 
 
 def main(argv=None):
-    args = _common.parse_args("markov", __doc__, argv)
-    results = run(args)
-    rows = [(name, measured, "ok" if good else "MISSED") for name, measured, good in checks(results)]
-    return _common.finish("markov", args, results, plot(results), rows)
+    return _common.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

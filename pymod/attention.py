@@ -92,7 +92,7 @@ def check_attention_inputs(q, k, v) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x, 4, _LAYOUT)
     check_same(("q", "k", "v"), (q, k, v))
-    (b, h, _, d), (bk, hk, nk, dk) = q.shape, k.shape
+    (b, h, _, d), (bk, hk, _, dk) = q.shape, k.shape
     if bk != b:
         raise ValueError(f"k has batch {bk} but q has batch {b}: shapes {tuple(q.shape)} and {tuple(k.shape)}")
     if dk != d:
@@ -237,7 +237,7 @@ def _kernel_band_for_sdpa(query, key, value, attn_mask, dropout_p, is_causal, en
         return None
     if len({(x.device, x.dtype) for x in tensors}) != 1 or query.dtype not in _dispatch.FLOAT_DTYPES:
         return None
-    (b, h, nq, d), (bk, hk, nk, dk) = query.shape, key.shape
+    (b, h, _, d), (bk, hk, _, dk) = query.shape, key.shape
     if bk != b or dk != d or value.shape != key.shape:
         return None
     if hk != h and not (enable_gqa and h % hk == 0):
