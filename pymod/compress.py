@@ -245,9 +245,11 @@ class ProcessGroupComm:
 class NoiselessChannel:
     """The exact mean over workers (an all-reduce)."""
 
-    def average_(self, signals: list[torch.Tensor], comm, names=(), step=0) -> bool:
+    def average_(self, signals: list[torch.Tensor], comm, names=(), step=0, factors=0) -> bool:
         """Replaces each signal by its mean over workers; False if the sum is
-        not finite. names, step: what each signal is and when (noise keys)."""
+        not finite. names, step: what each signal is and when (noise keys);
+        the last `factors` signals are low-rank factors (r, length), one
+        vector per row."""
         if not signals:
             return True
         flat = torch.cat([s.reshape(-1) for s in signals])
@@ -260,40 +262,65 @@ class NoiselessChannel:
 
 
 class NoisyChannel(NoiselessChannel):
-    """LASER's analog uplink under a power budget (see the module docstring)."""
+    """LASER's analog uplink under a power budget (see the module docstring).
 
-    def __init__(self, power: float, power_allocation: str = "norm", seed: int = 0):
+    column_exponent: None splits a tensor's power over its entries as one
+    signal; a number a splits it over the vectors of a factor (the rows of a
+    2-D signal, i.e. P's or Q's r columns) in proportion to c_tj^a, c_tj the
+    vector's largest norm over workers, each vector then getting noise of std
+    c_tj / (n sqrt(p_tj)).
+    """
+
+    def __init__(self, power: float, power_allocation: str = "norm", seed: int = 0, column_exponent=None):
         if isinstance(power, bool) or not isinstance(power, (int, float)) or not (power > 0 and math.isfinite(power)):
             raise ValueError(f"power must be a finite number > 0 (or None for a noiseless channel), got {power!r}")
         if power_allocation not in POWER_ALLOCATIONS:
             raise ValueError(f"power_allocation must be one of {POWER_ALLOCATIONS}, got {power_allocation!r}")
+        if column_exponent is not None and not (isinstance(column_exponent, (int, float))
+                                                and math.isfinite(column_exponent)):
+            raise ValueError(f"column_exponent must be None or a finite number, got {column_exponent!r}")
         self.power, self.power_allocation, self.seed = float(power), power_allocation, seed
+        self.column_exponent = column_exponent
 
-    def noise_std(self, peak_norms: torch.Tensor, workers: int) -> torch.Tensor:
-        """s_t = c_t / (n sqrt(p_t)) for each signal's largest norm c_t (0 where c_t = 0)."""
-        if self.power_allocation == "norm":
-            total = peak_norms.sum()
-            share = peak_norms / total if total > 0 else torch.full_like(peak_norms, 1 / len(peak_norms))
-        else:
-            share = torch.full_like(peak_norms, 1 / len(peak_norms))
-        power = self.power * share
+    def tensor_power(self, peak_norms: torch.Tensor) -> torch.Tensor:
+        """p_t: the budget split over signals by their largest norms c_t ("norm") or evenly."""
+        total = peak_norms.sum()
+        if self.power_allocation == "norm" and total > 0:
+            return self.power * peak_norms / total
+        return torch.full_like(peak_norms, self.power / len(peak_norms))
+
+    def noise_std(self, peak_norms: torch.Tensor, workers: int, power=None) -> torch.Tensor:
+        """s = c / (n sqrt(p)) for largest norms c and powers p (default: tensor_power); 0 where c = 0."""
+        power = self.tensor_power(peak_norms) if power is None else power
         std = peak_norms / (workers * power.sqrt())
         return torch.where(peak_norms > 0, std, torch.zeros_like(std))
 
-    def average_(self, signals, comm, names=(), step=0) -> bool:
+    def average_(self, signals, comm, names=(), step=0, factors=0) -> bool:
         if not signals:
             return True
         names = list(names) or [str(i) for i in range(len(signals))]
-        norms = torch.stack([s.detach().float().norm() for s in signals]).to(torch.float64)
-        comm.max_(norms)
+        by_vector = [self.column_exponent is not None and i >= len(signals) - factors for i in range(len(signals))]
+        rows = [s.detach().reshape(s.shape[0] if v else 1, -1) for s, v in zip(signals, by_vector)]
+        row_norms = [r.double().norm(dim=1) for r in rows]
+        # Every largest norm (per signal, then per vector) in one all-reduce of maxima.
+        peaks = torch.cat([torch.stack([rn.norm() for rn in row_norms]), *row_norms])
+        comm.max_(peaks)
         if not self.average_noiseless_(signals, comm, names, step):
             return False
-        std = self.noise_std(norms, comm.world_size)
-        for s, sd, name in zip(signals, std.tolist(), names):
+        power = self.tensor_power(peaks[:len(signals)])
+        offset = len(signals)
+        for s, rn, p_t, v, name in zip(signals, row_norms, power, by_vector, names):
+            c = peaks[offset:offset + len(rn)]  # per vector, or the whole signal's
+            offset += len(rn)
+            share = torch.ones_like(c)
+            if v:
+                weights = c ** self.column_exponent
+                share = weights / weights.sum() if weights.sum() > 0 else share / len(c)
+            std = self.noise_std(c, comm.world_size, p_t * share)
             # Keyed by (seed, signal, step): the same on every worker, whatever the bucketing.
             gen = torch.Generator().manual_seed(_name_seed(self.seed, name, step))
-            noise = torch.randn(s.shape, generator=gen, dtype=torch.float64)
-            s.add_((noise * sd).to(device=s.device, dtype=s.dtype))
+            noise = torch.randn(len(c), s.numel() // len(c), generator=gen, dtype=torch.float64)
+            s.add_((noise * std[:, None]).view(s.shape).to(device=s.device, dtype=s.dtype))
         return True
 
     average_noiseless_ = NoiselessChannel.average_
@@ -360,10 +387,10 @@ class Compressor:
     def _reduce(self, named_grads, comm) -> bool:
         raise NotImplementedError
 
-    def _send(self, signals, comm, names, step) -> bool:
+    def _send(self, signals, comm, names, step, factors=0) -> bool:
         """Average signals over the channel, counting what one worker sends."""
         self.floats_sent += sum(s.numel() for s in signals)
-        return self.channel.average_(signals, comm, names, step)
+        return self.channel.average_(signals, comm, names, step, factors)
 
     def state_dict(self):
         return {"iteration": self.iteration, "skipped_steps": self.skipped_steps, "floats_sent": self.floats_sent}
@@ -397,11 +424,12 @@ class ZSGD(Compressor):
 class _TensorState:
     """Per compressed tensor: its error buffer, warm factors and step count."""
 
-    __slots__ = ("error", "p", "q", "steps")
+    __slots__ = ("error", "p", "q", "steps", "phase")
 
     def __init__(self):
         self.error = self.p = self.q = None
         self.steps = 0
+        self.phase = 0  # alternate: 0 sends P next (needs q), 1 sends Q (needs p)
 
 
 class PowerSGD(Compressor):
@@ -451,7 +479,7 @@ class PowerSGD(Compressor):
         if st.q is None or st.q.shape != (r, m):
             gen = torch.Generator().manual_seed(_name_seed(self.seed, name))
             st.q = torch.randn(r, m, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-            st.p, st.steps = None, 0
+            st.p, st.steps, st.phase = None, 0, 0
             if self.alternate:
                 orthogonalize_(st.q.T, self.eps)
         if self.error_feedback and (st.error is None or st.error.shape != (n, m)):
@@ -490,15 +518,16 @@ class PowerSGD(Compressor):
         self._verify_once(named_grads, mats, comm)
         backend = _dispatch.resolve_backend("compress", mats[0][1].device)
         work_dtype = _work_dtype(mats[0][1].dtype, backend)
-        # Tensors grouped by step parity (alternate) and rank: one pass each.
-        groups: dict[tuple, list] = {}
+        # Tensors grouped by rank (below min(n, m) only with min_compression_rate < 2): one pass each.
+        groups: dict[int, list] = {}
         for nm, g in mats:
             n, m = g.shape[0], g.numel() // g.shape[0]
             st = self._state(nm, n, m, g.device, work_dtype)
-            key = (st.steps % 2 if self.alternate else 0, self._rank_of(n, m))
-            groups.setdefault(key, []).append((nm, g, st))
+            groups.setdefault(self._rank_of(n, m), []).append((nm, g, st))
         first = True
-        for (phase, rank), members in sorted(groups.items()):
+        for rank, members in sorted(groups.items()):
+            # A P step serves every tensor (each keeps an orthonormal q); a Q step needs every p.
+            phase = min(st.phase for _, _, st in members) if self.alternate else 0
             if not self._step(members, phase, rank, plain if first else [], comm, backend, work_dtype):
                 return False
             first = False
@@ -518,22 +547,22 @@ class PowerSGD(Compressor):
         device = works[0].device
         P = torch.empty(p_off, device=device, dtype=work_dtype)
         Q = torch.empty(q_off, device=device, dtype=work_dtype)
-        P_parts = [P[it.p_offset:it.p_offset + rank * it.n] for it in items]
-        Q_parts = [Q[it.q_offset:it.q_offset + rank * it.m] for it in items]
+        P_parts = [P[it.p_offset:it.p_offset + rank * it.n].view(rank, it.n) for it in items]
+        Q_parts = [Q[it.q_offset:it.q_offset + rank * it.m].view(rank, it.m) for it in items]
         plain_signals = [g for _, g in plain]
         plain_names = [nm for nm, _ in plain]
         names = [nm for nm, _, _ in members]
 
         if not self.alternate:
             for (nm, g, st), q in zip(members, Q_parts):
-                q.copy_(self._fresh_q(nm, st) if not self.warm_start else st.q.reshape(-1))
+                q.copy_(self._fresh_q(nm, st).view_as(q) if not self.warm_start else st.q)
             ops.project_p(items, P, Q, rank)
             if not self._send(plain_signals + P_parts, comm, plain_names + [f"{n}:P" for n in names],
-                                         self.iteration):
+                              self.iteration, len(P_parts)):
                 return False
             self._orthonormalize(ops, P, items, "p", rank)
             ops.project_q(items, P, Q, rank)
-            if not self._send(Q_parts, comm, [f"{n}:Q" for n in names], self.iteration):
+            if not self._send(Q_parts, comm, [f"{n}:Q" for n in names], self.iteration, len(Q_parts)):
                 return False
             ops.reconstruct(items, P, Q, P, Q, rank)
             self._record(members, P_parts, Q_parts, rank)
@@ -541,13 +570,14 @@ class PowerSGD(Compressor):
                 st.q = q.view(rank, -1).clone()
         else:
             # phase 0 sends P = M Q (Q orthonormal from the step before); phase 1 sends Q = M^T P.
-            fixed, sent, fixed_parts, sent_parts = (Q, P, Q_parts, P_parts) if phase == 0 else (P, Q, P_parts, Q_parts)
+            sent, fixed_parts, sent_parts = (P, Q_parts, P_parts) if phase == 0 else (Q, P_parts, Q_parts)
             for (nm, g, st), part in zip(members, fixed_parts):
-                part.copy_((st.q if phase == 0 else st.p).reshape(-1))
+                part.copy_(st.q if phase == 0 else st.p)
             (ops.project_p if phase == 0 else ops.project_q)(items, P, Q, rank)
             local = sent.clone()
             sent_names = [f"{n}:{'PQ'[phase]}" for n in names]
-            if not self._send(plain_signals + sent_parts, comm, plain_names + sent_names, self.iteration):
+            if not self._send(plain_signals + sent_parts, comm, plain_names + sent_names, self.iteration,
+                              len(sent_parts)):
                 return False
             if phase == 0:
                 ops.reconstruct(items, P, Q, local, Q, rank)
@@ -562,6 +592,7 @@ class PowerSGD(Compressor):
                     st.q = part.view(rank, -1).clone()
         for (nm, g, st), work in zip(members, works):
             st.steps += 1
+            st.phase = 1 - phase
             if work.data_ptr() != g.data_ptr():
                 g.copy_(work.view_as(g))
         return True
@@ -609,7 +640,7 @@ class PowerSGD(Compressor):
 
     def state_dict(self):
         state = super().state_dict()
-        state["tensors"] = {nm: {"error": st.error, "p": st.p, "q": st.q, "steps": st.steps}
+        state["tensors"] = {nm: {"error": st.error, "p": st.p, "q": st.q, "steps": st.steps, "phase": st.phase}
                             for nm, st in self._tensors.items()}
         return state
 
@@ -621,19 +652,21 @@ class PowerSGD(Compressor):
             st.error = None if s["error"] is None else s["error"].clone()
             st.p = None if s["p"] is None else s["p"].clone()
             st.q = None if s["q"] is None else s["q"].clone()
-            st.steps = s["steps"]
+            st.steps, st.phase = s["steps"], s["phase"]
 
 
 class Laser(PowerSGD):
     """LASER (Makkuva et al., ICML 2024): alternating PowerSGD factors with
     error feedback sent over the noisy channel (module docstring) under a
     total power budget `power` per step, split over the tensors sent by
-    `power_allocation`; power=None is the noiseless limit (alternating
+    `power_allocation` and, with column_exponent, over each factor's
+    vectors (NoisyChannel); power=None is the noiseless limit (alternating
     PowerSGD). Uncompressed tensors share the channel and the budget."""
 
-    def __init__(self, rank=4, power=None, power_allocation="norm", min_compression_rate=2.0, start_iter=0,
-                 orthogonalization_epsilon=0.0, seed=0, on_nonfinite="raise"):
-        channel = NoiselessChannel() if power is None else NoisyChannel(power, power_allocation, seed)
+    def __init__(self, rank=4, power=None, power_allocation="norm", column_exponent=None, min_compression_rate=2.0,
+                 start_iter=0, orthogonalization_epsilon=0.0, seed=0, on_nonfinite="raise"):
+        channel = NoiselessChannel() if power is None else NoisyChannel(power, power_allocation, seed,
+                                                                         column_exponent)
         super().__init__(rank, error_feedback=True, warm_start=True, min_compression_rate=min_compression_rate,
                          start_iter=start_iter, orthogonalization_epsilon=orthogonalization_epsilon, alternate=True,
                          seed=seed, on_nonfinite=on_nonfinite, channel=channel)

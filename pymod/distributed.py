@@ -77,12 +77,15 @@ class PowerSGDState(_HookState):
 
 class LaserState(_HookState):
     """LASER over the simulated noisy uplink (tessel.compress.Laser): rank,
-    power (None: noiseless), power_allocation ("norm" or "uniform"),
-    start_iter uncompressed noiseless steps first."""
+    power (None: noiseless), power_allocation ("norm" or "uniform") over
+    tensors, column_exponent (None, or a: over each factor's vectors by
+    norm^a), start_iter uncompressed noiseless steps first."""
 
-    def __init__(self, process_group=None, rank=4, power=None, power_allocation="norm", start_iter=2,
-                 min_compression_rate=2.0, orthogonalization_epsilon=0.0, seed=0, on_nonfinite="raise", model=None):
-        compressor = Laser(rank, power, power_allocation=power_allocation, min_compression_rate=min_compression_rate,
+    def __init__(self, process_group=None, rank=4, power=None, power_allocation="norm", column_exponent=None,
+                 start_iter=2, min_compression_rate=2.0, orthogonalization_epsilon=0.0, seed=0, on_nonfinite="raise",
+                 model=None):
+        compressor = Laser(rank, power, power_allocation=power_allocation, column_exponent=column_exponent,
+                           min_compression_rate=min_compression_rate,
                            start_iter=start_iter, orthogonalization_epsilon=orthogonalization_epsilon, seed=seed,
                            on_nonfinite=on_nonfinite)
         super().__init__(compressor, process_group, model)

@@ -265,7 +265,20 @@ def test_noisy_channel_noise_matches_the_power_budget():
     assert abs(noise[1:].std().item() - 0.75) < 0.01
     # Norm allocation: a tensor with twice the norm gets twice the power.
     std = NoisyChannel(power=3.0).noise_std(torch.tensor([1.0, 2.0], dtype=torch.float64), 1)
+    # (c_t: 1 and 2, so p_t = 1 and 2)
     assert torch.allclose(std, torch.tensor([1.0, 2.0], dtype=torch.float64) / torch.tensor([1.0, 2.0]).sqrt())
+
+
+def test_column_allocation_splits_a_factors_power_over_its_vectors():
+    channel = NoisyChannel(power=4.0, seed=1, column_exponent=1.0)
+    factor = torch.zeros(3, 200_000, dtype=torch.float64)
+    factor[0, 0], factor[1, 0] = 3.0, 1.0  # vector norms 3, 1 and 0
+    received = factor.clone()
+    assert channel.average_([received], _FakeComm(1), ["f"], 0, factors=1)
+    noise = (received - factor)[:, 1:].std(dim=1)
+    # shares 3/4, 1/4, 0 of p = 4: std = c_j / sqrt(p_j) = 3 / sqrt(3), 1 / 1, and none for the zero vector
+    assert abs(noise[0].item() - math.sqrt(3)) < 0.02 and abs(noise[1].item() - 1.0) < 0.02
+    assert noise[2].item() == 0
 
 
 def test_laser_without_noise_is_alternating_powersgd_and_noise_shrinks_with_power():
