@@ -54,7 +54,6 @@ def main(argv=None) -> None:
         print(f"\nwrote {path}")
     if args.plot:
         _harness.write_plot(args.plot, rows, env)
-        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

@@ -248,7 +248,11 @@ def write_json(path: str, env: dict, rows: list[dict], extra: dict) -> str:
 
 def write_plot(path: str, rows: list[dict], env: dict) -> None:
     """One panel per suite: tessel's speedup over each baseline, per case."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no plot at {path}")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -271,3 +275,4 @@ def write_plot(path: str, rows: list[dict], env: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    print(f"wrote {path}")

@@ -60,7 +60,8 @@ def finish(study: str, args, metrics: dict, figure, rows) -> dict:
 
 def main(study, argv=None) -> dict:
     """The command line of a study module (run, plot, checks): parse, run, write, judge."""
-    name = study.__name__.rsplit(".", 1)[-1]
+    # Under `python -m` the module is __main__; its spec keeps the real name.
+    name = getattr(study.__spec__, "name", study.__name__).rsplit(".", 1)[-1]
     args = parse_args(name, study.__doc__, argv)
     results = study.run(args)
     rows = [(check, measured, "ok" if good else "MISSED") for check, measured, good in study.checks(results)]

@@ -14,6 +14,7 @@ falls with L.
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -42,10 +43,27 @@ def sample(batch, d, n, kappa, noise, gen, device):
 
 
 def train(predict, params, cfg, gen, device, lr):
+    """Adam with gradient clipping. A step that makes the loops diverge
+    (FloatingPointError, or a non-finite loss) is undone and the rate halved:
+    deep loops of a cubic update have a narrow stable region."""
     opt = torch.optim.Adam(params, lr=lr)
+    good = [p.detach().clone() for p in params]  # the last weights whose forward was finite
     for _ in range(cfg["steps"]):
         X, y, xq, yq = sample(cfg["batch"], cfg["d"], cfg["n"], cfg["kappa"], cfg["noise"], gen, device)
-        loss = (predict(X, y, xq) - yq).pow(2).mean()
+        try:
+            loss = (predict(X, y, xq) - yq).pow(2).mean()
+            diverged = not torch.isfinite(loss)
+        except FloatingPointError:
+            diverged = True
+        if diverged:
+            with torch.no_grad():
+                for p, g in zip(params, good):
+                    p.copy_(g)
+            for group in opt.param_groups:
+                group["lr"] /= 2
+            opt.state.clear()
+            continue
+        good = [p.detach().clone() for p in params]
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -70,7 +88,7 @@ def run(args) -> dict:
         for loops in cfg["loops"]:
             gen = torch.Generator().manual_seed(args.seed + 100 + loops)
             model = LoopedLinearTransformer(cfg["d"], loops, init="random", init_scale=0.02, device=device)
-            train(model, list(model.parameters()), cfg, gen, device, lr=cfg["lr"])
+            train(model, list(model.parameters()), cfg, gen, device, lr=cfg["lr"] / math.sqrt(loops))
             # GD with a learned preconditioner (its scale is the step size), from a small step.
             gamma = torch.nn.Parameter(torch.eye(cfg["d"], device=device) * 0.1)
             pgd = lambda X, y, xq, g=gamma, L=loops: preconditioned_gd_predict(X, y, xq, L, preconditioner=g)

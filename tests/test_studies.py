@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from examples import laser_lm, looped_icl, markov
+pytest.importorskip("matplotlib")  # the studies plot; the GPU image may lack it
+
+from examples import laser_lm, looped_icl, markov  # noqa: E402
 
 
 @pytest.mark.parametrize("study", [markov, looped_icl, laser_lm], ids=["markov", "looped_icl", "laser_lm"])
