@@ -35,7 +35,7 @@ from .markov import Transformer
 
 FULL = dict(world=4, powers=[1e1, 1e2, 1e3, 1e4, 1e5], steps=300, batch=16, seq=64, dim=64, layers=2, heads=4,
             rank=4, lr=2e-3)
-QUICK = dict(world=2, powers=[1e2], steps=60, batch=16, seq=32, dim=32, layers=2, heads=2, rank=2, lr=3e-3)
+QUICK = dict(world=2, powers=[1e1], steps=60, batch=16, seq=32, dim=32, layers=2, heads=2, rank=2, lr=3e-3)
 METHODS = ("noiseless", "zsgd", "powersgd_channel", "laser")
 CORPUS_MODULES = ("argparse", "textwrap", "difflib", "inspect", "typing")
 
@@ -55,14 +55,14 @@ def batch_of(data, batch, seq, gen):
     return windows[:, :-1], windows[:, 1:]
 
 
-def make_hook(method, power, cfg):
+def make_hook(method, power, cfg, model):
     if method == "noiseless":
         return None, None
     if method == "zsgd":
-        return td.ZSGDState(None, power=power), td.zsgd_hook
+        return td.ZSGDState(None, power=power, model=model), td.zsgd_hook
     allocation = "uniform" if method == "powersgd_channel" else "norm"
-    return td.LaserState(None, rank=cfg["rank"], power=power, power_allocation=allocation, start_iter=2), \
-        td.laser_hook
+    return td.LaserState(None, rank=cfg["rank"], power=power, power_allocation=allocation, start_iter=2,
+                         model=model), td.laser_hook
 
 
 def _train(rank, world, method, power, cfg, train, val, vocab, device):
@@ -70,7 +70,7 @@ def _train(rank, world, method, power, cfg, train, val, vocab, device):
     model = Transformer(cfg["dim"], cfg["layers"], cfg["seq"], vocab=vocab, heads=cfg["heads"]).to(device)
     # One bucket for the whole model: the power budget is per step.
     ddp = DDP(model, bucket_cap_mb=1024)
-    state, hook = make_hook(method, power, cfg)
+    state, hook = make_hook(method, power, cfg, model)
     if hook is not None:
         ddp.register_comm_hook(state, hook)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
@@ -81,6 +81,7 @@ def _train(rank, world, method, power, cfg, train, val, vocab, device):
         loss = F.cross_entropy(logits.reshape(-1, vocab), y.to(device).reshape(-1))
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the received (noisy) gradient
         opt.step()
     with torch.no_grad():
         vgen = torch.Generator().manual_seed(7)
