@@ -68,6 +68,15 @@ def main(study, argv=None) -> dict:
     return finish(name, args, results, study.plot(results), rows)
 
 
+def progress(items, desc):
+    """A progress bar over a study's runs (tqdm when installed)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, leave=False)
+
+
 def pyplot():
     import matplotlib
 

@@ -85,7 +85,7 @@ def run(args) -> dict:
     ols = test_loss(least_squares_predict, test)
     results = {"loops": [], "looped": [], "pgd": [], "ols": ols}
     with _common.Timer() as clock, _common.backend(args.backend):
-        for loops in cfg["loops"]:
+        for loops in _common.progress(cfg["loops"], "loops"):
             gen = torch.Generator().manual_seed(args.seed + 100 + loops)
             model = LoopedLinearTransformer(cfg["d"], loops, init="random", init_scale=0.02, device=device)
             train(model, list(model.parameters()), cfg, gen, device, lr=cfg["lr"] / math.sqrt(loops))

@@ -129,7 +129,7 @@ def run(args) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     jobs += [(f"order {k}", Chain(torch.rand(2**k, generator=gen), k), 2) for k in cfg["orders"]]
     with _common.Timer() as clock, _common.backend(args.backend):
-        for label, chain, layers in jobs:
+        for label, chain, layers in _common.progress(jobs, "chains"):
             curve, test = fit(chain, layers, cfg, args.seed, args.device)
             runs.append({"label": label, "order": chain.order, "layers": layers, "curve": curve, "test_loss": test,
                          "entropy_rate": chain.entropy_rate(), "unigram_entropy": chain.unigram_entropy()})
