@@ -1,7 +1,8 @@
 """Looped linear transformers learn multi-step preconditioned gradient descent in context.
 
 Trains tessel.nn.LoopedLinearTransformer (one linear self-attention layer,
-shared P and Q, applied L times) on in-context linear regression: prompts of
+shared P and Q, applied L times; each L starts from the weights trained for
+the previous one, a curriculum over loops) on in-context linear regression: prompts of
 n examples (x_i, x_i . w) plus a query x_q, with x ~ N(0, Sigma), Sigma's
 condition number drawn uniformly in [1, kappa] per prompt and w ~ N(0, I).
 For each L it compares the model's test loss with L steps of preconditioned
@@ -24,7 +25,7 @@ from tessel.nn import LoopedLinearTransformer
 
 from . import _common
 
-FULL = dict(d=10, n=20, kappa=5.0, loops=list(range(1, 13)), steps=2000, batch=1024, noise=0.0, lr=3e-3)
+FULL = dict(d=10, n=20, kappa=5.0, loops=[1, 2, 3, 4, 6, 8, 10, 12], steps=500, batch=1024, noise=0.0, lr=3e-3)
 QUICK = dict(d=5, n=10, kappa=3.0, loops=[1, 2, 4], steps=300, batch=512, noise=0.0, lr=1e-2)
 EVAL_BATCH = 4096
 
@@ -85,10 +86,15 @@ def run(args) -> dict:
     ols = test_loss(least_squares_predict, test)
     results = {"loops": [], "looped": [], "pgd": [], "ols": ols}
     with _common.Timer() as clock, _common.backend(args.backend):
+        previous = None
         for loops in _common.progress(cfg["loops"], "loops"):
             gen = torch.Generator().manual_seed(args.seed + 100 + loops)
             model = LoopedLinearTransformer(cfg["d"], loops, init="random", init_scale=0.02, device=device)
+            if previous is not None:
+                # A curriculum over loops (as the papers train): the shared (P, Q) of L - 1 loops starts L.
+                model.load_state_dict(previous.state_dict())
             train(model, list(model.parameters()), cfg, gen, device, lr=cfg["lr"] / math.sqrt(loops))
+            previous = model
             # GD with a learned preconditioner (its scale is the step size), from a safe step; d x d
             # numbers are cheap to fit, so twice the steps.
             gamma = torch.nn.Parameter(torch.eye(cfg["d"], device=device) * 0.2)
