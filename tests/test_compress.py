@@ -297,3 +297,13 @@ def test_laser_without_noise_is_alternating_powersgd_and_noise_shrinks_with_powe
     clean = run(Laser(rank=3))
     errs = [sum(error_vs(a, b) for a, b in zip(run(Laser(rank=3, power=p)), clean)) for p in (1.0, 100.0, 1e4)]
     assert errs[0] > errs[1] > errs[2] > 0
+
+
+def test_orthogonalize_under_torch_compile():
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(M):
+        compress.orthogonalize_(M)
+        return M * 2
+
+    M = torch.randn(3, 50, 4, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(f(M.clone()), compress.orthogonalize_(M.clone()) * 2)
