@@ -210,10 +210,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DSF, DS0, DKP, DV_, sqb, sqh, sqn, skb, skh, s
              mask=(offs_d[:, None] < D) & (offs_v[None, :] < DV))
 
 
-def supports(dtype: torch.dtype, dim: int, dim_v: int) -> bool:
-    return dtype in DTYPES and dim <= MAX_DIM and dim_v <= MAX_DIM
-
-
 def _check(dtype, d, dv):
     if dtype not in DTYPES:
         raise TypeError(f"the Triton linear attention kernel runs float16, bfloat16 and float32, got {dtype}")

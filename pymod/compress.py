@@ -319,8 +319,8 @@ class NoisyChannel(NoiselessChannel):
             std = self.noise_std(c, comm.world_size, p_t * share)
             # Keyed by (seed, signal, step): the same on every worker, whatever the bucketing.
             gen = torch.Generator().manual_seed(_name_seed(self.seed, name, step))
-            noise = torch.randn(len(c), s.numel() // len(c), generator=gen, dtype=torch.float64)
-            s.add_((noise * std[:, None]).view(s.shape).to(device=s.device, dtype=s.dtype))
+            noise = torch.randn(len(c), s.numel() // len(c), generator=gen, dtype=torch.float64).to(s.device)
+            s.add_((noise * std[:, None]).view(s.shape).to(s.dtype))
         return True
 
     average_noiseless_ = NoiselessChannel.average_
@@ -349,8 +349,6 @@ class Compressor:
     on one worker; state_dict() / load_state_dict() hold everything a resumed
     run needs.
     """
-
-    on_nonfinite = "raise"
 
     def __init__(self, channel, on_nonfinite="raise"):
         if on_nonfinite not in NONFINITE_ACTIONS:
@@ -410,8 +408,7 @@ class ZSGD(Compressor):
         super().__init__(channel, on_nonfinite)
 
     def _reduce(self, named_grads, comm):
-        return self._send([g for _, g in named_grads], comm, [nm for nm, _ in named_grads],
-                                     self.iteration)
+        return self._send([g for _, g in named_grads], comm, [nm for nm, _ in named_grads], self.iteration)
 
     def compress(self, name, grad):
         return grad, None
@@ -495,7 +492,8 @@ class PowerSGD(Compressor):
         ns = [g.shape[0] for _, g in mats]
         ms = [g.numel() // g.shape[0] for _, g in mats]
         sig = torch.tensor([len(named_grads), sum(g.numel() for _, g in named_grads), len(mats), sum(ns), sum(ms),
-                            sum(self._rank_of(n, m) for n, m in zip(ns, ms)), self.rank], dtype=torch.float64)
+                            sum(self._rank_of(n, m) for n, m in zip(ns, ms)), self.rank], dtype=torch.float64,
+                           device=mats[0][1].device)  # NCCL reduces device tensors only
         hi, lo = sig.clone(), -sig
         comm.max_(hi)
         comm.max_(lo)
