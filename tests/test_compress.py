@@ -307,3 +307,25 @@ def test_orthogonalize_under_torch_compile():
 
     M = torch.randn(3, 50, 4, generator=torch.Generator().manual_seed(4))
     assert torch.equal(f(M.clone()), compress.orthogonalize_(M.clone()) * 2)
+
+
+@pytest.mark.skipif(len(KERNEL_OPS) < 2, reason="needs triton")
+@pytest.mark.parametrize("alternate", [False, True])
+def test_reduce_on_the_triton_passes_matches_cpp(alternate):
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # else the interpreter (conftest)
+    gen = torch.Generator().manual_seed(5)
+    grads = [("a", torch.randn(40, 60, generator=gen)), ("b", torch.randn(60, generator=gen)),
+             ("c", torch.randn(33, 70, generator=gen))]
+    results = {}
+    for backend in ("cpp", "triton"):
+        tessel.set_backend(backend)
+        comp = PowerSGD(rank=3, alternate=alternate)
+        outs = []
+        for _ in range(3):
+            work = [(n, g.clone().to(device if backend == "triton" else "cpu")) for n, g in grads]
+            comp.reduce(work)
+            outs.append([g.cpu() for _, g in work])
+        results[backend] = outs
+    for a_step, b_step in zip(results["cpp"], results["triton"]):
+        for a, b in zip(a_step, b_step):
+            assert error_vs(a, b) < 1e-4
