@@ -179,6 +179,13 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else cpu_model()
 
 
+def timing_columns(times: dict[str, float]) -> dict:
+    """<provider>_ms for each provider, then x_<provider>: its time over tessel's."""
+    cols = {f"{name}_ms": t * 1e3 for name, t in times.items()}
+    cols.update({f"x_{name}": t / times["tessel"] for name, t in times.items() if name != "tessel"})
+    return cols
+
+
 def run_cases(cases: list[Case], quick: bool) -> list[dict]:
     rows = []
     for case in tqdm(cases, desc="time", unit="case", leave=False):
@@ -191,11 +198,7 @@ def run_cases(cases: list[Case], quick: bool) -> list[dict]:
             providers["reference"] = case.reference
         providers.update(case.peers)
         times = time_side_by_side(providers, case.device, quick)
-        for name, t in times.items():
-            row[f"{name}_ms"] = t * 1e3
-        for name, t in times.items():
-            if name != "tessel":
-                row[f"x_{name}"] = t / times["tessel"]
+        row.update(timing_columns(times))
         row["gflops"] = case.flops / times["tessel"] / 1e9
         if case.bytes:
             row["gbps"] = case.bytes / times["tessel"] / 1e9

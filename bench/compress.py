@@ -25,7 +25,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_p
 from tessel import compress
 from tessel import distributed as td
 
-from ._harness import Case
+from ._harness import Case, timing_columns
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -109,12 +109,15 @@ def floats_sent(shapes, rank, min_rate=2.0):
     return total
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _ensure_process_group():
     if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
 
 
 def _hook_providers(rank, shapes, seed=0):
@@ -219,9 +222,7 @@ def extra_rows(device: str, dtype: torch.dtype, quick: bool) -> list[dict]:
     plan = [(2, "resnet18", 4)] if quick else [(2, "resnet18", 4), (4, "resnet18", 4), (2, "gpt2-small", 4),
                                                 (4, "gpt2-small", 4)]
     for world, model, rank in plan:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = _free_port()
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "times.pt")
             mp.start_processes(_wall_worker, args=(world, port, model, rank, 2 if quick else WALL_STEPS, path),
@@ -232,10 +233,6 @@ def extra_rows(device: str, dtype: torch.dtype, quick: bool) -> list[dict]:
         row = {"suite": "compress", "case": f"{model}-r{rank}", "mode": f"gloo-{world}", "dtype": "float32",
                "device": device, "sent_mb": 4 * sent / 2**20,
                "ratio": sum(torch.Size(s).numel() for s in shapes) / sent}
-        for name, t in times.items():
-            row[f"{name}_ms"] = t * 1e3
-        for name, t in times.items():
-            if name != "tessel":
-                row[f"x_{name}"] = t / times["tessel"]
+        row.update(timing_columns(times))
         rows.append(row)
     return rows

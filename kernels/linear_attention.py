@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .._dispatch import last_dim_contiguous, triton_interpreting
+from ._tiles import load_tile as _load_tile
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_DIM = 256
@@ -47,13 +48,6 @@ def _chunk_configs():
 
 
 _KEY = ["BD", "BV", "CAUSAL"]
-
-
-@triton.jit
-def _load_tile(base, rows, cols, stride_row, n_rows, n_cols):
-    """[len(rows), len(cols)] tile of a row-major matrix, zero outside."""
-    return tl.load(base + rows[:, None] * stride_row + cols[None, :],
-                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
 
 
 @triton.autotune(configs=_chunk_configs(), key=_KEY)

@@ -16,23 +16,22 @@ import triton
 import triton.language as tl
 
 from .._dispatch import triton_interpreting
+from ._tiles import load_tile
 
 
 @triton.jit
 def _m_tile(G, E, rows, cols, n, m, HAS_E: tl.constexpr):
-    inside = (rows[:, None] < n) & (cols[None, :] < m)
-    offs = rows[:, None] * m + cols[None, :]
-    tile = tl.load(G + offs, mask=inside, other=0.0)
+    """A tile of M = grad (+ error), zero outside."""
+    tile = load_tile(G, rows, cols, m, n, m)
     if HAS_E:
-        tile += tl.load(E + offs, mask=inside, other=0.0)
+        tile += load_tile(E, rows, cols, m, n, m)
     return tile
 
 
 @triton.jit
 def _factor_tile(F, ks, idx, rank, length):
     """[len(ks), len(idx)] block of a (rank, length) factor, zero outside."""
-    return tl.load(F + ks[:, None] * length + idx[None, :], mask=(ks[:, None] < rank) & (idx[None, :] < length),
-                   other=0.0)
+    return load_tile(F, ks, idx, length, rank, length)
 
 
 @triton.jit

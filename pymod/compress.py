@@ -462,8 +462,7 @@ class PowerSGD(Compressor):
         if grad.dim() < 2:
             return False
         n, m = grad.shape[0], grad.numel() // grad.shape[0]
-        r = min(self.rank, n, m)
-        return (n + m) * r * self.min_compression_rate < n * m
+        return (n + m) * self._rank_of(n, m) * self.min_compression_rate < n * m
 
     def _rank_of(self, n, m):
         return min(self.rank, n, m)
