@@ -1,18 +1,66 @@
 // The one Python module, tessel._C: converts numpy buffers and calls kernels.
-// Inputs were validated in Python (pymod/_dispatch.py); nothing here re-checks.
+// User input was validated in Python (pymod/_dispatch.py). What is checked
+// here are internal invariants: every array a kernel reads or writes has the
+// dtype, rank, shape and layout that kernel assumes, so a wrong caller gets a
+// RuntimeError, never corrupted memory (extension-cpp's TORCH_INTERNAL_ASSERT).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "attention.h"
 #include "common.h"
+#include "compress.h"
 #include "linear_attention.h"
-#include "lowrank.h"
 
 namespace py = pybind11;
 using tessel::AttentionProblem;
 using tessel::Strides4;
 
 namespace {
+
+[[noreturn]] void internal_error(const char* binding, const std::string& what) {
+  throw std::runtime_error(std::string("tessel._C.") + binding + ": internal check failed: " + what);
+}
+
+std::string shape_of(const py::array& x) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < x.ndim(); ++i) s += (i ? ", " : "") + std::to_string(x.shape(i));
+  return s + ")";
+}
+
+enum class Layout { LastDim, Contiguous };
+
+// `x` has dtype T, rank `ndim` (and `shape` where given: -1 matches any
+// size), stride 1 in its last dim (LastDim) or C order (Contiguous), and is
+// writable when the kernel writes it.
+template <typename T>
+void expect(const char* binding, const char* name, const py::array& x, std::vector<int64_t> shape,
+            Layout layout = Layout::Contiguous, bool writable = false) {
+  auto fail = [&](const std::string& what) { internal_error(binding, std::string(name) + " " + what); };
+  if (!x.dtype().is(py::dtype::of<T>()))
+    fail("has dtype " + std::string(py::str(x.dtype())) + ", expected " + std::string(py::str(py::dtype::of<T>())));
+  if (x.ndim() != static_cast<py::ssize_t>(shape.size()))
+    fail("has shape " + shape_of(x) + ", expected rank " + std::to_string(shape.size()));
+  for (size_t i = 0; i < shape.size(); ++i)
+    if (shape[i] >= 0 && x.shape(i) != shape[i]) fail("has shape " + shape_of(x) + ", which does not fit");
+  const bool last_dim = x.ndim() == 0 || x.shape(x.ndim() - 1) <= 1 ||
+                        x.strides(x.ndim() - 1) == static_cast<py::ssize_t>(sizeof(T));
+  if (layout == Layout::LastDim && !last_dim) fail("must have stride 1 in its last dim");
+  if (layout == Layout::Contiguous && !(x.flags() & py::array::c_style)) fail("must be contiguous");
+  for (py::ssize_t i = 0; i < x.ndim(); ++i)
+    if (x.strides(i) < 0) fail("has a negative stride");
+  if (writable && !x.writeable()) fail("must be writable");
+}
+
+template <typename T>
+void expect_optional(const char* binding, const char* name, const py::object& x, std::vector<int64_t> shape) {
+  if (!x.is_none()) expect<T>(binding, name, x.cast<py::array>(), std::move(shape));
+}
 
 Strides4 strides4(const py::array& x) {
   const auto item = static_cast<int64_t>(x.itemsize());
@@ -29,6 +77,8 @@ const T* cdata(const py::array& x) {
   return static_cast<const T*>(x.data());
 }
 
+bool is_double(const py::array& x) { return x.dtype().is(py::dtype::of<double>()); }
+
 AttentionProblem attention_problem(const py::array& q, const py::array& k, const py::array& v, double scale,
                                    int64_t band_lo, int64_t band_hi, int num_threads) {
   return AttentionProblem{q.shape(0), q.shape(1),       k.shape(1),  q.shape(2),
@@ -37,75 +87,138 @@ AttentionProblem attention_problem(const py::array& q, const py::array& k, const
                           num_threads};
 }
 
+// q (B, H, Nq, D), k and v (B, Hkv, Nk, D) with H a multiple of Hkv.
+template <typename T>
+void expect_qkv(const char* fn, const py::array& q, const py::array& k, const py::array& v, int64_t dim_v = -2) {
+  expect<T>(fn, "q", q, {-1, -1, -1, -1}, Layout::LastDim);
+  expect<T>(fn, "k", k, {q.shape(0), -1, -1, q.shape(3)}, Layout::LastDim);
+  expect<T>(fn, "v", v, {q.shape(0), k.shape(1), k.shape(2), dim_v == -2 ? q.shape(3) : dim_v}, Layout::LastDim);
+  if (k.shape(1) < 1 || q.shape(1) % k.shape(1) != 0)
+    internal_error(fn, "q heads " + std::to_string(q.shape(1)) + " are not a multiple of k heads " +
+                           std::to_string(k.shape(1)));
+}
+
+template <typename T>
+void attention_forward_typed(const py::array& q, const py::array& k, const py::array& v, py::array& out,
+                             py::array& lse, double scale, int64_t band_lo, int64_t band_hi, int num_threads) {
+  constexpr const char* fn = "attention_forward";
+  expect_qkv<T>(fn, q, k, v);
+  expect<T>(fn, "out", out, {q.shape(0), q.shape(1), q.shape(2), q.shape(3)}, Layout::Contiguous, true);
+  expect<T>(fn, "lse", lse, {q.shape(0), q.shape(1), q.shape(2)}, Layout::Contiguous, true);
+  const AttentionProblem p = attention_problem(q, k, v, scale, band_lo, band_hi, num_threads);
+  py::gil_scoped_release release;
+  tessel::attention_forward_cpu<T>(p, cdata<T>(q), cdata<T>(k), cdata<T>(v), data<T>(out), data<T>(lse));
+}
+
 void attention_forward(const py::array& q, const py::array& k, const py::array& v, py::array out, py::array lse,
                        double scale, int64_t band_lo, int64_t band_hi, int num_threads) {
-  const AttentionProblem p = attention_problem(q, k, v, scale, band_lo, band_hi, num_threads);
-  const bool is_double = q.dtype().is(py::dtype::of<double>());
-  py::gil_scoped_release release;
-  if (is_double)
-    tessel::attention_forward_cpu<double>(p, cdata<double>(q), cdata<double>(k), cdata<double>(v),
-                                          data<double>(out), data<double>(lse));
+  if (is_double(q))
+    attention_forward_typed<double>(q, k, v, out, lse, scale, band_lo, band_hi, num_threads);
   else
-    tessel::attention_forward_cpu<float>(p, cdata<float>(q), cdata<float>(k), cdata<float>(v), data<float>(out),
-                                         data<float>(lse));
+    attention_forward_typed<float>(q, k, v, out, lse, scale, band_lo, band_hi, num_threads);
+}
+
+template <typename T>
+void attention_backward_typed(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
+                              const py::array& dout, const py::array& lse, const py::object& dlse, py::array& dq,
+                              py::array& dk, py::array& dv, double scale, int64_t band_lo, int64_t band_hi,
+                              int num_threads) {
+  constexpr const char* fn = "attention_backward";
+  expect_qkv<T>(fn, q, k, v);
+  const std::vector<int64_t> q_shape{q.shape(0), q.shape(1), q.shape(2), q.shape(3)};
+  const std::vector<int64_t> k_shape{k.shape(0), k.shape(1), k.shape(2), k.shape(3)};
+  const std::vector<int64_t> row_shape{q.shape(0), q.shape(1), q.shape(2)};
+  expect<T>(fn, "out", out, q_shape);
+  expect<T>(fn, "dout", dout, q_shape, Layout::LastDim);
+  expect<T>(fn, "lse", lse, row_shape);
+  expect_optional<T>(fn, "dlse", dlse, row_shape);
+  expect<T>(fn, "dq", dq, q_shape, Layout::Contiguous, true);
+  expect<T>(fn, "dk", dk, k_shape, Layout::Contiguous, true);
+  expect<T>(fn, "dv", dv, k_shape, Layout::Contiguous, true);
+  const AttentionProblem p = attention_problem(q, k, v, scale, band_lo, band_hi, num_threads);
+  const Strides4 ds = strides4(dout);
+  const T* dlse_ptr = dlse.is_none() ? nullptr : cdata<T>(dlse.cast<py::array>());
+  py::gil_scoped_release release;
+  tessel::attention_backward_cpu<T>(p, cdata<T>(q), cdata<T>(k), cdata<T>(v), cdata<T>(out), cdata<T>(dout), ds,
+                                    cdata<T>(lse), dlse_ptr, data<T>(dq), data<T>(dk), data<T>(dv));
 }
 
 void attention_backward(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
                         const py::array& dout, const py::array& lse, const py::object& dlse, py::array dq,
                         py::array dk, py::array dv, double scale, int64_t band_lo, int64_t band_hi,
                         int num_threads) {
-  const AttentionProblem p = attention_problem(q, k, v, scale, band_lo, band_hi, num_threads);
-  const Strides4 ds = strides4(dout);
-  const bool is_double = q.dtype().is(py::dtype::of<double>());
-  py::array dlse_array = dlse.is_none() ? py::array() : dlse.cast<py::array>();
-  const void* dlse_ptr = dlse.is_none() ? nullptr : dlse_array.data();
-  py::gil_scoped_release release;
-  if (is_double)
-    tessel::attention_backward_cpu<double>(p, cdata<double>(q), cdata<double>(k), cdata<double>(v),
-                                           cdata<double>(out), cdata<double>(dout), ds, cdata<double>(lse),
-                                           static_cast<const double*>(dlse_ptr), data<double>(dq),
-                                           data<double>(dk), data<double>(dv));
+  if (is_double(q))
+    attention_backward_typed<double>(q, k, v, out, dout, lse, dlse, dq, dk, dv, scale, band_lo, band_hi,
+                                     num_threads);
   else
-    tessel::attention_backward_cpu<float>(p, cdata<float>(q), cdata<float>(k), cdata<float>(v), cdata<float>(out),
-                                          cdata<float>(dout), ds, cdata<float>(lse),
-                                          static_cast<const float*>(dlse_ptr), data<float>(dq), data<float>(dk),
-                                          data<float>(dv));
+    attention_backward_typed<float>(q, k, v, out, dout, lse, dlse, dq, dk, dv, scale, band_lo, band_hi,
+                                    num_threads);
 }
 
-tessel::LoopedProblem looped_problem(const py::array& z, const py::array& wp, int64_t loops, int64_t key_cols,
-                                     double inv_n, int64_t every, int num_threads) {
+// z (B, dim, cols); weights (1 or loops, heads, dim, dim); checkpoints (ceil(loops / every), B, dim, cols).
+template <typename T>
+tessel::LoopedProblem looped_problem(const char* fn, const py::array& z, const py::array& wp, const py::array& wq,
+                                     const py::array& saved, int64_t loops, int64_t key_cols, double inv_n,
+                                     int64_t every, int num_threads) {
+  expect<T>(fn, "z", z, {-1, -1, -1});
+  expect<T>(fn, "p", wp, {-1, -1, z.shape(1), z.shape(1)});
+  expect<T>(fn, "q", wq, {wp.shape(0), wp.shape(1), z.shape(1), z.shape(1)});
+  if (loops < 1 || every < 1 || key_cols < 0 || key_cols > z.shape(2) || (wp.shape(0) != 1 && wp.shape(0) != loops))
+    internal_error(fn, "loops, checkpoint spacing, key columns or weight count out of range");
+  expect<T>(fn, "saved", saved, {(loops + every - 1) / every, z.shape(0), z.shape(1), z.shape(2)});
   return tessel::LoopedProblem{z.shape(0), z.shape(1), z.shape(2), key_cols, loops,
                                wp.shape(1), wp.shape(0), inv_n,    every,   num_threads};
 }
 
+template <typename T>
+int64_t looped_forward_typed(const py::array& z, const py::array& wp, const py::array& wq, py::array& out,
+                             py::array& saved, int64_t loops, int64_t key_cols, double inv_n, int64_t every,
+                             int num_threads) {
+  constexpr const char* fn = "looped_forward";
+  const auto p = looped_problem<T>(fn, z, wp, wq, saved, loops, key_cols, inv_n, every, num_threads);
+  expect<T>(fn, "out", out, {z.shape(0), z.shape(1), z.shape(2)}, Layout::Contiguous, true);
+  expect<T>(fn, "saved", saved, {-1, -1, -1, -1}, Layout::Contiguous, true);
+  py::gil_scoped_release release;
+  return tessel::looped_forward_cpu<T>(p, cdata<T>(z), cdata<T>(wp), cdata<T>(wq), data<T>(out), data<T>(saved));
+}
+
 int64_t looped_forward(const py::array& z, const py::array& wp, const py::array& wq, py::array out, py::array saved,
                        int64_t loops, int64_t key_cols, double inv_n, int64_t every, int num_threads) {
-  const auto p = looped_problem(z, wp, loops, key_cols, inv_n, every, num_threads);
-  const bool is_double = z.dtype().is(py::dtype::of<double>());
+  if (is_double(z)) return looped_forward_typed<double>(z, wp, wq, out, saved, loops, key_cols, inv_n, every,
+                                                        num_threads);
+  return looped_forward_typed<float>(z, wp, wq, out, saved, loops, key_cols, inv_n, every, num_threads);
+}
+
+template <typename T>
+void looped_backward_typed(const py::array& saved, const py::array& wp, const py::array& wq, const py::array& dout,
+                           py::array& dz, py::array& dp, py::array& dq, int64_t loops, int64_t key_cols,
+                           double inv_n, int64_t every, int num_threads) {
+  constexpr const char* fn = "looped_backward";
+  const auto p = looped_problem<T>(fn, dout, wp, wq, saved, loops, key_cols, inv_n, every, num_threads);
+  expect<T>(fn, "dz", dz, {dout.shape(0), dout.shape(1), dout.shape(2)}, Layout::Contiguous, true);
+  expect<T>(fn, "dp", dp, {wp.shape(0), wp.shape(1), wp.shape(2), wp.shape(3)}, Layout::Contiguous, true);
+  expect<T>(fn, "dq", dq, {wp.shape(0), wp.shape(1), wp.shape(2), wp.shape(3)}, Layout::Contiguous, true);
   py::gil_scoped_release release;
-  if (is_double)
-    return tessel::looped_forward_cpu<double>(p, cdata<double>(z), cdata<double>(wp), cdata<double>(wq),
-                                              data<double>(out), data<double>(saved));
-  return tessel::looped_forward_cpu<float>(p, cdata<float>(z), cdata<float>(wp), cdata<float>(wq), data<float>(out),
-                                           data<float>(saved));
+  tessel::looped_backward_cpu<T>(p, cdata<T>(saved), cdata<T>(wp), cdata<T>(wq), cdata<T>(dout), data<T>(dz),
+                                 data<T>(dp), data<T>(dq));
 }
 
 void looped_backward(const py::array& saved, const py::array& wp, const py::array& wq, const py::array& dout,
                      py::array dz, py::array dp, py::array dq, int64_t loops, int64_t key_cols, double inv_n,
                      int64_t every, int num_threads) {
-  const auto p = looped_problem(dout, wp, loops, key_cols, inv_n, every, num_threads);
-  const bool is_double = dout.dtype().is(py::dtype::of<double>());
-  py::gil_scoped_release release;
-  if (is_double)
-    tessel::looped_backward_cpu<double>(p, cdata<double>(saved), cdata<double>(wp), cdata<double>(wq),
-                                        cdata<double>(dout), data<double>(dz), data<double>(dp), data<double>(dq));
+  if (is_double(dout))
+    looped_backward_typed<double>(saved, wp, wq, dout, dz, dp, dq, loops, key_cols, inv_n, every, num_threads);
   else
-    tessel::looped_backward_cpu<float>(p, cdata<float>(saved), cdata<float>(wp), cdata<float>(wq),
-                                       cdata<float>(dout), data<float>(dz), data<float>(dp), data<float>(dq));
+    looped_backward_typed<float>(saved, wp, wq, dout, dz, dp, dq, loops, key_cols, inv_n, every, num_threads);
 }
 
-tessel::LinearProblem linear_problem(const py::array& q, const py::array& k, const py::array& v, double scale,
-                                     bool causal, int num_threads) {
+// q (B, H, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); causal needs Nq = Nk.
+template <typename T>
+tessel::LinearProblem linear_problem(const char* fn, const py::array& q, const py::array& k, const py::array& v,
+                                     double scale, bool causal, int num_threads) {
+  expect<T>(fn, "v", v, {-1, -1, -1, -1}, Layout::LastDim);
+  expect_qkv<T>(fn, q, k, v, v.shape(3));
+  if (causal && q.shape(2) != k.shape(2)) internal_error(fn, "causal needs as many queries as keys");
   return tessel::LinearProblem{q.shape(0), q.shape(1), k.shape(1),  q.shape(2),  k.shape(2),  q.shape(3),
                                v.shape(3), scale,      causal,      strides4(q), strides4(k), strides4(v),
                                num_threads};
@@ -121,9 +234,18 @@ T* optional_mutable(const py::object& x) {
   return x.is_none() ? nullptr : static_cast<T*>(x.cast<py::array>().mutable_data());
 }
 
+std::vector<int64_t> state_shape(const py::array& k, const py::array& v) {
+  return {k.shape(0), k.shape(1), k.shape(3), v.shape(3)};
+}
+
 template <typename T>
-void linear_forward_typed(const tessel::LinearProblem& p, const py::array& q, const py::array& k,
-                          const py::array& v, const py::object& state0, py::array out, py::array state_out) {
+void linear_forward_typed(const py::array& q, const py::array& k, const py::array& v, const py::object& state0,
+                          py::array& out, py::array& state_out, double scale, bool causal, int num_threads) {
+  constexpr const char* fn = "linear_forward";
+  const auto p = linear_problem<T>(fn, q, k, v, scale, causal, num_threads);
+  expect_optional<T>(fn, "state0", state0, state_shape(k, v));
+  expect<T>(fn, "out", out, {q.shape(0), q.shape(1), q.shape(2), v.shape(3)}, Layout::Contiguous, true);
+  expect<T>(fn, "state_out", state_out, state_shape(k, v), Layout::Contiguous, true);
   const T* s0 = optional_data<T>(state0);
   py::gil_scoped_release release;
   tessel::linear_forward_cpu<T>(p, cdata<T>(q), cdata<T>(k), cdata<T>(v), s0, data<T>(out), data<T>(state_out));
@@ -131,100 +253,160 @@ void linear_forward_typed(const tessel::LinearProblem& p, const py::array& q, co
 
 void linear_forward(const py::array& q, const py::array& k, const py::array& v, const py::object& state0,
                     py::array out, py::array state_out, double scale, bool causal, int num_threads) {
-  const auto p = linear_problem(q, k, v, scale, causal, num_threads);
-  if (q.dtype().is(py::dtype::of<double>()))
-    linear_forward_typed<double>(p, q, k, v, state0, out, state_out);
+  if (is_double(q))
+    linear_forward_typed<double>(q, k, v, state0, out, state_out, scale, causal, num_threads);
   else
-    linear_forward_typed<float>(p, q, k, v, state0, out, state_out);
+    linear_forward_typed<float>(q, k, v, state0, out, state_out, scale, causal, num_threads);
 }
 
 template <typename T>
-void linear_backward_typed(const tessel::LinearProblem& p, const py::array& q, const py::array& k,
-                           const py::array& v, const py::object& state0, const py::array& state_final,
-                           const py::array& dout, const py::object& dstate, py::array dq, py::array dk, py::array dv,
-                           const py::object& dstate0) {
+void linear_backward_typed(const py::array& q, const py::array& k, const py::array& v, const py::object& state0,
+                           const py::array& state_final, const py::array& dout, const py::object& dstate,
+                           py::array& dq, py::array& dk, py::array& dv, const py::object& dstate0, double scale,
+                           bool causal, int num_threads) {
+  constexpr const char* fn = "linear_backward";
+  const auto p = linear_problem<T>(fn, q, k, v, scale, causal, num_threads);
+  const auto st = state_shape(k, v);
+  expect_optional<T>(fn, "state0", state0, st);
+  expect<T>(fn, "state_final", state_final, st);
+  expect<T>(fn, "dout", dout, {q.shape(0), q.shape(1), q.shape(2), v.shape(3)}, Layout::LastDim);
+  expect_optional<T>(fn, "dstate", dstate, st);
+  expect<T>(fn, "dq", dq, {q.shape(0), q.shape(1), q.shape(2), q.shape(3)}, Layout::Contiguous, true);
+  expect<T>(fn, "dk", dk, {k.shape(0), k.shape(1), k.shape(2), k.shape(3)}, Layout::Contiguous, true);
+  expect<T>(fn, "dv", dv, {v.shape(0), v.shape(1), v.shape(2), v.shape(3)}, Layout::Contiguous, true);
+  if (!dstate0.is_none()) expect<T>(fn, "dstate0", dstate0.cast<py::array>(), st, Layout::Contiguous, true);
   const T* s0 = optional_data<T>(state0);
   const T* ds = optional_data<T>(dstate);
   T* ds0 = optional_mutable<T>(dstate0);
   const Strides4 dos = strides4(dout);
   py::gil_scoped_release release;
   tessel::linear_backward_cpu<T>(p, cdata<T>(q), cdata<T>(k), cdata<T>(v), s0, cdata<T>(state_final),
-                                 cdata<T>(dout), dos, ds,
-                                 data<T>(dq), data<T>(dk), data<T>(dv), ds0);
+                                 cdata<T>(dout), dos, ds, data<T>(dq), data<T>(dk), data<T>(dv), ds0);
 }
 
 void linear_backward(const py::array& q, const py::array& k, const py::array& v, const py::object& state0,
                      const py::array& state_final, const py::array& dout, const py::object& dstate, py::array dq,
-                     py::array dk, py::array dv,
-                     const py::object& dstate0, double scale, bool causal, int num_threads) {
-  const auto p = linear_problem(q, k, v, scale, causal, num_threads);
-  if (q.dtype().is(py::dtype::of<double>()))
-    linear_backward_typed<double>(p, q, k, v, state0, state_final, dout, dstate, dq, dk, dv, dstate0);
+                     py::array dk, py::array dv, const py::object& dstate0, double scale, bool causal,
+                     int num_threads) {
+  if (is_double(q))
+    linear_backward_typed<double>(q, k, v, state0, state_final, dout, dstate, dq, dk, dv, dstate0, scale, causal,
+                                  num_threads);
   else
-    linear_backward_typed<float>(p, q, k, v, state0, state_final, dout, dstate, dq, dk, dv, dstate0);
+    linear_backward_typed<float>(q, k, v, state0, state_final, dout, dstate, dq, dk, dv, dstate0, scale, causal,
+                                 num_threads);
 }
 
-// A bucket's matrices as rows of an int64 table: grad address, error address
-// (0: none), n, m, offset of pt, offset of qt.
+// A bucket's matrices: grads[i] (n_i, m_i) and errors[i] (None, or the same
+// shape), all of the factors' dtype, contiguous and writable. The factors of
+// matrix i sit one after another in the flat buffers: pt (rank, n_i) at
+// rank * sum_{j<i} n_j, qt (rank, m_i) at rank * sum_{j<i} m_j.
+struct Factors {
+  int64_t p_size = 0, q_size = 0;
+};
+
+py::array as_array(const char* fn, const char* what, const py::handle& x) {
+  if (!py::isinstance<py::array>(x)) internal_error(fn, std::string(what) + " must be a numpy array");
+  return py::reinterpret_borrow<py::array>(x);
+}
+
 template <typename T>
-std::vector<tessel::LowRankItem<T>> lowrank_items(const py::array_t<int64_t>& table) {
-  const auto t = table.unchecked<2>();
-  std::vector<tessel::LowRankItem<T>> items;
-  for (py::ssize_t i = 0; i < t.shape(0); ++i)
-    items.push_back({reinterpret_cast<T*>(t(i, 0)), reinterpret_cast<T*>(t(i, 1)), t(i, 2), t(i, 3), t(i, 4),
-                     t(i, 5)});
+std::vector<tessel::CompressItem<T>> compress_items(const char* fn, const py::list& grads, const py::list& errors,
+                                                    int64_t rank, Factors& sizes) {
+  if (rank < 1) internal_error(fn, "rank must be >= 1");
+  if (grads.size() != errors.size()) internal_error(fn, "one error entry per gradient expected");
+  std::vector<tessel::CompressItem<T>> items;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    py::array g = as_array(fn, "grads[i]", grads[i]);
+    expect<T>(fn, "grads[i]", g, {-1, -1}, Layout::Contiguous, true);
+    T* error = nullptr;
+    if (!errors[i].is_none()) {
+      py::array e = as_array(fn, "errors[i]", errors[i]);
+      expect<T>(fn, "errors[i]", e, {g.shape(0), g.shape(1)}, Layout::Contiguous, true);
+      error = data<T>(e);
+    }
+    items.push_back({data<T>(g), error, g.shape(0), g.shape(1), rank * sizes.p_size, rank * sizes.q_size});
+    sizes.p_size += g.shape(0);
+    sizes.q_size += g.shape(1);
+  }
+  sizes.p_size *= rank;
+  sizes.q_size *= rank;
   return items;
 }
 
-bool is_double(const py::array& x) { return x.dtype().is(py::dtype::of<double>()); }
-
 template <typename T>
-void project_typed(const py::array_t<int64_t>& table, py::array p, py::array q, int64_t rank, bool onto_p,
-                   int num_threads) {
-  const auto items = lowrank_items<T>(table);
+void project_typed(const py::list& grads, const py::list& errors, py::array& p, py::array& q, int64_t rank,
+                   bool onto_p, int num_threads) {
+  constexpr const char* fn = "compress_project";
+  Factors sizes;
+  const auto items = compress_items<T>(fn, grads, errors, rank, sizes);
+  expect<T>(fn, "p", p, {sizes.p_size}, Layout::Contiguous, onto_p);
+  expect<T>(fn, "q", q, {sizes.q_size}, Layout::Contiguous, !onto_p);
   py::gil_scoped_release release;
   if (onto_p)
-    tessel::lowrank_project_p<T>(items.data(), items.size(), rank, data<T>(p), cdata<T>(q), num_threads);
+    tessel::compress_project_p<T>(items.data(), items.size(), rank, data<T>(p), cdata<T>(q), num_threads);
   else
-    tessel::lowrank_project_q<T>(items.data(), items.size(), rank, cdata<T>(p), data<T>(q), num_threads);
+    tessel::compress_project_q<T>(items.data(), items.size(), rank, cdata<T>(p), data<T>(q), num_threads);
 }
 
-void lowrank_project(const py::array_t<int64_t>& table, py::array p, py::array q, int64_t rank, bool onto_p,
-                     int num_threads) {
+void compress_project(const py::list& grads, const py::list& errors, py::array p, py::array q, int64_t rank,
+                      bool onto_p, int num_threads) {
   if (is_double(p))
-    project_typed<double>(table, p, q, rank, onto_p, num_threads);
+    project_typed<double>(grads, errors, p, q, rank, onto_p, num_threads);
   else
-    project_typed<float>(table, p, q, rank, onto_p, num_threads);
+    project_typed<float>(grads, errors, p, q, rank, onto_p, num_threads);
 }
 
+// keep: a one-element bool array; false (a non-finite average) leaves every
+// gradient and error buffer as it was.
 template <typename T>
-void reconstruct_typed(const py::array_t<int64_t>& table, const py::array& p_out, const py::array& q_out,
-                       const py::array& p_err, const py::array& q_err, int64_t rank, int num_threads) {
-  const auto items = lowrank_items<T>(table);
+void reconstruct_typed(const py::list& grads, const py::list& errors, const py::array& p_out,
+                       const py::array& q_out, const py::array& p_err, const py::array& q_err,
+                       const py::array& keep, int64_t rank, int num_threads) {
+  constexpr const char* fn = "compress_reconstruct";
+  Factors sizes;
+  const auto items = compress_items<T>(fn, grads, errors, rank, sizes);
+  expect<T>(fn, "p_out", p_out, {sizes.p_size});
+  expect<T>(fn, "q_out", q_out, {sizes.q_size});
+  expect<T>(fn, "p_err", p_err, {sizes.p_size});
+  expect<T>(fn, "q_err", q_err, {sizes.q_size});
+  expect<bool>(fn, "keep", keep, {1});
+  if (!*cdata<bool>(keep)) return;
   py::gil_scoped_release release;
-  tessel::lowrank_reconstruct<T>(items.data(), items.size(), rank, cdata<T>(p_out), cdata<T>(q_out), cdata<T>(p_err),
-                                 cdata<T>(q_err), num_threads);
+  tessel::compress_reconstruct<T>(items.data(), items.size(), rank, cdata<T>(p_out), cdata<T>(q_out),
+                                  cdata<T>(p_err), cdata<T>(q_err), num_threads);
 }
 
-void lowrank_reconstruct(const py::array_t<int64_t>& table, const py::array& p_out, const py::array& q_out,
-                         const py::array& p_err, const py::array& q_err, int64_t rank, int num_threads) {
+void compress_reconstruct(const py::list& grads, const py::list& errors, const py::array& p_out,
+                          const py::array& q_out, const py::array& p_err, const py::array& q_err,
+                          const py::array& keep, int64_t rank, int num_threads) {
   if (is_double(p_out))
-    reconstruct_typed<double>(table, p_out, q_out, p_err, q_err, rank, num_threads);
+    reconstruct_typed<double>(grads, errors, p_out, q_out, p_err, q_err, keep, rank, num_threads);
   else
-    reconstruct_typed<float>(table, p_out, q_out, p_err, q_err, rank, num_threads);
+    reconstruct_typed<float>(grads, errors, p_out, q_out, p_err, q_err, keep, rank, num_threads);
 }
 
 template <typename T>
-void orthonormalize_typed(py::array buf, const py::array_t<int64_t>& offsets, const py::array_t<int64_t>& lengths,
-                          int64_t rank, int64_t vector_stride, int64_t element_stride, double eps,
-                          int num_threads) {
+void orthonormalize_typed(py::array& buf, const py::array& offsets, const py::array& lengths, int64_t rank,
+                          int64_t vector_stride, int64_t element_stride, double eps, int num_threads) {
+  constexpr const char* fn = "orthonormalize";
+  expect<T>(fn, "buf", buf, {-1}, Layout::Contiguous, true);
+  expect<int64_t>(fn, "offsets", offsets, {-1});
+  expect<int64_t>(fn, "lengths", lengths, {offsets.shape(0)});
+  if (rank < 1 || vector_stride < 0 || element_stride < 1) internal_error(fn, "rank or strides out of range");
+  const int64_t* off = cdata<int64_t>(offsets);
+  const int64_t* len = cdata<int64_t>(lengths);
+  for (py::ssize_t i = 0; i < offsets.shape(0); ++i) {
+    const int64_t vs = vector_stride > 0 ? vector_stride : len[i];
+    if (off[i] < 0 || len[i] < 1 || off[i] + (rank - 1) * vs + (len[i] - 1) * element_stride >= buf.shape(0))
+      internal_error(fn, "vectors " + std::to_string(i) + " reach outside buf");
+  }
   py::gil_scoped_release release;
-  tessel::orthonormalize<T>(data<T>(buf), offsets.data(), lengths.data(), offsets.shape(0), rank, vector_stride,
-                            element_stride, eps, num_threads);
+  tessel::orthonormalize<T>(data<T>(buf), off, len, offsets.shape(0), rank, vector_stride, element_stride, eps,
+                            num_threads);
 }
 
-void orthonormalize(py::array buf, const py::array_t<int64_t>& offsets, const py::array_t<int64_t>& lengths,
-                    int64_t rank, int64_t vector_stride, int64_t element_stride, double eps, int num_threads) {
+void orthonormalize(py::array buf, const py::array& offsets, const py::array& lengths, int64_t rank,
+                    int64_t vector_stride, int64_t element_stride, double eps, int num_threads) {
   if (is_double(buf))
     orthonormalize_typed<double>(buf, offsets, lengths, rank, vector_stride, element_stride, eps, num_threads);
   else
@@ -251,12 +433,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("state_out"), py::arg("scale"), py::arg("causal"), py::arg("num_threads"));
   m.def("linear_backward", &linear_backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("state0"),
         py::arg("state_final"), py::arg("dout"), py::arg("dstate"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
-        py::arg("dstate0"),
-        py::arg("scale"), py::arg("causal"), py::arg("num_threads"));
-  m.def("lowrank_project", &lowrank_project, py::arg("table"), py::arg("p"), py::arg("q"), py::arg("rank"),
-        py::arg("onto_p"), py::arg("num_threads"));
-  m.def("lowrank_reconstruct", &lowrank_reconstruct, py::arg("table"), py::arg("p_out"), py::arg("q_out"),
-        py::arg("p_err"), py::arg("q_err"), py::arg("rank"), py::arg("num_threads"));
+        py::arg("dstate0"), py::arg("scale"), py::arg("causal"), py::arg("num_threads"));
+  m.def("compress_project", &compress_project, py::arg("grads"), py::arg("errors"), py::arg("p"), py::arg("q"),
+        py::arg("rank"), py::arg("onto_p"), py::arg("num_threads"));
+  m.def("compress_reconstruct", &compress_reconstruct, py::arg("grads"), py::arg("errors"), py::arg("p_out"),
+        py::arg("q_out"), py::arg("p_err"), py::arg("q_err"), py::arg("keep"), py::arg("rank"),
+        py::arg("num_threads"));
   m.def("orthonormalize", &orthonormalize, py::arg("buf"), py::arg("offsets"), py::arg("lengths"), py::arg("rank"),
         py::arg("vector_stride"), py::arg("element_stride"), py::arg("eps"), py::arg("num_threads"));
 }

@@ -28,38 +28,43 @@ average each worker decodes is mean_i x_i + N(0, s_t^2), s_t = c_t /
 the tensors of one call (one DDP bucket: keep a model in one bucket for a
 per-step budget) in proportion to c_t ("norm") or evenly ("uniform"). The
 noise of a signal is drawn from a generator keyed by (seed, the signal's name,
-the step): every worker decodes the same values, and runs are reproducible
-and resumable whatever the bucketing.
+the step) on the signal's device: every worker decodes the same values, and
+runs are reproducible and resumable whatever the bucketing. Over a noisy
+channel every transmission is noisy: the uncompressed warm-up steps
+(start_iter) go through the same channel, under the same budget, as Z-SGD's.
+
+A step: reduce_bucket() for each part (a DDP bucket), then end_step(), which
+reads the step's finiteness flags from the device once (the only host read of
+a step) and raises or skips; reduce() does both for one list. A part whose
+average is not finite leaves its error buffers and warm starts as they were
+(the kernels read the device flag themselves); on_nonfinite="skip" then zeroes
+every gradient of the step, "raise" raises FloatingPointError naming the
+tensors. Rank-deficient gradients are safe: Gram-Schmidt reorthogonalises,
+so a rank-r compressor reconstructs any gradient of rank <= r.
 """
 from __future__ import annotations
 
 import math
-import zlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import _dispatch
+from ._compress_channel import (POWER_ALLOCATIONS, LocalComm, NoiselessChannel, NoisyChannel,  # noqa: F401
+                                ProcessGroupComm, name_seed)
+from ._compress_passes import Group, ops, orthogonalize_reference, work_dtype
 from ._dispatch import FLOAT_DTYPES, cpp_dtype, numpy_view
 
-POWER_ALLOCATIONS = ("norm", "uniform")
 NONFINITE_ACTIONS = ("raise", "skip")
 
 
+def _check_eps(name, eps):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)) or not (
+            eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
+
+
 # ---------------------------------------------------------------- orthogonalize_
-
-
-def orthogonalize_reference(M, eps=1e-8):
-    """Modified Gram-Schmidt on the columns of M (m, r) or each (b, m, r),
-    in place, column by column in plain PyTorch (as torch's PowerSGD hook)."""
-    for i in range(M.shape[-1]):
-        col = M[..., i:i + 1]
-        norm = col.norm(dim=-2, keepdim=True) + eps
-        col.div_(torch.where(norm > 0, norm, torch.ones_like(norm)))
-        rest = M[..., i + 1:]
-        rest.sub_((col * rest).sum(dim=-2, keepdim=True) * col)
-    return M
 
 
 def _check_orthogonalize(M, eps):
@@ -71,26 +76,25 @@ def _check_orthogonalize(M, eps):
         raise TypeError(f"M must be float16, bfloat16, float32 or float64, got {M.dtype}")
     if M.numel() == 0:
         raise ValueError(f"M must not be empty, got shape {tuple(M.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    _check_eps("eps", eps)
 
 
 @torch.library.custom_op("tessel::orthogonalize_", mutates_args=("M",))
 def _orthogonalize_op(M: torch.Tensor, eps: float, backend: str) -> None:
     m, r = M.shape[-2:]
     count = M.numel() // (m * r)
-    offsets = torch.from_numpy(np.arange(count, dtype=np.int64) * (m * r))
-    lengths = torch.from_numpy(np.full(count, m, dtype=np.int64))
+    offsets = (np.arange(count, dtype=np.int64) * (m * r)).tolist()
     if backend == "cpp":
         # In place on (m, r) row-major matrices: columns are vectors with element stride r.
         work = M if M.dtype == cpp_dtype(M.dtype) and M.is_contiguous() else M.to(cpp_dtype(M.dtype)).contiguous()
-        _dispatch.cpp_module().orthonormalize(numpy_view(work.view(-1)), offsets.numpy(), lengths.numpy(), r, 1, r,
-                                              eps, torch.get_num_threads())
+        _dispatch.cpp_module().orthonormalize(numpy_view(work.view(-1)), np.asarray(offsets, dtype=np.int64),
+                                              np.full(count, m, dtype=np.int64), r, 1, r, eps,
+                                              torch.get_num_threads())
         if work is not M:
             M.copy_(work)
         return
-    vectors = M.reshape(-1, m, r).mT.to(_work_dtype(M.dtype, backend)).contiguous()  # (b, r, m): rows
-    _ops(backend).orthonormalize(vectors.view(-1), offsets, lengths, r, eps)
+    vectors = M.reshape(-1, m, r).mT.to(work_dtype(M.dtype, backend)).contiguous()  # (b, r, m): rows
+    ops(backend).orthonormalize(vectors.view(-1), offsets, [m] * count, r, eps)
     M.copy_(vectors.mT.reshape(M.shape))
 
 
@@ -101,9 +105,10 @@ def _(M, eps, backend):
 
 def orthogonalize_(M, eps=1e-8):
     """Orthonormalise the columns of M (m, r), or of each matrix of a batch
-    (b, m, r), in place by modified Gram-Schmidt; returns M. Each column is
-    divided by (its norm + eps), so a zero (rank-deficient) column stays
-    zero. Half-precision input is computed in float32."""
+    (b, m, r), in place by Gram-Schmidt with reorthogonalisation; returns M.
+    Each column is divided by (its norm + eps), the norm computed without
+    overflow or underflow, so a zero (rank-deficient) column stays zero.
+    Half-precision input is computed in float32."""
     _check_orthogonalize(M, eps)
     backend = _dispatch.resolve_backend("compress.orthogonalize_", M.device)
     if backend == "reference":
@@ -112,243 +117,28 @@ def orthogonalize_(M, eps=1e-8):
     return M
 
 
-# ---------------------------------------------------------------- passes over a bucket
-
-
-@dataclass
-class _Item:
-    """One compressed matrix: grad (n, m) contiguous work tensor (overwritten
-    with the result), its error buffer, and where its factors live in the flat
-    buffers."""
-
-    grad: torch.Tensor
-    error: torch.Tensor | None
-    p_offset: int
-    q_offset: int
-
-    @property
-    def n(self):
-        return self.grad.shape[0]
-
-    @property
-    def m(self):
-        return self.grad.shape[1]
-
-
-class _ReferenceOps:
-    """The passes in plain PyTorch, matrix by matrix: what the kernels are checked against."""
-
-    @staticmethod
-    def _factors(items, buf, rank, offset, size):
-        return [buf[getattr(it, offset):getattr(it, offset) + rank * getattr(it, size)].view(rank, -1)
-                for it in items]
-
-    @staticmethod
-    def _m(it):
-        return it.grad if it.error is None else it.grad + it.error
-
-    def project_p(self, items, p, q, rank):
-        for it, pt, qt in zip(items, self._factors(items, p, rank, "p_offset", "n"),
-                              self._factors(items, q, rank, "q_offset", "m")):
-            pt.copy_(qt @ self._m(it).T)
-
-    def project_q(self, items, p, q, rank):
-        for it, pt, qt in zip(items, self._factors(items, p, rank, "p_offset", "n"),
-                              self._factors(items, q, rank, "q_offset", "m")):
-            qt.copy_(pt @ self._m(it))
-
-    def reconstruct(self, items, p_out, q_out, p_err, q_err, rank):
-        factors = [self._factors(items, b, rank, o, s) for b, o, s in
-                   ((p_out, "p_offset", "n"), (q_out, "q_offset", "m"), (p_err, "p_offset", "n"),
-                    (q_err, "q_offset", "m"))]
-        for it, po, qo, pe, qe in zip(items, *factors):
-            if it.error is not None:
-                it.error.copy_(it.grad + it.error - pe.T @ qe)
-            it.grad.copy_(po.T @ qo)
-
-    def orthonormalize(self, buf, offsets, lengths, rank, eps):
-        for off, length in zip(offsets.tolist(), lengths.tolist()):
-            orthogonalize_reference(buf[off:off + rank * length].view(rank, length).T, eps)
-
-
-class _CppOps:
-    """tessel._C: one call per pass for the whole bucket."""
-
-    @staticmethod
-    def _table(items):
-        return torch.tensor(
-            [[it.grad.data_ptr(), 0 if it.error is None else it.error.data_ptr(), it.n, it.m, it.p_offset,
-              it.q_offset] for it in items], dtype=torch.int64,
-        ).numpy()
-
-    def project_p(self, items, p, q, rank):
-        _dispatch.cpp_module().lowrank_project(self._table(items), numpy_view(p), numpy_view(q), rank, True,
-                                               torch.get_num_threads())
-
-    def project_q(self, items, p, q, rank):
-        _dispatch.cpp_module().lowrank_project(self._table(items), numpy_view(p), numpy_view(q), rank, False,
-                                               torch.get_num_threads())
-
-    def reconstruct(self, items, p_out, q_out, p_err, q_err, rank):
-        _dispatch.cpp_module().lowrank_reconstruct(self._table(items), *(numpy_view(x) for x in
-                                                   (p_out, q_out, p_err, q_err)), rank, torch.get_num_threads())
-
-    def orthonormalize(self, buf, offsets, lengths, rank, eps):
-        _dispatch.cpp_module().orthonormalize(numpy_view(buf), offsets.numpy(), lengths.numpy(), rank, 0, 1, eps,
-                                              torch.get_num_threads())
-
-
-def _ops(backend: str):
-    if backend == "cpp":
-        return _CppOps()
-    if backend == "triton":
-        return _dispatch.triton_module("lowrank").LowRankOps()
-    return _ReferenceOps()
-
-
-def _work_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
-    """The dtype the passes compute in: float64 stays, the rest is float32."""
-    return torch.float64 if dtype == torch.float64 and backend != "triton" else torch.float32
-
-
-# ---------------------------------------------------------------- communication
-
-
-class LocalComm:
-    """One worker: collectives are the identity."""
-
-    world_size = 1
-
-    def sum_(self, t: torch.Tensor) -> None:
-        pass
-
-    def max_(self, t: torch.Tensor) -> None:
-        pass
-
-
-class ProcessGroupComm:
-    """The collectives of a torch.distributed process group (None: the default group)."""
-
-    def __init__(self, group=None):
-        import torch.distributed as dist
-
-        self._dist, self.group = dist, group
-        self.world_size = dist.get_world_size(group)
-
-    def sum_(self, t: torch.Tensor) -> None:
-        self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=self.group)
-
-    def max_(self, t: torch.Tensor) -> None:
-        self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX, group=self.group)
-
-
-class NoiselessChannel:
-    """The exact mean over workers (an all-reduce)."""
-
-    def average_(self, signals: list[torch.Tensor], comm, names=(), step=0, factors=0) -> bool:
-        """Replaces each signal by its mean over workers; False if the sum is
-        not finite. names, step: what each signal is and when (noise keys);
-        the last `factors` signals are low-rank factors (r, length), one
-        vector per row."""
-        if not signals:
-            return True
-        flat = torch.cat([s.reshape(-1) for s in signals])
-        comm.sum_(flat)
-        if not bool(torch.isfinite(flat).all()):
-            return False
-        flat /= comm.world_size
-        _scatter(flat, signals)
-        return True
-
-
-class NoisyChannel(NoiselessChannel):
-    """LASER's analog uplink under a power budget (see the module docstring).
-
-    column_exponent: None splits a tensor's power over its entries as one
-    signal; a number a splits it over the vectors of a factor (the rows of a
-    2-D signal, i.e. P's or Q's r columns) in proportion to c_tj^a, c_tj the
-    vector's largest norm over workers, each vector then getting noise of std
-    c_tj / (n sqrt(p_tj)).
-    """
-
-    def __init__(self, power: float, power_allocation: str = "norm", seed: int = 0, column_exponent=None):
-        if isinstance(power, bool) or not isinstance(power, (int, float)) or not (power > 0 and math.isfinite(power)):
-            raise ValueError(f"power must be a finite number > 0 (or None for a noiseless channel), got {power!r}")
-        if power_allocation not in POWER_ALLOCATIONS:
-            raise ValueError(f"power_allocation must be one of {POWER_ALLOCATIONS}, got {power_allocation!r}")
-        if column_exponent is not None and not (isinstance(column_exponent, (int, float))
-                                                and math.isfinite(column_exponent)):
-            raise ValueError(f"column_exponent must be None or a finite number, got {column_exponent!r}")
-        self.power, self.power_allocation, self.seed = float(power), power_allocation, seed
-        self.column_exponent = column_exponent
-
-    def tensor_power(self, peak_norms: torch.Tensor) -> torch.Tensor:
-        """p_t: the budget split over signals by their largest norms c_t ("norm") or evenly."""
-        total = peak_norms.sum()
-        if self.power_allocation == "norm" and total > 0:
-            return self.power * peak_norms / total
-        return torch.full_like(peak_norms, self.power / len(peak_norms))
-
-    def noise_std(self, peak_norms: torch.Tensor, workers: int, power=None) -> torch.Tensor:
-        """s = c / (n sqrt(p)) for largest norms c and powers p (default: tensor_power); 0 where c = 0."""
-        power = self.tensor_power(peak_norms) if power is None else power
-        std = peak_norms / (workers * power.sqrt())
-        return torch.where(peak_norms > 0, std, torch.zeros_like(std))
-
-    def average_(self, signals, comm, names=(), step=0, factors=0) -> bool:
-        if not signals:
-            return True
-        names = list(names) or [str(i) for i in range(len(signals))]
-        by_vector = [self.column_exponent is not None and i >= len(signals) - factors for i in range(len(signals))]
-        rows = [s.detach().reshape(s.shape[0] if v else 1, -1) for s, v in zip(signals, by_vector)]
-        row_norms = [r.double().norm(dim=1) for r in rows]
-        # Every largest norm (per signal, then per vector) in one all-reduce of maxima.
-        peaks = torch.cat([torch.stack([rn.norm() for rn in row_norms]), *row_norms])
-        comm.max_(peaks)
-        if not self.average_noiseless_(signals, comm, names, step):
-            return False
-        power = self.tensor_power(peaks[:len(signals)])
-        offset = len(signals)
-        for s, rn, p_t, v, name in zip(signals, row_norms, power, by_vector, names):
-            c = peaks[offset:offset + len(rn)]  # per vector, or the whole signal's
-            offset += len(rn)
-            share = torch.ones_like(c)
-            if v:
-                weights = c ** self.column_exponent
-                share = weights / weights.sum() if weights.sum() > 0 else share / len(c)
-            std = self.noise_std(c, comm.world_size, p_t * share)
-            # Keyed by (seed, signal, step): the same on every worker, whatever the bucketing.
-            gen = torch.Generator().manual_seed(_name_seed(self.seed, name, step))
-            noise = torch.randn(len(c), s.numel() // len(c), generator=gen, dtype=torch.float64).to(s.device)
-            s.add_((noise * std[:, None]).view(s.shape).to(s.dtype))
-        return True
-
-    average_noiseless_ = NoiselessChannel.average_
-
-
-def _scatter(flat: torch.Tensor, targets: list[torch.Tensor]) -> None:
-    offset = 0
-    for t in targets:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
 # ---------------------------------------------------------------- compressors
 
 
-def _name_seed(seed: int, name: str, step: int = 0) -> int:
-    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + step) % (1 << 62)
+def _columns(grad: torch.Tensor) -> int:
+    """m of the (shape[0], m) matrix view: the product of the other dims."""
+    return math.prod(grad.shape[1:])
 
 
 class Compressor:
     """The interface every compressor (and a user's own) offers the hooks.
 
-    reduce(named_grads, comm) averages a list of (name, gradient) pairs over
-    the workers of `comm` in place, compressing as the compressor does;
-    compress(name, grad) / decompress(P, Q, shape) run one step of one tensor
-    on one worker; state_dict() / load_state_dict() hold everything a resumed
-    run needs.
+    A step is reduce_bucket(named_grads, comm) for each of its parts (averages
+    a list of (name, gradient) pairs over the workers of `comm` in place,
+    compressing as the compressor does) and then end_step(); reduce() is
+    both for one list. plain_step() says whether this step is an exact,
+    uncompressed average (the hook then runs one plain all-reduce and calls
+    end_step). compress(name, grad) / decompress(P, Q, shape) run one step of
+    one tensor on one worker; state_dict() / load_state_dict() hold
+    everything a resumed run needs.
     """
+
+    start_iter = 0
 
     def __init__(self, channel, on_nonfinite="raise"):
         if on_nonfinite not in NONFINITE_ACTIONS:
@@ -357,43 +147,106 @@ class Compressor:
         self.iteration = 0
         self.skipped_steps = 0
         self.floats_sent = 0  # by this worker, over all steps
+        self._parts = []  # this step's sends: (device flag, names, state snapshot)
+        self._step_grads = []  # this step's (name, gradient) pairs
 
-    def reduce(self, named_grads, comm=None, advance=True) -> bool:
-        """Average the gradients over the workers in place. Returns False when
-        the step was skipped (a non-finite gradient with on_nonfinite="skip":
-        the gradients are zeroed and no state changes)."""
-        comm = LocalComm() if comm is None else comm
-        ok = self._reduce(list(named_grads), comm)
+    # -- one step
+
+    def plain_step(self) -> bool:
+        return self.channel.exact and self.iteration < self.start_iter
+
+    def reduce_bucket(self, named_grads, comm=None) -> None:
+        """Average one part of this step's gradients over the workers in place
+        (no host synchronisation: the verdict on finiteness waits for end_step)."""
+        named_grads = list(named_grads)
+        names = [nm for nm, _ in named_grads]
+        if len(set(names)) != len(names):
+            dup = sorted({nm for nm in names if names.count(nm) > 1})
+            raise ValueError(f"duplicate name(s) {dup} among the gradients of one step part: names key the state")
+        self._step_grads.extend(named_grads)
+        if named_grads:
+            self._reduce(named_grads, LocalComm() if comm is None else comm)
+
+    def end_step(self) -> bool:
+        """Close the step: one host read of its finiteness flags. Returns False
+        when the step was skipped (on_nonfinite="skip": every gradient of the
+        step zeroed); raises FloatingPointError with on_nonfinite="raise"."""
+        parts, grads = self._parts, self._step_grads
+        self._parts, self._step_grads = [], []
+        ok = not parts or bool(torch.cat([flag for flag, _, _ in parts]).all())
         if not ok:
-            self._nonfinite(named_grads)
-        if advance:
-            self.iteration += 1
+            self._nonfinite(parts, grads)
+        self.iteration += 1
         return ok
 
-    def _nonfinite(self, named_grads):
-        local = [name for name, g in named_grads if not bool(torch.isfinite(g).all())]
+    def reduce(self, named_grads, comm=None, advance=True) -> bool:
+        """reduce_bucket, then end_step unless advance=False (more parts of
+        this step follow). Returns False when the step was skipped."""
+        try:
+            self.reduce_bucket(named_grads, comm)
+        except BaseException:
+            self.abandon_step()
+            raise
+        return self.end_step() if advance else True
+
+    def abandon_step(self) -> None:
+        """Forget the step under way after an error (not a non-finite value),
+        so the next step starts clean; the step does not count."""
+        self._parts, self._step_grads = [], []
+
+    def _part(self, names, device) -> torch.Tensor:
+        """A device flag for one send, and what to restore if it ends false."""
+        flag = torch.ones(1, dtype=torch.bool, device=device)
+        self._parts.append((flag, list(names), self._snapshot(names)))
+        return flag
+
+    def _snapshot(self, names):
+        return None
+
+    def _restore(self, snapshot) -> None:
+        pass
+
+    def _nonfinite(self, parts, named_grads):
+        for flag, _, snapshot in parts:
+            if not bool(flag):
+                self._restore(snapshot)
+        bad = [nm for nm, g in named_grads if not bool(torch.isfinite(g).all())]
         if self.on_nonfinite == "raise":
-            where = f"in {', '.join(local)}" if local else "on another worker"
+            where = f"in {', '.join(bad)}" if bad else "on another worker"
             raise FloatingPointError(
-                f"non-finite gradient {where} at iteration {self.iteration}; error buffers were left unchanged "
-                "(pass on_nonfinite='skip' to skip such steps)"
+                f"non-finite gradient {where} at iteration {self.iteration} (tensors sent uncompressed show the "
+                "average over workers); error buffers were left unchanged (pass on_nonfinite='skip' to skip such "
+                "steps)"
             )
         self.skipped_steps += 1
         for _, g in named_grads:
             g.zero_()
 
-    def _reduce(self, named_grads, comm) -> bool:
+    def _reduce(self, named_grads, comm) -> None:
         raise NotImplementedError
 
-    def _send(self, signals, comm, names, step, factors=0) -> bool:
+    def _send(self, signals, comm, ok, names, factors=0) -> None:
         """Average signals over the channel, counting what one worker sends."""
         self.floats_sent += sum(s.numel() for s in signals)
-        return self.channel.average_(signals, comm, names, step, factors)
+        self.channel.average_(signals, comm, ok, names, self.iteration, factors)
+
+    def _send_plain(self, named_grads, comm) -> None:
+        if named_grads:
+            ok = self._part([nm for nm, _ in named_grads], named_grads[0][1].device)
+            self._send([g for _, g in named_grads], comm, ok, [nm for nm, _ in named_grads])
+
+    # -- checkpoints
 
     def state_dict(self):
         return {"iteration": self.iteration, "skipped_steps": self.skipped_steps, "floats_sent": self.floats_sent}
 
     def load_state_dict(self, state):
+        if not isinstance(state, dict):
+            raise ValueError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        for key in ("iteration", "skipped_steps", "floats_sent"):
+            value = state.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state[{key!r}] must be an int >= 0, got {value!r}")
         self.iteration, self.skipped_steps = state["iteration"], state["skipped_steps"]
         self.floats_sent = state["floats_sent"]
 
@@ -407,11 +260,17 @@ class ZSGD(Compressor):
         channel = NoiselessChannel() if power is None else NoisyChannel(power, power_allocation, seed)
         super().__init__(channel, on_nonfinite)
 
+    def plain_step(self) -> bool:
+        return self.channel.exact
+
     def _reduce(self, named_grads, comm):
-        return self._send([g for _, g in named_grads], comm, [nm for nm, _ in named_grads], self.iteration)
+        self._send_plain(named_grads, comm)
 
     def compress(self, name, grad):
-        return grad, None
+        """One step of one tensor (advances the step): (its average, None)."""
+        work = grad.detach().clone()
+        self.reduce([(name, work)])
+        return work, None
 
     @staticmethod
     def decompress(P, Q=None, shape=None):
@@ -428,6 +287,16 @@ class _TensorState:
         self.steps = 0
         self.phase = 0  # alternate: 0 sends P next (needs q), 1 sends Q (needs p)
 
+    def fields(self):
+        return (self.error, self.p, self.q, self.steps, self.phase)
+
+
+def _as_work(t, device, dtype):
+    """A state tensor on the working device and dtype, contiguous (a copy only when needed)."""
+    if t is None or (t.device == device and t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.to(device=device, dtype=dtype).contiguous()
+
 
 class PowerSGD(Compressor):
     """PowerSGD: rank-`rank` compression with error feedback (see the module
@@ -443,10 +312,12 @@ class PowerSGD(Compressor):
         super().__init__(NoiselessChannel() if channel is None else channel, on_nonfinite)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-        if not (isinstance(min_compression_rate, (int, float)) and min_compression_rate >= 0):
-            raise ValueError(f"min_compression_rate must be a number >= 0, got {min_compression_rate!r}")
+        if isinstance(min_compression_rate, bool) or not isinstance(min_compression_rate, (int, float)) or not (
+                min_compression_rate >= 0 and math.isfinite(min_compression_rate)):
+            raise ValueError(f"min_compression_rate must be a finite number >= 0, got {min_compression_rate!r}")
         if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
             raise ValueError(f"start_iter must be an int >= 0, got {start_iter!r}")
+        _check_eps("orthogonalization_epsilon", orthogonalization_epsilon)
         if alternate and not warm_start:
             raise ValueError("alternate=True needs warm_start=True (each step multiplies by the previous factor)")
         self.rank, self.error_feedback, self.warm_start = rank, error_feedback, warm_start
@@ -461,26 +332,45 @@ class PowerSGD(Compressor):
     def compressible(self, grad: torch.Tensor) -> bool:
         if grad.dim() < 2:
             return False
-        n, m = grad.shape[0], grad.numel() // grad.shape[0]
-        return (n + m) * self._rank_of(n, m) * self.min_compression_rate < n * m
+        n, m = grad.shape[0], _columns(grad)
+        return n * m > 0 and (n + m) * self._rank_of(n, m) * self.min_compression_rate < n * m
 
     def _rank_of(self, n, m):
         return min(self.rank, n, m)
 
     def _state(self, name, n, m, device, dtype) -> _TensorState:
+        """The tensor's state, checked against its gradient and moved to the working device and dtype."""
         st = self._tensors.get(name)
+        r = self._rank_of(n, m)
         if st is None:
             st = self._tensors[name] = _TensorState()
-        r = self._rank_of(n, m)
-        if st.q is None or st.q.shape != (r, m):
-            gen = torch.Generator().manual_seed(_name_seed(self.seed, name))
+        for field, t, shape in (("error", st.error, (n, m)), ("q", st.q, (r, m)), ("p", st.p, (r, n))):
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(
+                    f"compression state of {name!r}: {field} has shape {tuple(t.shape)}, but its ({n}, {m}) "
+                    f"gradient at rank {r} needs {shape} (a state from another model or rank?)"
+                )
+        if st.q is None:
+            gen = torch.Generator().manual_seed(name_seed(self.seed, name))
             st.q = torch.randn(r, m, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
             st.p, st.steps, st.phase = None, 0, 0
             if self.alternate:
                 orthogonalize_(st.q.T, self.eps)
-        if self.error_feedback and (st.error is None or st.error.shape != (n, m)):
+        st.error, st.p, st.q = (_as_work(t, device, dtype) for t in (st.error, st.p, st.q))
+        if self.error_feedback and st.error is None:
             st.error = torch.zeros(n, m, device=device, dtype=dtype)
         return st
+
+    def _snapshot(self, names):
+        return {nm: (self._tensors[nm].fields() if nm in self._tensors else None) for nm in names}
+
+    def _restore(self, snapshot):
+        for nm, fields in snapshot.items():
+            if fields is None:
+                self._tensors.pop(nm, None)
+            else:
+                st = self._tensors[nm]
+                st.error, st.p, st.q, st.steps, st.phase = fields
 
     def _verify_once(self, named_grads, mats, comm):
         """Workers must agree on what they compress (else the collectives
@@ -489,7 +379,7 @@ class PowerSGD(Compressor):
         if key in self._verified:
             return
         ns = [g.shape[0] for _, g in mats]
-        ms = [g.numel() // g.shape[0] for _, g in mats]
+        ms = [_columns(g) for _, g in mats]
         sig = torch.tensor([len(named_grads), sum(g.numel() for _, g in named_grads), len(mats), sum(ns), sum(ms),
                             sum(self._rank_of(n, m) for n, m in zip(ns, ms)), self.rank], dtype=torch.float64,
                            device=mats[0][1].device)  # NCCL reduces device tensors only
@@ -511,120 +401,112 @@ class PowerSGD(Compressor):
         plain = [(nm, g) for nm, g in named_grads if not (compress and self.compressible(g))]
         mats = [(nm, g) for nm, g in named_grads if compress and self.compressible(g)]
         if not mats:
-            return self._send([g for _, g in plain], comm, [nm for nm, _ in plain], self.iteration)
+            self._send_plain(plain, comm)
+            return
         self._verify_once(named_grads, mats, comm)
-        backend = _dispatch.resolve_backend("compress", mats[0][1].device)
-        work_dtype = _work_dtype(mats[0][1].dtype, backend)
+        device = mats[0][1].device
+        backend = _dispatch.resolve_backend("compress", device)
+        dtype = work_dtype(mats[0][1].dtype, backend)
         # Tensors grouped by rank (below min(n, m) only with min_compression_rate < 2): one pass each.
         groups: dict[int, list] = {}
         for nm, g in mats:
-            n, m = g.shape[0], g.numel() // g.shape[0]
-            st = self._state(nm, n, m, g.device, work_dtype)
-            groups.setdefault(self._rank_of(n, m), []).append((nm, g, st))
-        first = True
-        for rank, members in sorted(groups.items()):
+            groups.setdefault(self._rank_of(g.shape[0], _columns(g)), []).append((nm, g))
+        for i, (rank, members) in enumerate(sorted(groups.items())):
+            sent_plain = plain if i == 0 else []
+            ok = self._part([nm for nm, _ in members + sent_plain], device)
+            states = [self._state(nm, g.shape[0], _columns(g), device, dtype) for nm, g in members]
             # A P step serves every tensor (each keeps an orthonormal q); a Q step needs every p.
-            phase = min(st.phase for _, _, st in members) if self.alternate else 0
-            if not self._step(members, phase, rank, plain if first else [], comm, backend, work_dtype):
-                return False
-            first = False
-        return True
+            phase = min(st.phase for st in states) if self.alternate else 0
+            self._step([(nm, g, st) for (nm, g), st in zip(members, states)], phase, rank, sent_plain, comm, ok,
+                       backend, dtype)
 
-    def _step(self, members, phase, rank, plain, comm, backend, work_dtype) -> bool:
-        ops = _ops(backend)
-        items, works, p_off, q_off = [], [], 0, 0
-        for nm, g, st in members:
-            n, m = st.error.shape if st.error is not None else (g.shape[0], g.numel() // g.shape[0])
-            work = g.reshape(n, m)
-            if work.dtype != work_dtype or not work.is_contiguous() or work.data_ptr() != g.data_ptr():
-                work = work.to(work_dtype).contiguous()
+    def _step(self, members, phase, rank, plain, comm, ok, backend, dtype):
+        passes = ops(backend)
+        works = []
+        for _, g, _ in members:
+            work = g.reshape(g.shape[0], _columns(g))
+            if work.dtype != dtype or not work.is_contiguous() or work.data_ptr() != g.data_ptr():
+                work = work.to(dtype).contiguous()
             works.append(work)
-            items.append(_Item(work, st.error, p_off, q_off))
-            p_off, q_off = p_off + rank * n, q_off + rank * m
-        device = works[0].device
-        P = torch.empty(p_off, device=device, dtype=work_dtype)
-        Q = torch.empty(q_off, device=device, dtype=work_dtype)
-        P_parts = [P[it.p_offset:it.p_offset + rank * it.n].view(rank, it.n) for it in items]
-        Q_parts = [Q[it.q_offset:it.q_offset + rank * it.m].view(rank, it.m) for it in items]
-        plain_signals = [g for _, g in plain]
-        plain_names = [nm for nm, _ in plain]
+        group = Group(works, [st.error for _, _, st in members], rank)
+        P = torch.empty(group.p_size, device=works[0].device, dtype=dtype)
+        Q = torch.empty(group.q_size, device=works[0].device, dtype=dtype)
+        P_parts, Q_parts = group.p_parts(P), group.q_parts(Q)
+        plain_signals, plain_names = [g for _, g in plain], [nm for nm, _ in plain]
         names = [nm for nm, _, _ in members]
 
         if not self.alternate:
-            for (nm, g, st), q in zip(members, Q_parts):
-                q.copy_(self._fresh_q(nm, st).view_as(q) if not self.warm_start else st.q)
-            ops.project_p(items, P, Q, rank)
-            if not self._send(plain_signals + P_parts, comm, plain_names + [f"{n}:P" for n in names],
-                              self.iteration, len(P_parts)):
-                return False
-            self._orthonormalize(ops, P, items, "p", rank)
-            ops.project_q(items, P, Q, rank)
-            if not self._send(Q_parts, comm, [f"{n}:Q" for n in names], self.iteration, len(Q_parts)):
-                return False
-            ops.reconstruct(items, P, Q, P, Q, rank)
-            self._record(members, P_parts, Q_parts, rank)
-            for (nm, g, st), q in zip(members, Q_parts):
-                st.q = q.view(rank, -1).clone()
+            # 1. P = M Q from the warm (or a fresh) Q; 2. average P, orthonormalise it;
+            # 3. Q = M^T P; 4. average Q; 5. gradient = P Q^T, error = M - P Q^T; Q kept warm.
+            for (nm, _, st), q in zip(members, Q_parts):
+                q.copy_(st.q if self.warm_start else self._fresh_q(nm, st).view_as(q))
+            passes.project_p(group, P, Q)
+            self._send(plain_signals + P_parts, comm, ok, plain_names + [f"{n}:P" for n in names], len(P_parts))
+            self._orthonormalize(passes, P, group, "p")
+            passes.project_q(group, P, Q)
+            self._send(Q_parts, comm, ok, [f"{n}:Q" for n in names], len(Q_parts))
+            passes.reconstruct(group, P, Q, P, Q, ok)
+            self._record(names, P_parts, Q_parts)
+            for (_, _, st), q in zip(members, Q_parts):
+                st.q = q.clone()
         else:
-            # phase 0 sends P = M Q (Q orthonormal from the step before); phase 1 sends Q = M^T P.
+            # Phase 0 sends P = M Q (Q orthonormal from the step before); phase 1 sends Q = M^T P.
+            # The error is what this worker's factors did not carry, computed before the channel.
             sent, fixed_parts, sent_parts = (P, Q_parts, P_parts) if phase == 0 else (Q, P_parts, Q_parts)
-            for (nm, g, st), part in zip(members, fixed_parts):
+            for (_, _, st), part in zip(members, fixed_parts):
                 part.copy_(st.q if phase == 0 else st.p)
-            (ops.project_p if phase == 0 else ops.project_q)(items, P, Q, rank)
+            (passes.project_p if phase == 0 else passes.project_q)(group, P, Q)
             local = sent.clone()
             sent_names = [f"{n}:{'PQ'[phase]}" for n in names]
-            if not self._send(plain_signals + sent_parts, comm, plain_names + sent_names, self.iteration,
-                              len(sent_parts)):
-                return False
+            self._send(plain_signals + sent_parts, comm, ok, plain_names + sent_names, len(sent_parts))
             if phase == 0:
-                ops.reconstruct(items, P, Q, local, Q, rank)
+                passes.reconstruct(group, P, Q, local, Q, ok)
             else:
-                ops.reconstruct(items, P, Q, P, local, rank)
-            self._record(members, P_parts, Q_parts, rank)
-            self._orthonormalize(ops, sent, items, "p" if phase == 0 else "q", rank)
-            for (nm, g, st), part in zip(members, sent_parts):
+                passes.reconstruct(group, P, Q, P, local, ok)
+            self._record(names, P_parts, Q_parts)
+            self._orthonormalize(passes, sent, group, "p" if phase == 0 else "q")
+            for (_, _, st), part in zip(members, sent_parts):
                 if phase == 0:
-                    st.p = part.view(rank, -1).clone()
+                    st.p = part.clone()
                 else:
-                    st.q = part.view(rank, -1).clone()
-        for (nm, g, st), work in zip(members, works):
+                    st.q = part.clone()
+        for (_, g, st), work in zip(members, works):
             st.steps += 1
             st.phase = 1 - phase
             if work.data_ptr() != g.data_ptr():
                 g.copy_(work.view_as(g))
-        return True
 
-    def _record(self, members, P_parts, Q_parts, rank):
+    def _record(self, names, P_parts, Q_parts):
         """The factors whose product this step's gradients are, for compress()."""
         if self._recording:
-            self._last_factors = {nm: (p.view(rank, -1).clone(), q.view(rank, -1).clone())
-                                  for (nm, _, _), p, q in zip(members, P_parts, Q_parts)}
+            self._last_factors = {nm: (p.clone(), q.clone()) for nm, p, q in zip(names, P_parts, Q_parts)}
 
     def _fresh_q(self, name, st):
-        gen = torch.Generator().manual_seed(_name_seed(self.seed, name, st.steps + 1))
+        gen = torch.Generator().manual_seed(name_seed(self.seed, name, st.steps + 1))
         return torch.randn(st.q.numel(), generator=gen, dtype=torch.float64).to(st.q)
 
-    def _orthonormalize(self, ops, buf, items, which, rank):
-        offsets = torch.tensor([it.p_offset if which == "p" else it.q_offset for it in items], dtype=torch.int64)
-        lengths = torch.tensor([it.n if which == "p" else it.m for it in items], dtype=torch.int64)
-        ops.orthonormalize(buf, offsets, lengths, rank, self.eps)
+    def _orthonormalize(self, passes, buf, group, which):
+        offsets, lengths = (group.p_offsets, group.ns) if which == "p" else (group.q_offsets, group.ms)
+        passes.orthonormalize(buf, offsets, lengths, group.rank, self.eps)
 
     # -- one tensor on one worker
 
     def compress(self, name, grad):
-        """One step for one tensor on this worker: (P (n, r), Q (m, r)) with
-        P Q^T the compressed gradient, or (grad, None) for a tensor that is
-        sent uncompressed. Error buffer and warm start are updated."""
+        """One step of one tensor on this worker (it advances the step, as
+        reduce() does): (P (n, r), Q (m, r)) with P Q^T the compressed
+        gradient, or (grad, None) for a tensor that is sent uncompressed. Error
+        buffer and warm start are updated. The input is never modified; a
+        skipped step (on_nonfinite="skip") returns zero factors (or zeros)."""
         work = grad.detach().clone()
         self._recording, self._last_factors = True, {}
         try:
-            if not self._reduce([(name, work)], LocalComm()):
-                self._nonfinite([(name, grad)])
+            ok = self.reduce([(name, work)])
         finally:
             self._recording = False
-        if name not in self._last_factors:
+        factors = self._last_factors.pop(name, None)
+        if factors is None:
             return work, None
-        pt, qt = self._last_factors.pop(name)
+        pt, qt = factors if ok else (torch.zeros_like(factors[0]), torch.zeros_like(factors[1]))
         return pt.T, qt.T
 
     @staticmethod
@@ -642,14 +524,51 @@ class PowerSGD(Compressor):
         return state
 
     def load_state_dict(self, state):
+        """Checks every tensor's state (types, ranks, shapes that fit each
+        other and this compressor's rank, finite values) before taking any;
+        tensors are copied and converted to the working dtype and device at
+        their next step."""
         super().load_state_dict(state)
-        self._tensors = {}
-        for nm, s in state["tensors"].items():
-            st = self._tensors[nm] = _TensorState()
-            st.error = None if s["error"] is None else s["error"].clone()
-            st.p = None if s["p"] is None else s["p"].clone()
-            st.q = None if s["q"] is None else s["q"].clone()
-            st.steps, st.phase = s["steps"], s["phase"]
+        tensors = state.get("tensors")
+        if not isinstance(tensors, dict):
+            raise ValueError(f"state['tensors'] must be a dict of per-tensor states, got {type(tensors).__name__}")
+        loaded = {nm: self._checked_tensor_state(nm, s) for nm, s in tensors.items()}
+        self._tensors = loaded
+
+    def _checked_tensor_state(self, name, s) -> _TensorState:
+        where = f"state['tensors'][{name!r}]"
+        if not isinstance(s, dict):
+            raise ValueError(f"{where} must be a dict, got {type(s).__name__}")
+        st = _TensorState()
+        for field in ("error", "p", "q"):
+            t = s.get(field)
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise ValueError(f"{where}[{field!r}] must be a tensor or None, got {type(t).__name__}")
+            if t is not None and (t.dim() != 2 or t.dtype not in FLOAT_DTYPES):
+                raise ValueError(f"{where}[{field!r}] must be a 2-D floating tensor, got {t.dtype} "
+                                 f"{tuple(t.shape)}")
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{where}[{field!r}] has non-finite values")
+            setattr(st, field, None if t is None else t.detach().clone(memory_format=torch.contiguous_format))
+        for field, allowed in (("steps", None), ("phase", (0, 1))):
+            v = s.get(field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (allowed and v not in allowed):
+                raise ValueError(f"{where}[{field!r}] must be {'0 or 1' if allowed else 'an int >= 0'}, got {v!r}")
+            setattr(st, field, v)
+        n = st.error.shape[0] if st.error is not None else (st.p.shape[1] if st.p is not None else None)
+        m = st.error.shape[1] if st.error is not None else (st.q.shape[1] if st.q is not None else None)
+        ranks = {t.shape[0] for t in (st.p, st.q) if t is not None}
+        fits = (len(ranks) <= 1 and (st.q is None or m is None or st.q.shape[1] == m)
+                and (st.p is None or n is None or st.p.shape[1] == n))
+        if fits and ranks and n is not None and m is not None:
+            fits = ranks == {self._rank_of(n, m)}
+        elif fits and ranks:
+            fits = max(ranks) <= self.rank
+        if not fits:
+            shapes = {f: tuple(t.shape) for f, t in (("error", st.error), ("p", st.p), ("q", st.q)) if t is not None}
+            raise ValueError(f"{where}: shapes {shapes} do not fit each other or rank {self.rank} (a state from "
+                             "another model or rank?)")
+        return st
 
 
 class Laser(PowerSGD):
@@ -658,7 +577,8 @@ class Laser(PowerSGD):
     total power budget `power` per step, split over the tensors sent by
     `power_allocation` and, with column_exponent, over each factor's
     vectors (NoisyChannel); power=None is the noiseless limit (alternating
-    PowerSGD). Uncompressed tensors share the channel and the budget."""
+    PowerSGD). Uncompressed tensors, and the warm-up steps (start_iter),
+    share the channel and the budget."""
 
     def __init__(self, rank=4, power=None, power_allocation="norm", column_exponent=None, min_compression_rate=2.0,
                  start_iter=0, orthogonalization_epsilon=0.0, seed=0, on_nonfinite="raise"):

@@ -8,23 +8,57 @@ hook(state, bucket: dist.GradBucket) -> torch.futures.Future of the bucket's
 flat gradient, averaged over the workers. PowerSGDState takes the arguments of
 torch's PowerSGDState (same names and defaults), so switching from torch's
 hook is a one-word change. Each state wraps a tessel.compress compressor and
-adds what DDP needs: the step counter (advanced at the last bucket of a
-backward), gradients named by parameter (pass `model` to name them as
-model.named_parameters() does), and state_dict() / load_state_dict() for
+adds what DDP needs: gradients named by parameter (pass `model` to name them
+as model.named_parameters() does) and state_dict() / load_state_dict() for
 checkpoints that resume bit for bit.
+
+How a step runs, asynchronously:
+1. The hook hands the bucket to the state's communication thread and returns
+   a Future at once: the backward of the remaining layers goes on while the
+   bucket is compressed and its collectives travel.
+2. That one thread issues every collective of the step, bucket after bucket
+   in DDP's order, so all workers issue them in the same order (torch's
+   powerSGD_hook issues the second all-reduce of a bucket from a callback
+   thread while the autograd thread issues the next bucket's first one, and
+   gloo aborts on the mismatch).
+3. At the last bucket the hook waits for the thread to finish the step, then
+   the compressor reads the step's finiteness flags from the device once (the
+   only host synchronisation of a step; none per collective) and the futures
+   complete. DDP consumes no bucket before the last one is ready, so this
+   costs no overlap, and DDP's own collectives after the backward never
+   interleave with ours.
+An exact uncompressed step (warm-up over a noiseless channel) is one
+asynchronous all-reduce of the flat bucket, as in torch's hooks.
 """
+
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from .compress import Laser, PowerSGD, ProcessGroupComm, ZSGD
 
 
 class _HookState:
+    """What every hook state shares: the compressor, the process group, the
+    communication thread and the parts of the step under way.
+
+    overlap: True runs the buckets on the communication thread; False runs
+    each on the calling thread before the hook returns (same results; for
+    measuring what the overlap earns)."""
+
+    overlap = True
+
     def __init__(self, compressor, process_group, model):
         self.compressor = compressor
         self.process_group = process_group
         self._comm = None
         self._names = None if model is None else {id(p): name for name, p in model.named_parameters()}
+        self._thread = None
+        self._pending = []  # this step's (future, bucket buffer, job)
+        self._failed = None  # the error that ended this step's work on the thread
 
     @property
     def comm(self):
@@ -47,6 +81,80 @@ class _HookState:
 
     def load_state_dict(self, state: dict) -> None:
         self.compressor.load_state_dict(state)
+
+    # -- one bucket, one step
+
+    def submit(self, bucket) -> torch.futures.Future:
+        buffer = bucket.buffer()
+        fut = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
+        args = (self.gradient_names(bucket), bucket.gradients(), buffer,
+                torch.cuda.current_stream(buffer.device) if buffer.is_cuda else None,
+                _get_current_dispatch_mode_stack())
+        if self.overlap:
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(1, thread_name_prefix="tessel-comm")
+            job = self._thread.submit(self._reduce_bucket, *args)
+        else:
+            job = _run_now(self._reduce_bucket, *args)
+        self._pending.append((fut, buffer, job))
+        if bucket.is_last():
+            self._finish_step()
+        return fut
+
+    def _reduce_bucket(self, names, grads, buffer, stream, modes):
+        if self._failed is not None:
+            return  # an earlier bucket failed on every worker alike: issue nothing more
+        try:
+            # The caller's stream and dispatch modes (e.g. a profiler's) hold on this thread too.
+            with contextlib.ExitStack() as scope:
+                if stream is not None:
+                    scope.enter_context(torch.cuda.stream(stream))
+                for mode in modes:
+                    scope.enter_context(mode)
+                scope.enter_context(torch.no_grad())
+                self.compressor.reduce_bucket(zip(names, grads), self.comm)
+                if grads and grads[0].data_ptr() != buffer.data_ptr():
+                    # Gradients that are not views of the flat buffer go back into it.
+                    torch.cat([g.reshape(-1) for g in grads], out=buffer)
+        except BaseException as err:
+            self._failed = err
+            raise
+
+    def _finish_step(self):
+        pending, self._pending = self._pending, []
+        try:
+            for _, _, job in pending:
+                job.result()
+            ok = self.compressor.end_step()
+        except BaseException as err:
+            self._failed = None
+            self.compressor.abandon_step()
+            for fut, _, _ in pending:
+                fut.set_exception(err)
+            raise
+        for fut, buffer, _ in pending:
+            if not ok:
+                buffer.zero_()
+            fut.set_result(buffer)
+
+
+class _Done:
+    """A finished job, for the synchronous path: result() re-raises its error."""
+
+    def __init__(self, error=None):
+        self._error = error
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+
+
+def _run_now(fn, *args) -> _Done:
+    try:
+        fn(*args)
+    except Exception as err:  # raised at the step's end, as on the thread
+        return _Done(err)
+    return _Done()
 
 
 class PowerSGDState(_HookState):
@@ -79,7 +187,8 @@ class LaserState(_HookState):
     """LASER over the simulated noisy uplink (tessel.compress.Laser): rank,
     power (None: noiseless), power_allocation ("norm" or "uniform") over
     tensors, column_exponent (None, or a: over each factor's vectors by
-    norm^a), start_iter uncompressed noiseless steps first."""
+    norm^a), start_iter uncompressed steps first (through the same noisy
+    channel)."""
 
     def __init__(self, process_group=None, rank=4, power=None, power_allocation="norm", column_exponent=None,
                  start_iter=2, min_compression_rate=2.0, orthogonalization_epsilon=0.0, seed=0, on_nonfinite="raise",
@@ -100,45 +209,28 @@ class ZSGDState(_HookState):
         super().__init__(ZSGD(power, power_allocation, seed, on_nonfinite), process_group, model)
 
 
-def _done(value):
-    fut = torch.futures.Future()
-    fut.set_result(value)
-    return fut
-
-
 def _compressed_hook(state: _HookState, bucket):
     comp = state.compressor
-    last = bucket.is_last()
-    if comp.iteration < getattr(comp, "start_iter", 0):
-        # Uncompressed warm-up, as torch's hook: one asynchronous all-reduce of the flat bucket.
+    if comp.plain_step():
+        # Exact and uncompressed, as torch's hook: one asynchronous all-reduce of the flat bucket.
         world = state.comm.world_size
         work = dist.all_reduce(bucket.buffer(), group=state.process_group, async_op=True)
-        if last:
-            comp.iteration += 1
-
-        def mean(fut):
-            return fut.value()[0].div_(world)
-
-        return work.get_future().then(mean)
-    grads = bucket.gradients()
-    comp.reduce(list(zip(state.gradient_names(bucket), grads)), state.comm, advance=last)
-    buffer = bucket.buffer()
-    if grads and grads[0].data_ptr() != buffer.data_ptr():
-        # Gradients that are not views of the flat buffer go back into it.
-        torch.cat([g.reshape(-1) for g in grads], out=buffer)
-    return _done(buffer)
+        if bucket.is_last():
+            comp.end_step()
+        return work.get_future().then(lambda fut: fut.value()[0].div_(world))
+    return state.submit(bucket)
 
 
 def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """PowerSGD communication hook (see PowerSGDState)."""
+    """PowerSGD communication hook (see PowerSGDState and the module docstring)."""
     return _compressed_hook(state, bucket)
 
 
 def laser_hook(state: LaserState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """LASER communication hook (see LaserState)."""
+    """LASER communication hook (see LaserState and the module docstring)."""
     return _compressed_hook(state, bucket)
 
 
 def zsgd_hook(state: ZSGDState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Z-SGD communication hook (see ZSGDState)."""
+    """Z-SGD communication hook (see ZSGDState and the module docstring)."""
     return _compressed_hook(state, bucket)

@@ -8,9 +8,10 @@ from conftest import error_vs
 
 import tessel
 from tessel import compress
-from tessel.compress import Laser, NoisyChannel, PowerSGD, ZSGD, _CppOps, _Item, _ReferenceOps
+from tessel._compress_passes import CppOps, Group, ReferenceOps
+from tessel.compress import Laser, NoisyChannel, PowerSGD, ZSGD
 
-KERNEL_OPS = [("cpp", _CppOps)]
+KERNEL_OPS = [("cpp", CppOps)]
 try:
     import triton  # noqa: F401
 
@@ -21,8 +22,8 @@ except ImportError:
 
 def kernel_ops(name):
     if name == "cpp":
-        return _CppOps()
-    return tessel._dispatch.triton_module("lowrank").LowRankOps()
+        return CppOps()
+    return tessel._dispatch.triton_module("compress").CompressOps()
 
 
 # ---------------------------------------------------------------- orthogonalize_
@@ -76,31 +77,27 @@ def test_orthogonalize_half_and_bad_input():
 # ---------------------------------------------------------------- the fused passes
 
 
-def _bucket(r, dtype, with_error=(True, False, True)):
+def _group(r, dtype, with_error=(True, False, True)):
     gen = torch.Generator().manual_seed(3)
     shapes = [(10, 40), (33, 600), (130, 9)]
-    items, p_off, q_off = [], 0, 0
-    for (n, m), e in zip(shapes, with_error):
-        g = torch.randn(n, m, generator=gen, dtype=dtype)
-        err = torch.randn(n, m, generator=gen, dtype=dtype) if e else None
-        items.append(_Item(g, err, p_off, q_off))
-        p_off, q_off = p_off + r * n, q_off + r * m
-    P = torch.randn(p_off, generator=gen, dtype=dtype)
-    Q = torch.randn(q_off, generator=gen, dtype=dtype)
-    return items, P, Q
+    grads = [torch.randn(n, m, generator=gen, dtype=dtype) for n, m in shapes]
+    errors = [torch.randn(n, m, generator=gen, dtype=dtype) if e else None for (n, m), e in zip(shapes, with_error)]
+    group = Group(grads, errors, r)
+    P = torch.randn(group.p_size, generator=gen, dtype=dtype)
+    Q = torch.randn(group.q_size, generator=gen, dtype=dtype)
+    return group, P, Q
 
 
 def _run_passes(ops, r, dtype):
-    items, P, Q = _bucket(r, dtype)
-    ops.project_p(items, P, Q, r)
+    group, P, Q = _group(r, dtype)
+    ops.project_p(group, P, Q)
     p1 = P.clone()
-    ops.project_q(items, P, Q, r)
+    ops.project_q(group, P, Q)
     q1 = Q.clone()
-    ops.reconstruct(items, P, Q, P * 0.5, Q, r)
-    grads = [it.grad.clone() for it in items]
-    errors = [it.error.clone() for it in items if it.error is not None]
-    offsets = torch.tensor([it.p_offset for it in items])
-    ops.orthonormalize(P, offsets, torch.tensor([it.n for it in items]), r, 1e-8)
+    ops.reconstruct(group, P, Q, P * 0.5, Q, torch.ones(1, dtype=torch.bool))
+    grads = [g.clone() for g in group.grads]
+    errors = [e.clone() for e in group.errors if e is not None]
+    ops.orthonormalize(P, group.p_offsets, group.ns, r, 1e-8)
     return [p1, q1, *grads, *errors, P]
 
 
@@ -111,7 +108,7 @@ def test_fused_passes_match_reference(ops_name, rank):
         if ops_name == "triton" and dtype == torch.float64:
             continue
         ours = _run_passes(kernel_ops(ops_name), rank, dtype)
-        ref = _run_passes(_ReferenceOps(), rank, dtype)
+        ref = _run_passes(ReferenceOps(), rank, dtype)
         for i, (a, b) in enumerate(zip(ours, ref)):
             assert error_vs(a, b) <= tol * max(1.0, b.abs().max().item()), (i, dtype)
 
@@ -259,7 +256,7 @@ def test_noisy_channel_noise_matches_the_power_budget():
     signal = torch.zeros(200_000, dtype=torch.float64)
     signal[0] = 3.0  # norm c = 3
     received = signal.clone()
-    assert channel.average_([received], _FakeComm(2))
+    channel.average_([received], _FakeComm(2), torch.ones(1, dtype=torch.bool))
     noise = received - signal
     # s = c / (n sqrt(p)) = 3 / (2 * 2)
     assert abs(noise[1:].std().item() - 0.75) < 0.01
@@ -274,7 +271,7 @@ def test_column_allocation_splits_a_factors_power_over_its_vectors():
     factor = torch.zeros(3, 200_000, dtype=torch.float64)
     factor[0, 0], factor[1, 0] = 3.0, 1.0  # vector norms 3, 1 and 0
     received = factor.clone()
-    assert channel.average_([received], _FakeComm(1), ["f"], 0, factors=1)
+    channel.average_([received], _FakeComm(1), torch.ones(1, dtype=torch.bool), ["f"], 0, factors=1)
     noise = (received - factor)[:, 1:].std(dim=1)
     # shares 3/4, 1/4, 0 of p = 4: std = c_j / sqrt(p_j) = 3 / sqrt(3), 1 / 1, and none for the zero vector
     assert abs(noise[0].item() - math.sqrt(3)) < 0.02 and abs(noise[1].item() - 1.0) < 0.02

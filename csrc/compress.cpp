@@ -3,7 +3,10 @@
 // the fly, and all matrices of a bucket go in one call. OpenMP spreads
 // (matrix, block) tasks; every output element is written by one task in a
 // fixed order, so results do not depend on the thread count.
-#include "lowrank.h"
+#include "compress.h"
+
+#include <cmath>
+#include <limits>
 
 #include "common.h"
 
@@ -36,9 +39,24 @@ void axpy(T alpha, const T* x, T* y, int64_t n) {
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
+// |v| without overflow or underflow: the plain sum of squares, or, where
+// it leaves the normal range, the sum of (v / max|v|)^2 scaled back.
+template <typename T>
+T safe_norm(const T* v, int64_t n) {
+  const T sq = dot(v, v, n);
+  constexpr T tiny = std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon();
+  if (sq > tiny && sq <= std::numeric_limits<T>::max()) return std::sqrt(sq);
+  T peak = 0;
+  for (int64_t i = 0; i < n; ++i) peak = std::fmax(peak, std::fabs(v[i]));
+  if (!(peak > T(0)) || !std::isfinite(peak)) return std::isnan(sq) ? sq : peak;
+  T scaled = 0;
+  for (int64_t i = 0; i < n; ++i) scaled += (v[i] / peak) * (v[i] / peak);
+  return peak * std::sqrt(scaled);
+}
+
 // Row `row` of M = grad + error, pointing at grad itself when there is no error.
 template <typename T>
-const T* m_row(const LowRankItem<T>& it, int64_t row, int64_t c0, int64_t c1, T* tmp) {
+const T* m_row(const CompressItem<T>& it, int64_t row, int64_t c0, int64_t c1, T* tmp) {
   const T* g = it.grad + row * it.m;
   if (!it.error) return g + c0;
   const T* e = it.error + row * it.m;
@@ -52,7 +70,7 @@ struct Task {
 
 // Blocks of `block` along each item's rows (by_rows) or columns.
 template <typename T>
-std::vector<Task> tasks_of(const LowRankItem<T>* items, int64_t count, bool by_rows, int64_t block) {
+std::vector<Task> tasks_of(const CompressItem<T>* items, int64_t count, bool by_rows, int64_t block) {
   std::vector<Task> tasks;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t len = by_rows ? items[i].n : items[i].m;
@@ -67,7 +85,7 @@ constexpr int64_t kColBlock = 512;
 }  // namespace
 
 template <typename T>
-void lowrank_project_p(const LowRankItem<T>* items, int64_t count, int64_t rank, T* p, const T* q, int num_threads) {
+void compress_project_p(const CompressItem<T>* items, int64_t count, int64_t rank, T* p, const T* q, int num_threads) {
   const auto tasks = tasks_of(items, count, true, kRowBlock);
 #pragma omp parallel num_threads(num_threads)
   {
@@ -86,7 +104,7 @@ void lowrank_project_p(const LowRankItem<T>* items, int64_t count, int64_t rank,
 }
 
 template <typename T>
-void lowrank_project_q(const LowRankItem<T>* items, int64_t count, int64_t rank, const T* p, T* q,
+void compress_project_q(const CompressItem<T>* items, int64_t count, int64_t rank, const T* p, T* q,
                        int num_threads) {
   const auto tasks = tasks_of(items, count, false, kColBlock);
 #pragma omp parallel num_threads(num_threads)
@@ -107,7 +125,7 @@ void lowrank_project_q(const LowRankItem<T>* items, int64_t count, int64_t rank,
 }
 
 template <typename T>
-void lowrank_reconstruct(const LowRankItem<T>* items, int64_t count, int64_t rank, const T* p_out, const T* q_out,
+void compress_reconstruct(const CompressItem<T>* items, int64_t count, int64_t rank, const T* p_out, const T* q_out,
                          const T* p_err, const T* q_err, int num_threads) {
   const auto tasks = tasks_of(items, count, true, kRowBlock);
   const bool same = p_err == p_out && q_err == q_out;
@@ -160,12 +178,13 @@ void orthonormalize(T* buf, const int64_t* offsets, const int64_t* lengths, int6
           for (int64_t j = 0; j < rank; ++j) rows[j * len + e] = v[j * vs + e * element_stride];
       for (int64_t j = 0; j < rank; ++j) {
         T* vj = rows + j * len;
-        const T norm = std::sqrt(dot(vj, vj, len)) + static_cast<T>(eps);
+        for (int pass = 0; pass < 2; ++pass)
+          for (int64_t l = 0; l < j; ++l) {
+            const T* vl = rows + l * len;
+            axpy(-dot(vl, vj, len), vl, vj, len);
+          }
+        const T norm = safe_norm(vj, len) + static_cast<T>(eps);
         if (norm > T(0)) scale_inplace(vj, len, T(1) / norm);
-        for (int64_t l = j + 1; l < rank; ++l) {
-          T* vl = rows + l * len;
-          axpy(-dot(vj, vl, len), vj, vl, len);
-        }
       }
       if (gathered)
         for (int64_t e = 0; e < len; ++e)
@@ -174,15 +193,15 @@ void orthonormalize(T* buf, const int64_t* offsets, const int64_t* lengths, int6
   }
 }
 
-#define TESSEL_LOWRANK(T)                                                                                      \
-  template void lowrank_project_p<T>(const LowRankItem<T>*, int64_t, int64_t, T*, const T*, int);              \
-  template void lowrank_project_q<T>(const LowRankItem<T>*, int64_t, int64_t, const T*, T*, int);              \
-  template void lowrank_reconstruct<T>(const LowRankItem<T>*, int64_t, int64_t, const T*, const T*, const T*, \
+#define TESSEL_COMPRESS(T)                                                                                      \
+  template void compress_project_p<T>(const CompressItem<T>*, int64_t, int64_t, T*, const T*, int);              \
+  template void compress_project_q<T>(const CompressItem<T>*, int64_t, int64_t, const T*, T*, int);              \
+  template void compress_reconstruct<T>(const CompressItem<T>*, int64_t, int64_t, const T*, const T*, const T*, \
                                        const T*, int);                                                         \
   template void orthonormalize<T>(T*, const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, double, \
                                   int);
-TESSEL_LOWRANK(float)
-TESSEL_LOWRANK(double)
-#undef TESSEL_LOWRANK
+TESSEL_COMPRESS(float)
+TESSEL_COMPRESS(double)
+#undef TESSEL_COMPRESS
 
 }  // namespace tessel

@@ -8,6 +8,9 @@ and Qt (r, m), and padded in registers to 16 vectors (the smallest tl.dot);
 the passes are memory-bound, so the padding costs no bandwidth. fp32 with
 IEEE dots (factors are tiny; tf32 would cost accuracy, not time). One launch
 per matrix and pass; Gram-Schmidt does every matrix of a buffer in one launch.
+The reconstruction reads a device flag (keep) and stores nothing when it is
+false, so a non-finite average never reaches the error buffers and the host
+never waits for the flag.
 """
 from __future__ import annotations
 
@@ -61,13 +64,15 @@ def _project_q_kernel(G, E, PT, QT, n, m, rank, HAS_E: tl.constexpr, BN: tl.cons
 
 
 @triton.jit
-def _reconstruct_kernel(G, E, PO, QO, PE, QE, n, m, rank, HAS_E: tl.constexpr, SAME: tl.constexpr,
+def _reconstruct_kernel(G, E, PO, QO, PE, QE, KEEP, n, m, rank, HAS_E: tl.constexpr, SAME: tl.constexpr,
                         BN: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr):
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     cols = tl.program_id(1) * BM + tl.arange(0, BM)
     ks = tl.arange(0, BR)
-    inside = (rows[:, None] < n) & (cols[None, :] < m)
+    keep = tl.load(KEEP) != 0
+    inside = (rows[:, None] < n) & (cols[None, :] < m) & keep
     offs = rows[:, None] * m + cols[None, :]
+    # [BN, BR] @ [BR, BM]
     out = tl.dot(tl.trans(_factor_tile(PO, ks, rows, rank, n)), _factor_tile(QO, ks, cols, rank, m),
                  input_precision="ieee")
     if HAS_E:
@@ -81,36 +86,59 @@ def _reconstruct_kernel(G, E, PO, QO, PE, QE, n, m, rank, HAS_E: tl.constexpr, S
 
 
 @triton.jit
+def _dot_rows(A, B, length, BL: tl.constexpr):
+    acc = tl.zeros([BL], dtype=tl.float32)
+    for s in range(0, length, BL):
+        idx = s + tl.arange(0, BL)
+        acc += tl.load(A + idx, mask=idx < length, other=0.0) * tl.load(B + idx, mask=idx < length, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _axpy_rows(alpha, X, Y, length, BL: tl.constexpr):
+    """Y += alpha * X."""
+    for s in range(0, length, BL):
+        idx = s + tl.arange(0, BL)
+        y = tl.load(Y + idx, mask=idx < length, other=0.0)
+        tl.store(Y + idx, y + alpha * tl.load(X + idx, mask=idx < length, other=0.0), mask=idx < length)
+
+
+@triton.jit
+def _safe_norm(V, length, BL: tl.constexpr):
+    """|v| without overflow or underflow: max|v| * |v / max|v||."""
+    peak = tl.zeros([BL], dtype=tl.float32)
+    for s in range(0, length, BL):
+        idx = s + tl.arange(0, BL)
+        peak = tl.maximum(peak, tl.abs(tl.load(V + idx, mask=idx < length, other=0.0)))
+    top = tl.max(peak, axis=0)
+    safe = tl.where(top > 0, top, 1.0)
+    sq = tl.zeros([BL], dtype=tl.float32)
+    for s in range(0, length, BL):
+        idx = s + tl.arange(0, BL)
+        x = tl.load(V + idx, mask=idx < length, other=0.0) / safe
+        sq += x * x
+    return tl.sqrt(tl.sum(sq, axis=0)) * safe
+
+
+@triton.jit
 def _orthonormalize_kernel(BUF, OFFSETS, LENGTHS, rank, eps, BL: tl.constexpr):
+    """Gram-Schmidt with reorthogonalisation (each vector loses its projections
+    on the earlier ones twice), as csrc/compress.cpp."""
     i = tl.program_id(0)
     base = BUF + tl.load(OFFSETS + i)
     length = tl.load(LENGTHS + i)
     for j in range(rank):
         vj = base + j * length
-        sq = tl.zeros([BL], dtype=tl.float32)
-        for s in range(0, length, BL):
-            idx = s + tl.arange(0, BL)
-            x = tl.load(vj + idx, mask=idx < length, other=0.0)
-            sq += x * x
-        norm = tl.sqrt(tl.sum(sq, axis=0)) + eps
-        inv = tl.where(norm > 0, 1.0 / norm, 0.0)
+        for _ in range(2):
+            for l in range(j):
+                vl = base + l * length
+                _axpy_rows(-_dot_rows(vl, vj, length, BL), vl, vj, length, BL)
+        norm = _safe_norm(vj, length, BL) + eps
+        inv = tl.where(norm == 0, 0.0, 1.0 / norm)
         for s in range(0, length, BL):
             idx = s + tl.arange(0, BL)
             x = tl.load(vj + idx, mask=idx < length, other=0.0)
             tl.store(vj + idx, x * inv, mask=idx < length)
-        for l in range(j + 1, rank):
-            vl = base + l * length
-            d = tl.zeros([BL], dtype=tl.float32)
-            for s in range(0, length, BL):
-                idx = s + tl.arange(0, BL)
-                d += tl.load(vj + idx, mask=idx < length, other=0.0) * tl.load(vl + idx, mask=idx < length,
-                                                                              other=0.0)
-            dot = tl.sum(d, axis=0)
-            for s in range(0, length, BL):
-                idx = s + tl.arange(0, BL)
-                x = tl.load(vl + idx, mask=idx < length, other=0.0)
-                y = tl.load(vj + idx, mask=idx < length, other=0.0)
-                tl.store(vl + idx, x - dot * y, mask=idx < length)
 
 
 def _blocks():
@@ -121,43 +149,39 @@ def _rank_block(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-class LowRankOps:
-    """The passes of tessel.compress on CUDA (or the interpreter): fp32 work tensors."""
+class CompressOps:
+    """The passes of tessel.compress on CUDA (or the interpreter): fp32 work
+    tensors, one launch per matrix (see pymod/_compress_passes.py's Group)."""
 
-    @staticmethod
-    def _factor(buf, offset, rank, length):
-        return buf[offset:offset + rank * length]
-
-    def project_p(self, items, p, q, rank):
+    def project_p(self, group, P, Q):
         bn, bm = _blocks()
-        for it in items:
-            e = it.error if it.error is not None else it.grad
-            _project_p_kernel[(triton.cdiv(it.n, bn),)](
-                it.grad, e, self._factor(p, it.p_offset, rank, it.n), self._factor(q, it.q_offset, rank, it.m),
-                it.n, it.m, rank, HAS_E=it.error is not None, BN=bn, BM=bm, BR=_rank_block(rank))
+        for g, e, pt, qt in zip(group.grads, group.errors, group.p_parts(P), group.q_parts(Q)):
+            n, m = g.shape
+            _project_p_kernel[(triton.cdiv(n, bn),)](g, g if e is None else e, pt, qt, n, m, group.rank,
+                                                     HAS_E=e is not None, BN=bn, BM=bm, BR=_rank_block(group.rank))
 
-    def project_q(self, items, p, q, rank):
+    def project_q(self, group, P, Q):
         bn, bm = _blocks()
-        for it in items:
-            e = it.error if it.error is not None else it.grad
-            _project_q_kernel[(triton.cdiv(it.m, bm),)](
-                it.grad, e, self._factor(p, it.p_offset, rank, it.n), self._factor(q, it.q_offset, rank, it.m),
-                it.n, it.m, rank, HAS_E=it.error is not None, BN=bn, BM=bm, BR=_rank_block(rank))
+        for g, e, pt, qt in zip(group.grads, group.errors, group.p_parts(P), group.q_parts(Q)):
+            n, m = g.shape
+            _project_q_kernel[(triton.cdiv(m, bm),)](g, g if e is None else e, pt, qt, n, m, group.rank,
+                                                     HAS_E=e is not None, BN=bn, BM=bm, BR=_rank_block(group.rank))
 
-    def reconstruct(self, items, p_out, q_out, p_err, q_err, rank):
+    def reconstruct(self, group, p_out, q_out, p_err, q_err, keep):
         bn, bm = _blocks()
         same = p_err.data_ptr() == p_out.data_ptr() and q_err.data_ptr() == q_out.data_ptr()
-        for it in items:
-            e = it.error if it.error is not None else it.grad
-            _reconstruct_kernel[(triton.cdiv(it.n, bn), triton.cdiv(it.m, bm))](
-                it.grad, e, *(self._factor(b, it.p_offset, rank, it.n) for b in (p_out,)),
-                self._factor(q_out, it.q_offset, rank, it.m), self._factor(p_err, it.p_offset, rank, it.n),
-                self._factor(q_err, it.q_offset, rank, it.m), it.n, it.m, rank, HAS_E=it.error is not None,
-                SAME=same, BN=bn, BM=bm, BR=_rank_block(rank))
+        parts = zip(group.grads, group.errors, group.p_parts(p_out), group.q_parts(q_out), group.p_parts(p_err),
+                    group.q_parts(q_err))
+        for g, e, po, qo, pe, qe in parts:
+            n, m = g.shape
+            _reconstruct_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
+                g, g if e is None else e, po, qo, pe, qe, keep, n, m, group.rank, HAS_E=e is not None, SAME=same,
+                BN=bn, BM=bm, BR=_rank_block(group.rank))
 
     def orthonormalize(self, buf, offsets, lengths, rank, eps):
         if buf.dtype != torch.float32:
             raise TypeError(f"the Triton Gram-Schmidt runs float32, got {buf.dtype}")
-        offsets, lengths = offsets.to(buf.device), lengths.to(buf.device)
+        offsets = torch.tensor(offsets, dtype=torch.int64, device=buf.device)
+        lengths = torch.tensor(lengths, dtype=torch.int64, device=buf.device)
         _orthonormalize_kernel[(len(offsets),)](buf, offsets, lengths, rank, eps,
                                                 BL=64 if triton_interpreting() else 1024)
