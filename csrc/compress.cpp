@@ -184,7 +184,12 @@ void orthonormalize(T* buf, const int64_t* offsets, const int64_t* lengths, int6
             axpy(-dot(vl, vj, len), vl, vj, len);
           }
         const T norm = safe_norm(vj, len) + static_cast<T>(eps);
-        if (norm > T(0)) scale_inplace(vj, len, T(1) / norm);
+        if (norm != T(0)) {  // NaN included: it spreads over the vector, as in torch
+          if (std::isfinite(T(1) / norm))
+            scale_inplace(vj, len, T(1) / norm);
+          else  // a subnormal norm, whose reciprocal overflows
+            for (int64_t e = 0; e < len; ++e) vj[e] /= norm;
+        }
       }
       if (gathered)
         for (int64_t e = 0; e < len; ++e)

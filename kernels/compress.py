@@ -134,11 +134,12 @@ def _orthonormalize_kernel(BUF, OFFSETS, LENGTHS, rank, eps, BL: tl.constexpr):
                 vl = base + l * length
                 _axpy_rows(-_dot_rows(vl, vj, length, BL), vl, vj, length, BL)
         norm = _safe_norm(vj, length, BL) + eps
-        inv = tl.where(norm == 0, 0.0, 1.0 / norm)
+        # Divided, not multiplied by 1 / norm: that overflows for a subnormal norm.
+        div = tl.where(norm == 0, 1.0, norm)
         for s in range(0, length, BL):
             idx = s + tl.arange(0, BL)
             x = tl.load(vj + idx, mask=idx < length, other=0.0)
-            tl.store(vj + idx, x * inv, mask=idx < length)
+            tl.store(vj + idx, x / div, mask=idx < length)
 
 
 def _blocks():

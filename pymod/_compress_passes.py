@@ -55,7 +55,7 @@ def orthogonalize_reference(M: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         peak = col.abs().amax(dim=-2, keepdim=True)
         safe = torch.where(peak > 0, peak, torch.ones_like(peak))
         norm = (col / safe).norm(dim=-2, keepdim=True) * safe + eps
-        col.div_(torch.where(norm > 0, norm, torch.ones_like(norm)))
+        col.div_(torch.where(norm == 0, torch.ones_like(norm), norm))
     return M
 
 
