@@ -136,7 +136,7 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PanelHeads
       }
       std::fill(srow, srow + a, T(0));
       std::fill(srow + e, srow + ncols, T(0));
-      const T m_new = std::max(m[r], row_max(srow + a, e - a));
+      const T m_new = max_nan(m[r], row_max(srow + a, e - a));
       const T row_sum_p = exp2_shifted_sum(srow + a, e - a, m_new);
       if (m[r] != neg_inf && m[r] != m_new) {
         const T alpha = std::exp2(m[r] - m_new);
@@ -154,10 +154,14 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PanelHeads
   const int64_t row0 = (b * p.heads + h) * p.len_q + q0;
   for (int64_t r = 0; r < mq; ++r) {
     T* orow = out + (row0 + r) * D;
-    if (l[r] > T(0)) {
+    // Empty by the band, never by the sum: NaN and inf scores propagate as in the reference.
+    int64_t first, last;
+    row_key_range(p, q0 + r, &first, &last);
+    if (first <= last) {
       const T inv = T(1) / l[r];
       for (int64_t d = 0; d < D; ++d) orow[d] = O[r * Dp + d] * inv;
-      lse[row0 + r] = T((m[r] + std::log2(l[r])) * kLn2);
+      // As torch's logsumexp: +inf where a score is +inf (the output is NaN there).
+      lse[row0 + r] = m[r] == -neg_inf ? m[r] : T((m[r] + std::log2(l[r])) * kLn2);
     } else {
       std::fill(orow, orow + D, T(0));
       lse[row0 + r] = neg_inf;
@@ -231,8 +235,11 @@ QueryPack<T> pack_queries(const AttentionProblem& p, const T* q, const T* out, c
         T dot = 0;
         for (int64_t d = 0; d < D; ++d) dot += o[d] * g[d];
         qp.delta[row] = dot - (dlse ? dlse[row] : T(0));
-        // A row without keys has lse = -inf and P = 0: +inf makes exp2 give 0.
-        qp.lse2[row] = std::isinf(lse[row]) ? std::numeric_limits<T>::infinity() : T(lse[row] * kLog2e);
+        // A row without keys (by the band, not by its lse: a NaN or inf row must stay NaN) has
+        // P = 0: +inf makes exp2 give 0.
+        int64_t first, last;
+        row_key_range(p, i, &first, &last);
+        qp.lse2[row] = first > last ? std::numeric_limits<T>::infinity() : T(lse[row] * kLog2e);
       }
     }
   return qp;

@@ -30,6 +30,12 @@ constexpr int kVecBytes = 16;
 constexpr int kMicroRows = 6;
 #endif
 
+// max that propagates NaN (std::max keeps its first argument when the second is NaN).
+template <typename T>
+inline T max_nan(T a, T b) {
+  return (b > a || b != b) ? b : a;
+}
+
 template <typename T>
 struct Simd {
   typedef T vec __attribute__((vector_size(kVecBytes)));
@@ -46,7 +52,7 @@ struct Simd {
   static inline vec splat(T x) { return vec{} + x; }
   static inline T hmax(vec v) {
     T m = v[0];
-    for (int i = 1; i < width; ++i) m = std::max(m, v[i]);
+    for (int i = 1; i < width; ++i) m = max_nan(m, v[i]);
     return m;
   }
   static inline T hsum(vec v) {
@@ -261,11 +267,11 @@ inline T row_max(const T* x, int64_t n) {
     auto mv = S::load(x);
     for (i = W; i + W <= n; i += W) {
       auto v = S::load(x + i);
-      mv = v > mv ? v : mv;
+      mv = (v > mv) | (v != v) ? v : mv;  // NaN wins, as in torch's max
     }
     m = S::hmax(mv);
   }
-  for (; i < n; ++i) m = std::max(m, x[i]);
+  for (; i < n; ++i) m = max_nan(m, x[i]);
   return m;
 }
 

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .._dispatch import last_dim_contiguous, triton_interpreting
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 MAX_HEAD_DIM = 256
 # Decode (few queries, long KV cache): keys are split across programs in
 # multiples of this many keys, each split writing a partial result.
@@ -56,6 +56,12 @@ _BWD_CONFIGS = _configs([(64, 64), (32, 64), (64, 32), (32, 32)], [(4, 2), (8, 2
 
 
 @triton.jit
+def _max_nan(a, b):
+    """max that propagates NaN (as torch's max and logsumexp do)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, skn, svn, offs_m, offs_n, offs_d, start, end,
                NK, D, qk_scale, band_lo, band_hi,
                MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -69,7 +75,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, skn, svn, offs_m, offs_n, offs_
             seen = (cols[None, :] < NK) & (cols[None, :] >= offs_m[:, None] + band_lo) \
                 & (cols[None, :] <= offs_m[:, None] + band_hi)
             s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = _max_nan(m_i, tl.reduce(s, 1, _max_nan))
         # A row that has seen no key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_shift[:, None])
@@ -128,10 +134,14 @@ def _fwd_kernel(Q, K, V, O, LSE,
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, skn, svn, offs_m, offs_n, offs_d,
                                mid_hi, end, NK, D, qk_scale, band_lo, band_hi, True, BLOCK_N, DOT_PRECISION)
 
-    seen_any = l_i > 0.0
+    # Empty by the band (within this split), never by the sum: NaN and inf propagate as in the reference,
+    # whose logsumexp is +inf where a score is +inf.
+    first = tl.maximum(tl.maximum(offs_m + band_lo, 0), key_lo)
+    last = tl.minimum(tl.minimum(offs_m + band_hi, NK - 1), key_hi - 1)
+    seen_any = first <= last
     out = acc / tl.where(seen_any, l_i, 1.0)[:, None]
-    lse = tl.where(seen_any, (m_i + tl.math.log2(tl.where(seen_any, l_i, 1.0))) / 1.4426950408889634,
-                   float("-inf"))
+    lse = tl.where(seen_any, (m_i + tl.math.log2(tl.where(seen_any, l_i, 1.0))) / LOG2E, float("-inf"))
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
     o_base = O + b * sob + h * soh + i_split * sos
     tl.store(o_base + offs_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D))
@@ -149,22 +159,25 @@ def _decode_combine_kernel(OP, LSEP, O, LSE, n_splits, NQ, D,
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     lse_s = tl.load(LSEP + (bh * n_splits + offs_s) * NQ + n, mask=offs_s < n_splits, other=float("-inf"))
-    m = tl.max(lse_s, 0)
+    m = tl.reduce(lse_s, 0, _max_nan)
     m_shift = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp(lse_s - m_shift)
     total = tl.sum(w, 0)
     o_s = tl.load(OP + ((bh * n_splits + offs_s[:, None]) * NQ + n) * D + offs_d[None, :],
                   mask=(offs_s[:, None] < n_splits) & (offs_d[None, :] < D), other=0.0)
-    out = tl.sum(o_s * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    # A row saw keys if any split did (lse -inf only for a split without keys; NaN stays NaN).
+    seen = tl.sum((lse_s != float("-inf")).to(tl.int32), 0) > 0
+    out = tl.sum(o_s * w[:, None], 0) / tl.where(seen, total, 1.0)
     tl.store(O + i_row * D + offs_d, out.to(O.dtype.element_ty), mask=offs_d < D)
-    tl.store(LSE + i_row, tl.where(total > 0.0, m_shift + tl.math.log(total), float("-inf")))
+    lse = tl.where(seen, m_shift + tl.math.log(total), float("-inf"))
+    tl.store(LSE + i_row, tl.where(m == float("inf"), float("inf"), lse))
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, LSE, LSE2, sdb, sdh, sdn, H, NQ, D,
+def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, LSE, LSE2, sdb, sdh, sdn, H, NQ, NK, D, band_lo, band_hi,
                            HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta = rowsum(dO * O) - dlse, and lse in log2 units (+inf where a row
-    saw no key, so that exp2(S - lse2) is 0 there)."""
+    """delta = rowsum(dO * O) - dlse, and lse in log2 units (+inf where the
+    band gives a row no key, so that exp2(S - lse2) is 0 there)."""
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b = i_bh // H
@@ -179,8 +192,8 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, LSE, LSE2, sdb, sdh, sdn, H, NQ, 
         delta -= tl.load(DLSE + i_bh * NQ + offs_m, mask=offs_m < NQ, other=0.0)
     tl.store(DELTA + i_bh * NQ + offs_m, delta, mask=offs_m < NQ)
     lse = tl.load(LSE + i_bh * NQ + offs_m, mask=offs_m < NQ, other=0.0)
-    tl.store(LSE2 + i_bh * NQ + offs_m, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634),
-             mask=offs_m < NQ)
+    empty = tl.maximum(offs_m + band_lo, 0) > tl.minimum(offs_m + band_hi, NK - 1)
+    tl.store(LSE2 + i_bh * NQ + offs_m, tl.where(empty, float("inf"), lse * LOG2E), mask=offs_m < NQ)
 
 
 @triton.jit
@@ -373,7 +386,7 @@ def attention_forward(q, k, v, scale: float, band_lo: int, band_hi: int, num_spl
 
     _fwd_kernel[grid](
         q, k, v, o_part, lse_part, *_strides(q), *_strides(k), *_strides(v), *o_strides, *l_strides,
-        h, h // hk, nq, nk, d, scale * LOG2E, band_lo, band_hi, split_len,
+        h, h // hk, nq, nk, d, scale * LOG2E.value, band_lo, band_hi, split_len,
         _seq_bucket(max(nq, nk)), band_kind,
         BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
     )
@@ -399,7 +412,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, band_lo: int
     pre_block = 16 if triton_interpreting() else 64
     _bwd_preprocess_kernel[(triton.cdiv(nq, pre_block), b * h)](
         out, dout, dlse.contiguous() if dlse is not None else lse, delta, lse, lse2, *_strides(dout),
-        h, nq, d, HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_D=block_d,
+        h, nq, nk, d, band_lo, band_hi, HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_D=block_d,
     )
     dq = torch.empty(b, h, nq, d, device=q.device, dtype=q.dtype)
     dk = torch.empty(b, hk, nk, d, device=q.device, dtype=k.dtype)
@@ -408,10 +421,10 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, band_lo: int
     tuning = dict(BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype))
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hk)](
         q, k, v, dout, lse2, delta, dk, dv, *common,
-        h, hk, h // hk, nq, nk, d, scale, scale * LOG2E, band_lo, band_hi, *keys, **tuning,
+        h, hk, h // hk, nq, nk, d, scale, scale * LOG2E.value, band_lo, band_hi, *keys, **tuning,
     )
     _bwd_dq_kernel[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h)](
         q, k, v, dout, lse2, delta, dq, *common,
-        h, h // hk, nq, nk, d, scale, scale * LOG2E, band_lo, band_hi, *keys, **tuning,
+        h, h // hk, nq, nk, d, scale, scale * LOG2E.value, band_lo, band_hi, *keys, **tuning,
     )
     return dq, dk, dv

@@ -16,9 +16,12 @@ never falls back silently.
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 import os
 from types import ModuleType
 
+import numpy as np
 import torch
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
@@ -111,10 +114,15 @@ def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Non
             raise TypeError(f"{name} has dtype {x.dtype} but {names[0]} has {first.dtype}: use one dtype")
 
 
+def is_number(x) -> bool:
+    """A real number (Python's or numpy's), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
 def check_scale(scale) -> None:
     if scale is None:
         return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not torch.isfinite(torch.tensor(scale)):
+    if not is_number(scale) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
 
 

@@ -13,7 +13,9 @@ tessel.kernels.attention on CUDA. The reference backend skips the op.
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,9 +48,9 @@ def attention_reference(q, k, v, *, causal=False, scale=None, window=None, retur
     if window is not None:
         left, right = window
         if left is not None:
-            allowed &= j >= i - left
+            allowed &= j >= i - min(int(left), nq + nk)
         if right is not None:
-            allowed &= j <= i + right
+            allowed &= j <= i + min(int(right), nq + nk)
     scores = scores.masked_fill(~allowed, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     seen = allowed.any(dim=-1)
@@ -66,11 +68,12 @@ def _band(nq: int, nk: int, causal: bool, window) -> tuple[int, int]:
     off = nk - nq
     lo, hi = -BAND_INF, BAND_INF
     if window is not None:
+        # A side past nq + nk reaches every key: unbounded.
         left, right = window
-        if left is not None:
-            lo = off - left
-        if right is not None:
-            hi = off + right
+        if left is not None and left < nq + nk:
+            lo = off - int(left)
+        if right is not None and right < nq + nk:
+            hi = off + int(right)
     if causal:
         hi = min(hi, off)
     return lo, hi
@@ -84,7 +87,7 @@ def _check_window(window) -> None:
     for side, size in zip(("left", "right"), window):
         if size is None:
             continue
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        if isinstance(size, (bool, np.bool_)) or not isinstance(size, numbers.Integral) or size < 0:
             raise ValueError(f"window {side} size must be a non-negative int or None, got {size!r}")
 
 
@@ -214,7 +217,11 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, return_lse=Fals
     Returns out (B, H, Nq, D), and with return_lse the log-sum-exp of each
     row's scaled scores, (B, H, Nq) in float32 (float64 for float64 input;
     -inf for rows that see no key, whose output is zero). Differentiable in
-    q, k, v (and through lse).
+    q, k, v (and through lse). A row is empty by the band alone (a window side
+    past Nq + Nk is unbounded); NaN propagates along what is attended: a row
+    is NaN when its query, or a key or value it sees, is NaN (lse is +inf,
+    as torch's logsumexp, where a score is +inf and none is NaN), and masked
+    keys never reach a row or its gradient.
     """
     check_attention_inputs(q, k, v)
     check_scale(scale)

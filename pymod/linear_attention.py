@@ -463,9 +463,13 @@ def _looped_fwd(
     if nonfinite:
         raise FloatingPointError(
             f"looped_linear_attention diverged: Z of {nonfinite} of {Z.shape[0]} prompts left the range of "
-            f"{Z.dtype} within {loops} loops (or the input was not finite); use fewer loops or smaller P, Q"
+            f"{Z.dtype} within {_loops_text(loops)} (or the input was not finite); use fewer loops or smaller P, Q"
         )
     return out.to(Z.dtype), saved
+
+
+def _loops_text(loops: int) -> str:
+    return f"{loops} loop" + ("s" if loops != 1 else "")
 
 
 @_looped_fwd.register_fake
@@ -535,7 +539,13 @@ def looped_linear_attention(Z, P, Q, loops, *, mask="last_col", return_all=False
         states = []
         for loop in range(loops):
             p_l, q_l = (_weights_for_loop(w, loop)[None] for w in (P4, Q4))
-            Z, _ = _looped_fwd(Z, p_l, q_l, 1, key_cols, 1, backend)
+            try:
+                Z, _ = _looped_fwd(Z, p_l, q_l, 1, key_cols, 1, backend)
+            except FloatingPointError:
+                raise FloatingPointError(
+                    f"looped_linear_attention diverged: Z left the range of {Z.dtype} at loop {loop + 1} of "
+                    f"{_loops_text(loops)} (or the input was not finite); use fewer loops or smaller P, Q"
+                ) from None
             states.append(Z)
         return torch.stack(states)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (Z, P, Q))

@@ -151,6 +151,9 @@ class LoopedLinearTransformer(torch.nn.Module):
         super().__init__()
         if init not in ("random", "gd"):
             raise ValueError(f"init must be 'random' or 'gd', got {init!r}")
+        for name, value in (("d", d), ("loops", loops), ("heads", heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.d, self.loops, self.heads, self.shared = d, loops, heads, shared
         self.init, self.init_scale, self.recompute = init, init_scale, recompute
         shape = (1 if shared else loops, heads, d + 1, d + 1)

@@ -113,9 +113,17 @@ def test_divergence_raises_instead_of_nan():
     Z, P, Q = make(4, 3, 6, 30, 1, True, dtype=torch.float32, scale=3.0)
     with pytest.raises(FloatingPointError, match="diverged"):
         tessel.looped_linear_attention(Z, P, Q, 30)
+    with pytest.raises(FloatingPointError, match=r"diverged: .* at loop \d+ of 30 loops"):
+        tessel.looped_linear_attention(Z, P, Q, 30, return_all=True)
     Z[0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="not finite"):
         tessel.looped_linear_attention(Z, P * 0.01, Q * 0.01, 2)
+
+
+@pytest.mark.parametrize("kwargs", [dict(loops=0), dict(loops=2.0), dict(d=0, loops=2), dict(loops=3, heads=0)])
+def test_looped_module_arguments_are_checked_at_construction(kwargs):
+    with pytest.raises(ValueError, match="must be an int >= 1"):
+        tessel.nn.LoopedLinearTransformer(**{"d": 3, **kwargs})
 
 
 def test_reference_and_triton_backends():
