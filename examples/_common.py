@@ -30,42 +30,50 @@ def parse_args(study: str, doc: str, argv=None) -> argparse.Namespace:
 @contextlib.contextmanager
 def backend(name: str):
     """tessel's kernels ("tessel": the automatic choice) or its references."""
-    previous = tessel._dispatch._chosen
-    tessel.set_backend("auto" if name == "tessel" else "reference")
-    try:
+    with tessel.using_backend("auto" if name == "tessel" else "reference"):
         yield
-    finally:
-        tessel._dispatch._chosen = previous
 
 
-def verdict_table(rows: list[tuple[str, str, str]]) -> str:
-    """(check, measured, verdict) rows as aligned text."""
-    header = ("check", "measured", "verdict")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(3)]
+def check(name: str, value, threshold: str, passed: bool) -> dict:
+    """One claim a study tests: its measured value, the threshold it is held to, the verdict."""
+    return {"name": name, "value": value, "threshold": threshold, "passed": bool(passed)}
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def verdict_table(checks: list[dict]) -> str:
+    """The checks as aligned text: name, value, threshold, verdict."""
+    header = ("check", "value", "threshold", "verdict")
+    rows = [(c["name"], _fmt(c["value"]), c["threshold"], "ok" if c["passed"] else "MISSED") for c in checks]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header, *rows])
 
 
-def finish(study: str, args, metrics: dict, figure, rows) -> dict:
-    """Writes <out>/<study>.json and .png, prints the verdict table."""
+def finish(study: str, args, metrics: dict, figure, checks: list[dict]) -> dict:
+    """Writes <out>/<study>.json (with its "checks") and .png, prints the verdict table."""
     os.makedirs(args.out, exist_ok=True)
     metrics = {"study": study, "quick": args.quick, "device": args.device, "backend": args.backend,
-               "seed": args.seed, "torch": torch.__version__, **metrics}
+               "seed": args.seed, "torch": torch.__version__, "checks": checks, **metrics}
     with open(os.path.join(args.out, f"{study}.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     figure.savefig(os.path.join(args.out, f"{study}.png"), dpi=110)
-    print(verdict_table(rows))
+    print(verdict_table(checks))
     print(f"wrote {args.out}/{study}.json and .png ({metrics['wall_s']:.1f} s)")
     return metrics
 
 
-def main(study, argv=None) -> dict:
-    """The command line of a study module (run, plot, checks): parse, run, write, judge."""
+def main(study, argv=None) -> dict | None:
+    """The command line of a study module (run, plot, checks): parse, run, write, judge.
+    A study launched by torchrun writes from rank 0 only (its run returns None elsewhere)."""
     # Under `python -m` the module is __main__; its spec keeps the real name.
     name = getattr(study.__spec__, "name", study.__name__).rsplit(".", 1)[-1]
     args = parse_args(name, study.__doc__, argv)
     results = study.run(args)
-    rows = [(check, measured, "ok" if good else "MISSED") for check, measured, good in study.checks(results)]
-    return finish(name, args, results, study.plot(results), rows)
+    if results is None:
+        return None
+    return finish(name, args, results, study.plot(results), study.checks(results))
 
 
 def progress(items, desc):

@@ -125,14 +125,14 @@ def plot(results):
     return fig
 
 
-def checks(results) -> list[tuple[str, str, bool]]:
+def checks(results) -> list[dict]:
     looped, pgd = results["looped"], results["pgd"]
     ratio = max(a / b for a, b in zip(looped, pgd))
     return [
-        ("loss falls with L", " > ".join(f"{x:.3g}" for x in looped),
-         all(b < a for a, b in zip(looped, looped[1:]))),
-        ("looped vs fitted GD, worst L", f"{ratio:.2f}x", ratio < 1.5),
-        ("deepest looped vs L=1", f"{looped[-1] / looped[0]:.2f}x", looped[-1] < 0.8 * looped[0]),
+        _common.check("monotone_in_loops", " > ".join(f"{x:.3g}" for x in looped), "each L below the last",
+                      all(b < a for a, b in zip(looped, looped[1:]))),
+        _common.check("looped_vs_fitted_gd_worst", ratio, "< 1.5", ratio < 1.5),
+        _common.check("deepest_vs_one_loop", looped[-1] / looped[0], "< 0.8", looped[-1] < 0.8 * looped[0]),
     ]
 
 

@@ -162,17 +162,16 @@ def checks(results):
     out = []
     for r in results["runs"]:
         gap = r["test_loss"] - r["entropy_rate"]
-        measured = f"{gap:+.3f} nats (unigram {r['unigram_entropy'] - r['entropy_rate']:+.3f})"
         first = r["order"] == 1
         p, q = (float(v.split("=")[1]) for v in r["label"].split(", ")) if first else (0.0, 0.0)
         if first and p + q > 1:
-            good, name = True, f"{r['label']}: test - entropy rate (reported)"
+            out.append(_common.check(f"{r['label']}: test - entropy rate", gap, "reported", True))
         elif first:
-            good, name = gap < 0.05, f"{r['label']}: test - entropy rate < 0.05"
+            out.append(_common.check(f"{r['label']}: test - entropy rate", gap, "< 0.05 nats", gap < 0.05))
         else:
-            good = r["test_loss"] < (r["unigram_entropy"] + r["entropy_rate"]) / 2
-            name = f"{r['label']}: test - conditional entropy"
-        out.append((name, measured, good))
+            half = (r["unigram_entropy"] + r["entropy_rate"]) / 2
+            out.append(_common.check(f"{r['label']}: test loss", r["test_loss"], f"< {half:.4f} (half way)",
+                                     r["test_loss"] < half))
     return out
 
 

@@ -1,7 +1,7 @@
 """tessel: compiled kernels for attention, linear-attention loops and low-rank
 gradient compression, behind a thin PyTorch API."""
 from . import compress, distributed, nn
-from ._dispatch import get_backend, set_backend
+from ._dispatch import get_backend, set_backend, using_backend
 from .attention import attention, patch_sdpa, scaled_dot_product_attention
 from .linear_attention import linear_attention, looped_linear_attention
 
@@ -16,5 +16,6 @@ __all__ = [
     "patch_sdpa",
     "scaled_dot_product_attention",
     "set_backend",
+    "using_backend",
 ]
 __version__ = "0.1.0"

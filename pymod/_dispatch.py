@@ -15,6 +15,7 @@ never falls back silently.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import numbers
@@ -34,6 +35,18 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     _chosen = name
+
+
+@contextlib.contextmanager
+def using_backend(name: str):
+    """set_backend(name) for a block; the previous choice comes back after it."""
+    global _chosen
+    previous = _chosen
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _chosen = previous
 
 
 def get_backend() -> str:
