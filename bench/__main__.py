@@ -1,4 +1,4 @@
-"""python -m bench attention|linear|looped|compress|science|all [--device cpu|cuda|auto] [--quick] [--json PATH] [--plot PATH]
+"""python -m bench attention|linear|looped|compress|science|all [--device cpu|cuda|auto] [--quick] [--json PATH] [--plot PATH] [--link 1gbit]
 
 Runs each suite's cases side by side (tessel, reference, peers), prints a
 table, and writes JSON (device, versions, date, rows) and a plot. In --json,
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 
 import torch
 
@@ -28,8 +29,20 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="a few small cases, short timing")
     parser.add_argument("--json", metavar="PATH", help="write results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the speedups")
+    parser.add_argument("--link", choices=("100mbit", "1gbit", "10gbit"),
+                        help="compress: train 2 workers over a link of this bandwidth (network namespaces, root)")
     args = parser.parse_args(argv)
+    if args.link and args.suite != "compress":
+        parser.error("--link goes with the compress suite")
 
+    if args.suite == "compress" and "RANK" in os.environ and "WORLD_SIZE" in os.environ and not args.link:
+        # Launched by torchrun: every process is one worker of the hook rows; rank 0 prints them.
+        from . import compress
+
+        rows = compress.torchrun_rows(args.quick)
+        if rows is not None:
+            print(_harness.format_table(rows, None))
+        return
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,8 +56,11 @@ def main(argv=None) -> None:
     rows = []
     for suite in suites:
         module = importlib.import_module(f"bench.{suite}")
-        suite_rows = _harness.run_cases(module.cases(device, dtype, args.quick), args.quick)
-        if hasattr(module, "extra_rows"):  # rows a suite measures its own way (e.g. across processes)
+        if args.link:  # only the training steps over the link: they take minutes
+            suite_rows = importlib.import_module("bench._link").rows(args.link, args.quick)
+        else:
+            suite_rows = _harness.run_cases(module.cases(device, dtype, args.quick), args.quick)
+        if hasattr(module, "extra_rows") and not args.link:  # rows a suite measures its own way
             suite_rows += module.extra_rows(device, dtype, args.quick)
         print(f"\n== {suite} ==")
         print(_harness.format_table(suite_rows, sgemm))

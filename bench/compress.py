@@ -198,9 +198,8 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
 WALL_STEPS = 5
 
 
-def _wall_worker(rank, world, port, model, mrank, steps, out_path):
-    torch.set_num_threads(max(1, torch.get_num_threads() // world))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _wall_times(rank, world, model, mrank, steps):
+    """Seconds per step of each provider, all processes in lockstep (rank 0's clock)."""
     providers = _hook_providers(mrank, MODELS[model](), seed=rank)
     times = {}
     for name, step in providers.items():
@@ -210,29 +209,56 @@ def _wall_worker(rank, world, port, model, mrank, steps, out_path):
             step()
         dist.barrier()
         times[name] = (time.perf_counter() - start) / steps
+    return times
+
+
+def _wall_worker(rank, world, port, model, mrank, steps, out_path):
+    torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    times = _wall_times(rank, world, model, mrank, steps)
     if rank == 0:
         torch.save(times, out_path)
     dist.destroy_process_group()
+
+
+def _wall_row(device, world, model, rank, times):
+    shapes = MODELS[model]()
+    sent = floats_sent(shapes, rank)
+    row = {"suite": "compress", "case": f"{model}-r{rank}", "mode": f"gloo-{world}", "dtype": "float32",
+           "device": device, "sent_mb": 4 * sent / 2**20,
+           "ratio": sum(torch.Size(s).numel() for s in shapes) / sent}
+    row.update(timing_columns(times))
+    return row
+
+
+def _wall_plan(quick):
+    return [(2, "resnet18", 4)] if quick else [(2, "resnet18", 4), (4, "resnet18", 4), (2, "gpt2-small", 4),
+                                               (4, "gpt2-small", 4)]
+
+
+def torchrun_rows(quick: bool) -> list[dict] | None:
+    """Under `torchrun --nproc_per_node=N -m bench compress`: this process is one worker of the hook
+    rows (env:// rendezvous, gloo); rank 0 gets the rows, the others None."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
+    rows = []
+    for model in sorted({m for _, m, _ in _wall_plan(quick)}):
+        times = _wall_times(rank, world, model, 4, 2 if quick else WALL_STEPS)
+        rows.append(_wall_row("cpu", world, model, 4, times))
+    dist.destroy_process_group()
+    return rows if rank == 0 else None
 
 
 def extra_rows(device: str, dtype: torch.dtype, quick: bool) -> list[dict]:
     if device != "cpu":
         return []
     rows = []
-    plan = [(2, "resnet18", 4)] if quick else [(2, "resnet18", 4), (4, "resnet18", 4), (2, "gpt2-small", 4),
-                                                (4, "gpt2-small", 4)]
-    for world, model, rank in plan:
+    for world, model, rank in _wall_plan(quick):
         port = _free_port()
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "times.pt")
             mp.start_processes(_wall_worker, args=(world, port, model, rank, 2 if quick else WALL_STEPS, path),
                                nprocs=world, start_method="spawn")
             times = torch.load(path)
-        shapes = MODELS[model]()
-        sent = floats_sent(shapes, rank)
-        row = {"suite": "compress", "case": f"{model}-r{rank}", "mode": f"gloo-{world}", "dtype": "float32",
-               "device": device, "sent_mb": 4 * sent / 2**20,
-               "ratio": sum(torch.Size(s).numel() for s in shapes) / sent}
-        row.update(timing_columns(times))
-        rows.append(row)
+        rows.append(_wall_row(device, world, model, rank, times))
     return rows

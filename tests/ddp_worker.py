@@ -102,13 +102,14 @@ def worker(rank, world, port, kinds, out_dir):
 
 
 class _Uneven(torch.nn.Module):
-    """Layers of very different sizes, a LayerNorm (vectors only) and an unused branch."""
+    """Layers of very different sizes: with 10 KB buckets, one huge matrix (96 x 3000) alone in its
+    bucket, a wide LayerNorm whose vectors fill buckets of their own, and an unused branch."""
 
     def __init__(self):
         super().__init__()
         self.body = torch.nn.Sequential(torch.nn.Linear(32, 96), torch.nn.ReLU(), torch.nn.LayerNorm(96),
-                                        torch.nn.Linear(96, 40), torch.nn.ReLU(), torch.nn.Linear(40, 200),
-                                        torch.nn.ReLU(), torch.nn.Linear(200, 4))
+                                        torch.nn.Linear(96, 3000), torch.nn.ReLU(), torch.nn.LayerNorm(3000),
+                                        torch.nn.Linear(3000, 40), torch.nn.ReLU(), torch.nn.Linear(40, 4))
         self.unused = torch.nn.Linear(8, 8)
 
     def forward(self, x):
@@ -185,15 +186,24 @@ def bucket_order(rank, world, kind, steps=30):
 
 
 def averages(rank, world, kind, steps=4):
-    """Gradients after each backward: full-rank PowerSGD must give the exact average."""
-    model, ddp, _, _ = _uneven_ddp(kind, rank)
-    grads = []
+    """Gradients after each backward (full-rank PowerSGD must give the exact average), and the
+    shapes in each bucket of the last step."""
+    model, ddp, state, seen = _uneven_ddp(kind, rank)
+    grads, shapes = [], {}
+    if state is not None:
+        inner = state.gradient_names
+
+        def names(bucket):  # the hook asks for names once per bucket: note the bucket's shapes
+            shapes[bucket.index()] = [tuple(g.shape) for g in bucket.gradients()]
+            return inner(bucket)
+
+        state.gradient_names = names
     for step in range(steps):
         x, y = batch(rank, step)
         F.mse_loss(ddp(x), y).backward()
         grads.append([None if p.grad is None else p.grad.clone() for p in model.parameters()])
         model.zero_grad()
-    return {"grads": grads}
+    return {"grads": grads, "bucket_shapes": list(shapes.values())}
 
 
 def warmup_step(rank, world, power):

@@ -127,6 +127,9 @@ def test_collectives_keep_one_order_over_many_uneven_buckets(tmp_path):
 def test_full_rank_hook_gives_the_exact_average_with_unused_parameters(tmp_path):
     exact = scenario(2, "averages", tmp_path, "allreduce")
     hooked = scenario(2, "averages", tmp_path, "powersgd_full")
+    buckets = hooked[0]["bucket_shapes"]
+    assert any(all(len(s) == 1 for s in b) for b in buckets), buckets  # a bucket of vectors only
+    assert any(len(b) == 1 and len(b[0]) == 2 and b[0][0] * b[0][1] > 100_000 for b in buckets), buckets
     for rank in range(2):
         for step, (a_step, b_step) in enumerate(zip(exact[rank]["grads"], hooked[rank]["grads"])):
             for a, b in zip(a_step, b_step):
