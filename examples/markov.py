@@ -38,12 +38,13 @@ import tessel
 
 from . import _common
 
-FULL = dict(trap_pairs=[(0.2, 0.3), (0.5, 0.8), (0.7, 0.9)], seeds=3, steps=1000, batch=16, seq=256, dim=8,
-            lr=2e-3, long_steps=3000, incontext_orders={1: (1, 2), 2: (2, 3), 3: (2, 3)}, ic_steps=3000,
-            ic_batch=32, ic_seq=128, ic_dim=32, basin_w=61, basin_s=38, basin_steps=20000)
-QUICK = dict(trap_pairs=[(0.2, 0.3), (0.7, 0.9)], seeds=1, steps=400, batch=16, seq=128, dim=8, lr=2e-3,
-             long_steps=0, incontext_orders={1: (1, 2)}, ic_steps=700, ic_batch=32, ic_seq=96, ic_dim=32,
-             basin_w=21, basin_s=10, basin_steps=6000)
+FULL = dict(trap_runs=[(p, q, tie) for p, q in ((0.2, 0.3), (0.5, 0.8), (0.7, 0.9)) for tie in (True, False)],
+            seeds=3, steps=1000, batch=16, seq=1024, dim=8, lr=2e-3, long_steps=3000,
+            incontext_orders={1: (1, 2), 2: (2, 3), 3: (2, 3)}, ic_steps=3000, ic_batch=32, ic_seq=128, ic_dim=32,
+            basin_w=61, basin_s=38, basin_steps=8000)
+QUICK = dict(trap_runs=[(0.2, 0.3, True), (0.7, 0.9, True), (0.7, 0.9, False)], seeds=1, steps=300, batch=16,
+             seq=512, dim=8, lr=2e-3, long_steps=0, incontext_orders={1: (1, 2)}, ic_steps=700, ic_batch=32,
+             ic_seq=96, ic_dim=32, basin_w=21, basin_s=10, basin_steps=4000)
 TEST_BATCH = 256
 
 
@@ -168,7 +169,7 @@ def reduced_loss(e, w, b, p, q):
     return -pi1 * (q * ls(-f1) + (1 - q) * ls(f1)) - (1 - pi1) * (p * ls(f0) + (1 - p) * ls(-f0))
 
 
-def basins(cfg, e0=0.1, lr=0.5):
+def basins(cfg, e0=0.1, lr=0.1):
     """Final unigram-gap fraction of gradient descent from every (w0, p + q) of a grid, p = q."""
     w0 = torch.linspace(-2.0, 2.0, cfg["basin_w"], dtype=torch.float64)
     s = torch.linspace(0.1, 1.9, cfg["basin_s"], dtype=torch.float64)
@@ -294,8 +295,7 @@ def run(args) -> dict:
     out = {"trap": [], "long": [], "incontext": []}
     with _common.Timer() as clock, _common.backend(args.backend):
         out["basins"] = basins(cfg)
-        jobs = [(p, q, tie, seed) for p, q in cfg["trap_pairs"] for tie in (True, False)
-                for seed in range(args.seed, args.seed + cfg["seeds"])]
+        jobs = [(p, q, tie, seed) for p, q, tie in cfg["trap_runs"] for seed in range(args.seed, args.seed + cfg["seeds"])]
         for p, q, tie, seed in _common.progress(jobs, "trap"):
             chain = Chain(p, q)
             res = train_trap(chain, tie, seed, cfg, args.device)
@@ -311,7 +311,8 @@ def run(args) -> dict:
             row = {"order": order, **incontext_baselines(order, cfg)}
             row["layers"] = {d: train_incontext(order, d, cfg, args.seed, args.device) for d in depths}
             out["incontext"].append(row)
-    return {**out, "config": {k: v for k, v in cfg.items() if k != "incontext_orders"}, "wall_s": clock.seconds}
+    return {**out, "config": {k: v for k, v in cfg.items() if k not in ("incontext_orders", "trap_runs")},
+            "wall_s": clock.seconds}
 
 
 def _trap(results, p, q, tie):
@@ -324,6 +325,8 @@ def plot(results):
     fig, axes = plt.subplots(1, len(pairs) + 2, figsize=(4.2 * (len(pairs) + 2), 3.8))
     for ax, (p, q) in zip(axes, pairs):
         for tie, color in ((True, "tab:red"), (False, "tab:blue")):
+            if not _trap(results, p, q, tie):
+                continue
             for i, r in enumerate(_trap(results, p, q, tie)):
                 curve = torch.tensor(r["curve"])
                 smooth = curve.unfold(0, 20, 1).mean(1) if len(curve) > 40 else curve
