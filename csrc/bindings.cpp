@@ -77,7 +77,12 @@ const T* cdata(const py::array& x) {
   return static_cast<const T*>(x.data());
 }
 
-bool is_double(const py::array& x) { return x.dtype().is(py::dtype::of<double>()); }
+// Calls fn(T{}) with T = double for a float64 array, else float (whose checks then reject any other dtype).
+template <typename Fn>
+auto by_dtype(const py::array& x, Fn&& fn) {
+  if (x.dtype().is(py::dtype::of<double>())) return fn(double{});
+  return fn(float{});
+}
 
 AttentionProblem attention_problem(const py::array& q, const py::array& k, const py::array& v, double scale,
                                    int64_t band_lo, int64_t band_hi, int num_threads) {
@@ -112,10 +117,9 @@ void attention_forward_typed(const py::array& q, const py::array& k, const py::a
 
 void attention_forward(const py::array& q, const py::array& k, const py::array& v, py::array out, py::array lse,
                        double scale, int64_t band_lo, int64_t band_hi, int num_threads) {
-  if (is_double(q))
-    attention_forward_typed<double>(q, k, v, out, lse, scale, band_lo, band_hi, num_threads);
-  else
-    attention_forward_typed<float>(q, k, v, out, lse, scale, band_lo, band_hi, num_threads);
+  by_dtype(q, [&](auto t) {
+    attention_forward_typed<decltype(t)>(q, k, v, out, lse, scale, band_lo, band_hi, num_threads);
+  });
 }
 
 template <typename T>
@@ -147,12 +151,10 @@ void attention_backward(const py::array& q, const py::array& k, const py::array&
                         const py::array& dout, const py::array& lse, const py::object& dlse, py::array dq,
                         py::array dk, py::array dv, double scale, int64_t band_lo, int64_t band_hi,
                         int num_threads) {
-  if (is_double(q))
-    attention_backward_typed<double>(q, k, v, out, dout, lse, dlse, dq, dk, dv, scale, band_lo, band_hi,
-                                     num_threads);
-  else
-    attention_backward_typed<float>(q, k, v, out, dout, lse, dlse, dq, dk, dv, scale, band_lo, band_hi,
-                                    num_threads);
+  by_dtype(q, [&](auto t) {
+    attention_backward_typed<decltype(t)>(q, k, v, out, dout, lse, dlse, dq, dk, dv, scale, band_lo, band_hi,
+                                          num_threads);
+  });
 }
 
 // z (B, dim, cols); weights (1 or loops, heads, dim, dim); checkpoints (ceil(loops / every), B, dim, cols).
@@ -184,9 +186,9 @@ int64_t looped_forward_typed(const py::array& z, const py::array& wp, const py::
 
 int64_t looped_forward(const py::array& z, const py::array& wp, const py::array& wq, py::array out, py::array saved,
                        int64_t loops, int64_t key_cols, double inv_n, int64_t every, int num_threads) {
-  if (is_double(z)) return looped_forward_typed<double>(z, wp, wq, out, saved, loops, key_cols, inv_n, every,
-                                                        num_threads);
-  return looped_forward_typed<float>(z, wp, wq, out, saved, loops, key_cols, inv_n, every, num_threads);
+  return by_dtype(z, [&](auto t) {
+    return looped_forward_typed<decltype(t)>(z, wp, wq, out, saved, loops, key_cols, inv_n, every, num_threads);
+  });
 }
 
 template <typename T>
@@ -206,10 +208,9 @@ void looped_backward_typed(const py::array& saved, const py::array& wp, const py
 void looped_backward(const py::array& saved, const py::array& wp, const py::array& wq, const py::array& dout,
                      py::array dz, py::array dp, py::array dq, int64_t loops, int64_t key_cols, double inv_n,
                      int64_t every, int num_threads) {
-  if (is_double(dout))
-    looped_backward_typed<double>(saved, wp, wq, dout, dz, dp, dq, loops, key_cols, inv_n, every, num_threads);
-  else
-    looped_backward_typed<float>(saved, wp, wq, dout, dz, dp, dq, loops, key_cols, inv_n, every, num_threads);
+  by_dtype(dout, [&](auto t) {
+    looped_backward_typed<decltype(t)>(saved, wp, wq, dout, dz, dp, dq, loops, key_cols, inv_n, every, num_threads);
+  });
 }
 
 // q (B, H, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); causal needs Nq = Nk.
@@ -253,10 +254,9 @@ void linear_forward_typed(const py::array& q, const py::array& k, const py::arra
 
 void linear_forward(const py::array& q, const py::array& k, const py::array& v, const py::object& state0,
                     py::array out, py::array state_out, double scale, bool causal, int num_threads) {
-  if (is_double(q))
-    linear_forward_typed<double>(q, k, v, state0, out, state_out, scale, causal, num_threads);
-  else
-    linear_forward_typed<float>(q, k, v, state0, out, state_out, scale, causal, num_threads);
+  by_dtype(q, [&](auto t) {
+    linear_forward_typed<decltype(t)>(q, k, v, state0, out, state_out, scale, causal, num_threads);
+  });
 }
 
 template <typename T>
@@ -288,12 +288,10 @@ void linear_backward(const py::array& q, const py::array& k, const py::array& v,
                      const py::array& state_final, const py::array& dout, const py::object& dstate, py::array dq,
                      py::array dk, py::array dv, const py::object& dstate0, double scale, bool causal,
                      int num_threads) {
-  if (is_double(q))
-    linear_backward_typed<double>(q, k, v, state0, state_final, dout, dstate, dq, dk, dv, dstate0, scale, causal,
-                                  num_threads);
-  else
-    linear_backward_typed<float>(q, k, v, state0, state_final, dout, dstate, dq, dk, dv, dstate0, scale, causal,
-                                 num_threads);
+  by_dtype(q, [&](auto t) {
+    linear_backward_typed<decltype(t)>(q, k, v, state0, state_final, dout, dstate, dq, dk, dv, dstate0, scale,
+                                       causal, num_threads);
+  });
 }
 
 // A bucket's matrices: grads[i] (n_i, m_i) and errors[i] (None, or the same
@@ -350,10 +348,7 @@ void project_typed(const py::list& grads, const py::list& errors, py::array& p, 
 
 void compress_project(const py::list& grads, const py::list& errors, py::array p, py::array q, int64_t rank,
                       bool onto_p, int num_threads) {
-  if (is_double(p))
-    project_typed<double>(grads, errors, p, q, rank, onto_p, num_threads);
-  else
-    project_typed<float>(grads, errors, p, q, rank, onto_p, num_threads);
+  by_dtype(p, [&](auto t) { project_typed<decltype(t)>(grads, errors, p, q, rank, onto_p, num_threads); });
 }
 
 // keep: a one-element bool array; false (a non-finite average) leaves every
@@ -379,10 +374,9 @@ void reconstruct_typed(const py::list& grads, const py::list& errors, const py::
 void compress_reconstruct(const py::list& grads, const py::list& errors, const py::array& p_out,
                           const py::array& q_out, const py::array& p_err, const py::array& q_err,
                           const py::array& keep, int64_t rank, int num_threads) {
-  if (is_double(p_out))
-    reconstruct_typed<double>(grads, errors, p_out, q_out, p_err, q_err, keep, rank, num_threads);
-  else
-    reconstruct_typed<float>(grads, errors, p_out, q_out, p_err, q_err, keep, rank, num_threads);
+  by_dtype(p_out, [&](auto t) {
+    reconstruct_typed<decltype(t)>(grads, errors, p_out, q_out, p_err, q_err, keep, rank, num_threads);
+  });
 }
 
 template <typename T>
@@ -407,10 +401,9 @@ void orthonormalize_typed(py::array& buf, const py::array& offsets, const py::ar
 
 void orthonormalize(py::array buf, const py::array& offsets, const py::array& lengths, int64_t rank,
                     int64_t vector_stride, int64_t element_stride, double eps, int num_threads) {
-  if (is_double(buf))
-    orthonormalize_typed<double>(buf, offsets, lengths, rank, vector_stride, element_stride, eps, num_threads);
-  else
-    orthonormalize_typed<float>(buf, offsets, lengths, rank, vector_stride, element_stride, eps, num_threads);
+  by_dtype(buf, [&](auto t) {
+    orthonormalize_typed<decltype(t)>(buf, offsets, lengths, rank, vector_stride, element_stride, eps, num_threads);
+  });
 }
 
 }  // namespace

@@ -44,7 +44,7 @@ from tessel import distributed as td
 
 from . import _common
 
-FULL = dict(world=4, powers=[1e1, 1e2, 1e3, 1e4, 1e5], decisive=[1e1, 1e2], seeds=3, steps=300, batch=16, seq=64,
+FULL = dict(world=4, powers=[1e1, 1e2, 1e3, 1e4], decisive=[1e1], seeds=3, steps=200, batch=16, seq=64,
             dim=64, layers=2, heads=4, rank=4, lr=2e-3, bias=True, draws=4)
 QUICK = dict(world=2, powers=[1e1], decisive=[], seeds=1, steps=60, batch=16, seq=32, dim=32, layers=2, heads=2,
              rank=2, lr=3e-3, bias=True, draws=2)

@@ -35,7 +35,7 @@ from tessel.nn import LoopedLinearTransformer
 
 from . import _common
 
-FULL = dict(d=5, n=40, kappa_a=10.0, loops_a=[1, 2, 4, 8], steps=1500, batch=1024, kappas_b=[2.0, 10.0, 50.0],
+FULL = dict(d=5, n=40, kappa_a=10.0, loops_a=[1, 2, 4, 8], steps=1000, batch=1024, kappas_b=[2.0, 10.0, 50.0],
             loops_b=[1, 2, 4, 8, 12], extras=True, target=0.05)
 QUICK = dict(d=5, n=40, kappa_a=10.0, loops_a=[1, 2, 4], steps=500, batch=512, kappas_b=[50.0], loops_b=[1, 2, 4],
              extras=False, target=0.05)

@@ -39,8 +39,8 @@ import tessel
 from . import _common
 
 FULL = dict(trap_runs=[(p, q, tie) for p, q in ((0.2, 0.3), (0.5, 0.8), (0.7, 0.9)) for tie in (True, False)],
-            seeds=3, steps=1000, batch=16, seq=1024, dim=8, lr=2e-3, long_steps=3000,
-            incontext_orders={1: (1, 2), 2: (2, 3), 3: (2, 3)}, ic_steps=3000, ic_batch=32, ic_seq=128, ic_dim=32,
+            seeds=3, steps=600, batch=16, seq=512, dim=8, lr=2e-3, long_steps=2000,
+            incontext_orders={1: (1, 2), 2: (2, 3), 3: (2, 3)}, ic_steps=2000, ic_batch=32, ic_seq=128, ic_dim=32,
             basin_w=61, basin_s=38, basin_steps=8000)
 QUICK = dict(trap_runs=[(0.2, 0.3, True), (0.7, 0.9, True), (0.7, 0.9, False)], seeds=1, steps=300, batch=16,
              seq=512, dim=8, lr=2e-3, long_steps=0, incontext_orders={1: (1, 2)}, ic_steps=700, ic_batch=32,

@@ -21,11 +21,12 @@ How a step runs, asynchronously:
    powerSGD_hook issues the second all-reduce of a bucket from a callback
    thread while the autograd thread issues the next bucket's first one, and
    gloo aborts on the mismatch).
-3. At the last bucket the hook waits for the thread to finish the step, then
-   the compressor reads the step's finiteness flags from the device once (the
-   only host synchronisation of a step; none per collective) and the futures
-   complete. DDP consumes no bucket before the last one is ready, so this
-   costs no overlap, and DDP's own collectives after the backward never
+3. A bucket's Future completes as soon as the thread has averaged it. At the
+   last bucket the hook waits for the thread to finish the step, then the
+   compressor reads the step's finiteness flags from the device once (the only
+   host synchronisation of a step; none per collective): a skipped step zeroes
+   every bucket (DDP reads none before the last hook returns), a raising one
+   raises from that hook. DDP's own collectives after the backward never
    interleave with ours.
 An exact uncompressed step (warm-up over a noiseless channel) is one
 asynchronous all-reduce of the flat bucket, as in torch's hooks.
@@ -93,15 +94,15 @@ class _HookState:
         if self.overlap:
             if self._thread is None:
                 self._thread = ThreadPoolExecutor(1, thread_name_prefix="tessel-comm")
-            job = self._thread.submit(self._reduce_bucket, *args)
+            job = self._thread.submit(self._reduce_bucket, fut, *args)
         else:
-            job = _run_now(self._reduce_bucket, *args)
+            job = _run_now(self._reduce_bucket, fut, *args)
         self._pending.append((fut, buffer, job))
         if bucket.is_last():
             self._finish_step()
         return fut
 
-    def _reduce_bucket(self, names, grads, buffer, stream, modes):
+    def _reduce_bucket(self, fut, names, grads, buffer, stream, modes):
         if self._failed is not None:
             return  # an earlier bucket failed on every worker alike: issue nothing more
         try:
@@ -116,6 +117,9 @@ class _HookState:
                 if grads and grads[0].data_ptr() != buffer.data_ptr():
                     # Gradients that are not views of the flat buffer go back into it.
                     torch.cat([g.reshape(-1) for g in grads], out=buffer)
+                # Done: a caller may wait on this bucket alone. DDP reads no bucket before the last
+                # hook has returned, so a skipped step can still zero it in _finish_step.
+                fut.set_result(buffer)
         except BaseException as err:
             self._failed = err
             raise
@@ -130,12 +134,12 @@ class _HookState:
             self._failed = None
             self.compressor.abandon_step()
             for fut, _, _ in pending:
-                fut.set_exception(err)
+                if not fut.done():
+                    fut.set_exception(err)
             raise
-        for fut, buffer, _ in pending:
-            if not ok:
+        if not ok:
+            for _, buffer, _ in pending:
                 buffer.zero_()
-            fut.set_result(buffer)
 
 
 class _Done:

@@ -255,3 +255,16 @@ def run(rank, world, port, scenario, args, out_dir, timeout_s):
     if scenario == "dies":
         os._exit(0)  # the group lost a member: tearing it down could wait on the dead peer
     dist.destroy_process_group()
+
+
+def wait_each_bucket(rank, world, steps=4):
+    """A caller that waits on each bucket's future before handing over the next (as torch's hooks allow)."""
+    from bench.compress import FakeBucket
+
+    state = td.PowerSGDState(None, 2, start_powerSGD_iter=2)
+    shapes = [(64, 32), (48,), (40, 80), (16, 16)]
+    gen = torch.Generator().manual_seed(rank)
+    buckets = [FakeBucket(i, [s], i == len(shapes) - 1, gen) for i, s in enumerate(shapes)]  # one per bucket
+    for _ in range(steps):
+        outs = [td.powersgd_hook(state, b).wait().clone() for b in buckets]
+    return {"finite": all(bool(torch.isfinite(o).all()) for o in outs), "iteration": state.iter}

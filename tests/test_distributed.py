@@ -162,3 +162,8 @@ def test_a_worker_that_dies_mid_step_fails_the_others_without_a_hang(tmp_path):
     survivor = results[0]
     assert survivor["failed_after_s"] is not None, survivor
     assert survivor["failed_after_s"] < timeout_s + 10, survivor
+
+
+def test_a_caller_may_wait_on_each_bucket_before_the_next(tmp_path):
+    for r in scenario(2, "wait_each_bucket", tmp_path):
+        assert r["finite"] and r["iteration"] == 4, r
