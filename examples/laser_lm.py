@@ -18,7 +18,8 @@ Makkuva et al., ICML 2024.)
    for Z-SGD against its closed form sum_t d_t c_t sum_u c_u / (k^2 P |g_bar|^2)
    (norm split, c_t the largest worker norm of tensor t, k workers), and for
    LASER's channel (against LASER over a noiseless channel from the same
-   state), whose error should be about gamma = (entries of the model) /
+   state, its factors first aligned with these gradients by a few noiseless
+   steps), whose error should be about gamma = (entries of the model) /
    (entries sent per step) times smaller.
 2. Training: final validation loss per method and power, excess over the
    noiseless run; the x-axis is Z-SGD's SNR k^2 P / d.
@@ -51,6 +52,7 @@ QUICK = dict(world=2, powers=[1e1], decisive=[], seeds=1, steps=60, batch=16, se
 NOISY = ("zsgd", "powersgd_channel", "laser")
 CORPUS_MODULES = ("argparse", "textwrap", "difflib", "inspect", "typing")
 WARMUP = 2  # uncompressed steps of the compressed methods, through the channel like every other step
+WARM_STEPS = 6  # noiseless LASER steps on the fixed gradients before the mechanism check's step
 
 
 def corpus() -> tuple[torch.Tensor, int]:
@@ -150,13 +152,20 @@ def mechanism(cfg, vocab, train, rank, world, device) -> dict:
             work = copies()
             compress.ZSGD(power, seed=draw).reduce(work, comm)
             zsgd.append(_error(work, exact, norm2))
-            # LASER's channel: the same compressed step over the noisy and over a noiseless channel.
+            # LASER's channel: the same compressed step over the noisy and over a noiseless channel, from
+            # a state whose factors have aligned with these gradients (WARM_STEPS noiseless steps on them),
+            # as in training: a fresh random factor carries little of the gradient, and so little noise.
+            warm = compress.Laser(cfg["rank"], None, seed=draw)
+            for _ in range(WARM_STEPS):
+                warm.reduce(copies(), comm)
             noisy, clean = copies(), copies()
-            laser_noisy = compress.Laser(cfg["rank"], power, seed=draw)
+            laser_noisy, laser_clean = compress.Laser(cfg["rank"], power, seed=draw), compress.Laser(cfg["rank"])
+            for comp in (laser_noisy, laser_clean):
+                comp.load_state_dict(warm.state_dict())
             laser_noisy.reduce(noisy, comm)
-            compress.Laser(cfg["rank"], None, seed=draw).reduce(clean, comm)
+            laser_clean.reduce(clean, comm)
             laser.append(_error(noisy, [g for _, g in clean], norm2))
-            sent = laser_noisy.floats_sent
+            sent = laser_noisy.floats_sent - warm.floats_sent
             # A warm-up step (uncompressed) of LASER: through the same channel as Z-SGD.
             work = copies()
             compress.Laser(cfg["rank"], power, start_iter=1, seed=draw).reduce(work, comm)

@@ -132,24 +132,30 @@ def best_step_gd(data, loops):
     return best
 
 
-def fitted_pgd(data_fit, data_test, loops):
-    """L steps of GD with one preconditioner fitted to convergence (L-BFGS from the best scalar step)."""
+def fitted_pgd(data_fit, data_val, data_test, loops):
+    """L steps of GD with one preconditioner fitted to convergence (L-BFGS from the best scalar step
+    on data_fit); the fitted matrix or that scalar step, whichever is better on data_val (the loss is
+    heavy-tailed: a preconditioner can diverge on the rare worst-conditioned prompts)."""
     _, eta = best_step_gd(data_fit, loops)
     gamma = torch.nn.Parameter(eta * torch.eye(data_fit[0].shape[-1]))
     opt = torch.optim.LBFGS([gamma], lr=1, max_iter=300, tolerance_grad=1e-10, tolerance_change=1e-12,
                             line_search_fn="strong_wolfe")
 
+    def predict(X, y, xq):
+        return preconditioned_gd_predict(X, y, xq, loops, preconditioner=gamma)
+
     def closure():
         opt.zero_grad()
-        loss = mse(lambda X, y, xq: preconditioned_gd_predict(X, y, xq, loops, preconditioner=gamma), data_fit)
+        loss = mse(predict, data_fit)
         loss.backward()
         return loss
 
-    start = closure().item()
     opt.step(closure)
-    if not closure().item() <= start:  # a line search that left the stable region: keep the best scalar step
-        gamma.data = eta * torch.eye(gamma.shape[0])
-    return test_loss(lambda X, y, xq: preconditioned_gd_predict(X, y, xq, loops, preconditioner=gamma), data_test)
+    fitted, fitted_val = gamma.detach().clone(), test_loss(predict, data_val)
+    gamma.data = eta * torch.eye(gamma.shape[0])
+    if fitted_val < test_loss(predict, data_val):
+        gamma.data = fitted
+    return test_loss(predict, data_test)
 
 
 def cosine(a, b):
@@ -193,12 +199,13 @@ def part_b(cfg, seed):
     for kappa in _common.progress(cfg["kappas_b"], "B: task diversity"):
         test = sample(EVAL_BATCH, cfg, torch.Generator().manual_seed(seed + 2), kappa=kappa)
         fit_data = sample(4 * EVAL_BATCH, cfg, torch.Generator().manual_seed(seed + 3), kappa=kappa)
+        val = sample(EVAL_BATCH, cfg, torch.Generator().manual_seed(seed + 6), kappa=kappa)
         previous = None
         for loops in cfg["loops_b"]:
             draw_gen = torch.Generator().manual_seed(seed + 100 + loops)
             previous = train_looped(cfg, loops, lambda: sample(cfg["batch"], cfg, draw_gen, kappa=kappa), previous)
             row = {"kappa": kappa, "loops": loops, "looped": test_loss(previous, test),
-                   "pgd": fitted_pgd(fit_data, test, loops), "ols": test_loss(least_squares_predict, test)}
+                   "pgd": fitted_pgd(fit_data, val, test, loops), "ols": test_loss(least_squares_predict, test)}
             if cfg["extras"] and kappa == cfg["kappas_b"][-1] and loops == 8:
                 # The model trained at L, run for more loops (shared weights allow any L').
                 extra = {}
