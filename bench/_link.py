@@ -243,7 +243,10 @@ def worker(rank, world, master, port, model_name, steps, out_path, timeout_s, on
             seconds, sent = _time_provider(model_name, make, cap, rank, steps)
             results[name] = {"s": seconds, "floats_sent": sent, "compressed_steps": steps + 1}
         except Exception as err:  # torch's hook aborting on gloo: reported, not fatal
-            results[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
+            # Callback errors nest ("Got the following error when running the callback: ..."): the innermost says why.
+            text = str(err).splitlines()[0]
+            results[name] = {"error": text[text.rfind("Error: ") + len("Error: "):][:200] if "Error: " in text
+                             else f"{type(err).__name__}: {text[:200]}"}
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump(results, f)
