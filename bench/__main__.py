@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 
 import torch
+import torch.distributed
 
 from . import _harness
 
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     if args.link and args.suite != "compress":
         parser.error("--link goes with the compress suite")
 
-    if args.suite == "compress" and "RANK" in os.environ and "WORLD_SIZE" in os.environ and not args.link:
+    if args.suite == "compress" and torch.distributed.is_torchelastic_launched() and not args.link:
         # Launched by torchrun: every process is one worker of the hook rows; rank 0 prints them.
         from . import compress
 

@@ -39,11 +39,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import tessel
 from tessel import compress
 from tessel import distributed as td
 
 from . import _common
+from .markov import Block
 
 FULL = dict(world=4, powers=[1e1, 1e2, 1e3, 1e4], decisive=[1e1], seeds=3, steps=200, batch=16, seq=64,
             dim=64, layers=2, heads=4, rank=4, lr=2e-3, bias=True, draws=4)
@@ -68,22 +68,6 @@ def batch_of(data, batch, seq, gen):
     starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
     windows = torch.stack([data[s:s + seq + 1] for s in starts.tolist()])
     return windows[:, :-1], windows[:, 1:]
-
-
-class Block(torch.nn.Module):
-    """Pre-norm block: causal self-attention (tessel) and an MLP."""
-
-    def __init__(self, dim, heads, bias):
-        super().__init__()
-        self.ln1, self.ln2 = torch.nn.LayerNorm(dim, bias=bias), torch.nn.LayerNorm(dim, bias=bias)
-        self.attn = tessel.nn.MultiheadAttention(dim, heads, bias=bias, batch_first=True)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim, bias=bias), torch.nn.GELU(),
-                                       torch.nn.Linear(4 * dim, dim, bias=bias))
-
-    def forward(self, x):
-        a = self.ln1(x)
-        x = x + self.attn(a, a, a, need_weights=False, is_causal=True)[0]
-        return x + self.mlp(self.ln2(x))
 
 
 class LM(torch.nn.Module):
@@ -237,10 +221,6 @@ def worker(rank, world, cfg, backend_name, device, out_path, init_method="env://
     dist.destroy_process_group()
 
 
-def _torchrun() -> bool:
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
-
-
 def _spawned(rank, world, port, cfg, backend_name, device_type, out_path):
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     worker(rank, world, cfg, backend_name, device, out_path, init_method=f"tcp://127.0.0.1:{port}")
@@ -250,7 +230,7 @@ def run(args) -> dict | None:
     cfg = dict(QUICK if args.quick else FULL)
     with _common.Timer() as clock, tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "results.pt")
-        if _torchrun():  # this process is one worker; rank 0 reports
+        if dist.is_torchelastic_launched():  # this process is one worker; rank 0 reports
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             local = int(os.environ["LOCAL_RANK"])
             device = torch.device("cuda", local) if args.device == "cuda" else torch.device("cpu")

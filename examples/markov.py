@@ -232,13 +232,14 @@ def incontext_estimator_loss(bits, k, skip):
 
 
 class Block(torch.nn.Module):
-    """Pre-norm transformer block: causal self-attention (tessel) and an MLP."""
+    """Pre-norm transformer block: causal self-attention (tessel) and an MLP; bias=False drops every bias."""
 
-    def __init__(self, dim, heads=1):
+    def __init__(self, dim, heads=1, bias=True):
         super().__init__()
-        self.ln1, self.ln2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
-        self.attn = tessel.nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim))
+        self.ln1, self.ln2 = torch.nn.LayerNorm(dim, bias=bias), torch.nn.LayerNorm(dim, bias=bias)
+        self.attn = tessel.nn.MultiheadAttention(dim, heads, bias=bias, batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim, bias=bias), torch.nn.GELU(),
+                                       torch.nn.Linear(4 * dim, dim, bias=bias))
 
     def forward(self, x):
         a = self.ln1(x)

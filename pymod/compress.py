@@ -53,14 +53,13 @@ from . import _dispatch
 from ._compress_channel import (POWER_ALLOCATIONS, LocalComm, NoiselessChannel, NoisyChannel,  # noqa: F401
                                 ProcessGroupComm, name_seed)
 from ._compress_passes import Group, ops, orthogonalize_reference, work_dtype
-from ._dispatch import FLOAT_DTYPES, cpp_dtype, numpy_view
+from ._dispatch import FLOAT_DTYPES, cpp_dtype, is_number, numpy_view
 
 NONFINITE_ACTIONS = ("raise", "skip")
 
 
 def _check_eps(name, eps):
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)) or not (
-            eps >= 0 and math.isfinite(eps)):
+    if not is_number(eps) or not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
 
 
@@ -83,18 +82,17 @@ def _check_orthogonalize(M, eps):
 def _orthogonalize_op(M: torch.Tensor, eps: float, backend: str) -> None:
     m, r = M.shape[-2:]
     count = M.numel() // (m * r)
-    offsets = (np.arange(count, dtype=np.int64) * (m * r)).tolist()
+    offsets = np.arange(count, dtype=np.int64) * (m * r)
     if backend == "cpp":
         # In place on (m, r) row-major matrices: columns are vectors with element stride r.
         work = M if M.dtype == cpp_dtype(M.dtype) and M.is_contiguous() else M.to(cpp_dtype(M.dtype)).contiguous()
-        _dispatch.cpp_module().orthonormalize(numpy_view(work.view(-1)), np.asarray(offsets, dtype=np.int64),
-                                              np.full(count, m, dtype=np.int64), r, 1, r, eps,
-                                              torch.get_num_threads())
+        _dispatch.cpp_module().orthonormalize(numpy_view(work.view(-1)), offsets, np.full(count, m, dtype=np.int64),
+                                              r, 1, r, eps, torch.get_num_threads())
         if work is not M:
             M.copy_(work)
         return
     vectors = M.reshape(-1, m, r).mT.to(work_dtype(M.dtype, backend)).contiguous()  # (b, r, m): rows
-    ops(backend).orthonormalize(vectors.view(-1), offsets, [m] * count, r, eps)
+    ops(backend).orthonormalize(vectors.view(-1), offsets.tolist(), [m] * count, r, eps)
     M.copy_(vectors.mT.reshape(M.shape))
 
 
@@ -147,7 +145,7 @@ class Compressor:
         self.iteration = 0
         self.skipped_steps = 0
         self.floats_sent = 0  # by this worker, over all steps
-        self._parts = []  # this step's sends: (device flag, names, state snapshot)
+        self._parts = []  # this step's sends: (device flag, state snapshot)
         self._step_grads = []  # this step's (name, gradient) pairs
 
     # -- one step
@@ -173,7 +171,7 @@ class Compressor:
         step zeroed); raises FloatingPointError with on_nonfinite="raise"."""
         parts, grads = self._parts, self._step_grads
         self._parts, self._step_grads = [], []
-        ok = not parts or bool(torch.cat([flag for flag, _, _ in parts]).all())
+        ok = not parts or bool(torch.cat([flag for flag, _ in parts]).all())
         if not ok:
             self._nonfinite(parts, grads)
         self.iteration += 1
@@ -197,7 +195,7 @@ class Compressor:
     def _part(self, names, device) -> torch.Tensor:
         """A device flag for one send, and what to restore if it ends false."""
         flag = torch.ones(1, dtype=torch.bool, device=device)
-        self._parts.append((flag, list(names), self._snapshot(names)))
+        self._parts.append((flag, self._snapshot(names)))
         return flag
 
     def _snapshot(self, names):
@@ -207,7 +205,7 @@ class Compressor:
         pass
 
     def _nonfinite(self, parts, named_grads):
-        for flag, _, snapshot in parts:
+        for flag, snapshot in parts:
             if not bool(flag):
                 self._restore(snapshot)
         bad = [nm for nm, g in named_grads if not bool(torch.isfinite(g).all())]

@@ -33,7 +33,7 @@ asynchronous all-reduce of the flat bucket, as in torch's hooks.
 """
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -142,23 +142,14 @@ class _HookState:
                 buffer.zero_()
 
 
-class _Done:
-    """A finished job, for the synchronous path: result() re-raises its error."""
-
-    def __init__(self, error=None):
-        self._error = error
-
-    def result(self):
-        if self._error is not None:
-            raise self._error
-
-
-def _run_now(fn, *args) -> _Done:
+def _run_now(fn, *args) -> Future:
+    """fn(*args) on the calling thread, as a finished job: result() re-raises its error at the step's end."""
+    job = Future()
     try:
-        fn(*args)
-    except Exception as err:  # raised at the step's end, as on the thread
-        return _Done(err)
-    return _Done()
+        job.set_result(fn(*args))
+    except Exception as err:
+        job.set_exception(err)
+    return job
 
 
 class PowerSGDState(_HookState):
