@@ -33,7 +33,7 @@ gpu-build:
 	python3 -m pip install --no-build-isolation --no-deps -e .
 
 gpu-test: gpu-build
-	python3 -m pytest -q -x tests/test_attention_triton.py tests/test_linear_triton.py
+	python3 -m pytest -q -x tests/test_attention_triton.py tests/test_linear_attention_triton.py
 	python3 -m pytest -q
 
 gpu-bench: gpu-build

@@ -16,8 +16,8 @@ march = os.environ.get("TESSEL_MARCH", "native")
 
 ext = Pybind11Extension(
     "tessel._C",
-    sources=["csrc/bindings.cpp", "csrc/attention.cpp", "csrc/linear_attention.cpp",
-             "csrc/linear_attention_chunked.cpp", "csrc/compress.cpp"],
+    sources=["csrc/bindings.cpp", "csrc/attention.cpp", "csrc/linear_attention.cpp", "csrc/looped.cpp",
+             "csrc/compress.cpp"],
     include_dirs=["csrc"],
     cxx_std=17,
     extra_compile_args=["-O3", f"-march={march}", "-fopenmp", "-ffp-contract=fast"],

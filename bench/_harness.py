@@ -21,12 +21,7 @@ from typing import Callable
 import torch
 import torch.utils.benchmark
 
-try:
-    from tqdm import tqdm
-except ImportError:  # the GPU images ship without it: no progress bar
-
-    def tqdm(iterable, **_):
-        return iterable
+from examples._common import progress, pyplot
 
 
 @dataclass
@@ -179,16 +174,27 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else cpu_model()
 
 
+# Providers that are plain-PyTorch statements of the definition, not what a user would run instead.
+REFERENCE_FORMS = ("reference", "recurrent")
+
+
 def timing_columns(times: dict[str, float]) -> dict:
-    """<provider>_ms for each provider, then x_<provider>: its time over tessel's."""
+    """<provider>_ms for each provider, x_<provider>: its time over tessel's,
+    and the best peer (the fastest provider a user would run instead; the
+    reference when there is no other) with x_best, tessel's speedup over it."""
     cols = {f"{name}_ms": t * 1e3 for name, t in times.items()}
     cols.update({f"x_{name}": t / times["tessel"] for name, t in times.items() if name != "tessel"})
+    others = [n for n in times if n != "tessel" and n not in REFERENCE_FORMS] or \
+        [n for n in times if n == "reference"]
+    if others:
+        best = min(others, key=times.get)
+        cols.update(best_peer=best, x_best=times[best] / times["tessel"])
     return cols
 
 
 def run_cases(cases: list[Case], quick: bool) -> list[dict]:
     rows = []
-    for case in tqdm(cases, desc="time", unit="case", leave=False):
+    for case in progress(cases, "time"):
         row = {
             "suite": case.suite, "case": case.name, "mode": case.mode,
             "dtype": str(case.dtype).removeprefix("torch."), "device": case.device, **case.info,
@@ -199,43 +205,60 @@ def run_cases(cases: list[Case], quick: bool) -> list[dict]:
         providers.update(case.peers)
         times = time_side_by_side(providers, case.device, quick)
         row.update(timing_columns(times))
-        row["gflops"] = case.flops / times["tessel"] / 1e9
+        row["gflops"] = case.flops / times["tessel"] / 1e9 if case.flops else None
         if case.bytes:
             row["gbps"] = case.bytes / times["tessel"] / 1e9
         row["max_err"] = case.error() if case.error is not None else None
         rows.append(row)
     # Memory last: on CPU, measuring it changes the allocator's settings.
-    for case, row in zip(tqdm(cases, desc="memory", unit="case", leave=False), rows):
+    for case, row in zip(progress(cases, "memory"), rows):
         row["peak_mb"] = peak_memory_mb(case.tessel, case.device)
         for name, fn in case.peers.items():
             row[f"{name}_peak_mb"] = peak_memory_mb(fn, case.device)
     return rows
 
 
-def format_table(rows: list[dict], sgemm: float | None) -> str:
-    """Rows as an aligned text table (columns: the union of the rows' keys)."""
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.2e}" if (v != 0 and abs(v) < 1e-2) else f"{v:.2f}"
+    return str(v)
+
+
+def _rate(row: dict, sgemm: float | None) -> str:
+    """GFLOP/s (with the fraction of the run's sgemm rate) or GB/s, or '-'."""
+    if row.get("gflops"):
+        return f"{row['gflops']:.1f} GF/s" + (f" ({row['gflops'] / sgemm:.2f})" if sgemm else "")
+    if row.get("gbps"):
+        return f"{row['gbps']:.1f} GB/s"
+    return "-"
+
+
+# The narrow table: what a reader compares at a glance (fits 120 columns).
+NARROW = ("case", "mode", "tessel_ms", "best_peer", "peer_ms", "x_best", "x_reference", "rate", "peak_mb", "max_err")
+
+
+def format_table(rows: list[dict], sgemm: float | None, wide: bool = False) -> str:
+    """Rows as an aligned text table: the narrow columns, or with wide every
+    key of the rows (what the JSON holds)."""
     if not rows:
         return "(no rows)"
-    columns = []
-    for row in rows:
-        columns += [c for c in row if c not in columns and c not in ("suite", "device")]
-    if sgemm and "gflops" in columns:
-        columns.insert(columns.index("gflops") + 1, "of_sgemm")
-        rows = [{**r, "of_sgemm": r["gflops"] / sgemm if r.get("gflops") else None} for r in rows]
-
-    def cell(v) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            if math.isnan(v):
-                return "nan"
-            return f"{v:.2e}" if (v != 0 and abs(v) < 1e-2) else f"{v:.2f}"
-        return str(v)
-
-    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    if wide:
+        columns = []
+        for row in rows:
+            columns += [c for c in row if c not in columns and c not in ("suite", "device")]
+        body = [[_cell(r.get(c)) for c in columns] for r in rows]
+    else:
+        columns = list(NARROW)
+        body = [[_cell(r.get(c)) for c in columns[:4]] + [_cell(r.get(f"{r.get('best_peer')}_ms")),
+                _cell(r.get("x_best")), _cell(r.get("x_reference")), _rate(r, sgemm),
+                _cell(r.get("peak_mb")), _cell(r.get("max_err"))] for r in rows]
     widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)).rstrip() for b in body]
     return "\n".join(lines)
 
 
@@ -250,31 +273,36 @@ def write_json(path: str, env: dict, rows: list[dict], extra: dict) -> str:
 
 
 def write_plot(path: str, rows: list[dict], env: dict) -> None:
-    """One panel per suite: tessel's speedup over each baseline, per case."""
-    try:
-        import matplotlib
-    except ImportError:
+    """One panel per suite: tessel's speedup over the best peer per case (bars,
+    log axis, 1x marked) and over the reference (diamonds)."""
+    plt = pyplot()
+    if plt is None:
         print(f"matplotlib is not installed: no plot at {path}")
         return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     suites = list(dict.fromkeys(r["suite"] for r in rows))
-    fig, axes = plt.subplots(len(suites), 1, figsize=(12, 4.5 * len(suites)), squeeze=False)
+    heights = [max(2.0, 0.32 * sum(r["suite"] == s for r in rows) + 1.2) for s in suites]
+    fig, axes = plt.subplots(len(suites), 1, figsize=(10, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     for ax, suite in zip(axes[:, 0], suites):
-        sub = [r for r in rows if r["suite"] == suite]
-        baselines = list(dict.fromkeys(k for r in sub for k in r if k.startswith("x_")))
-        labels = [f"{r['case']}\n{r['mode']}" for r in sub]
-        width = 0.8 / max(1, len(baselines))
-        for i, key in enumerate(baselines):
-            xs = [j + i * width for j in range(len(sub))]
-            ax.bar(xs, [r.get(key) or 0 for r in sub], width, label=f"vs {key[2:]}")
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sub))], labels, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("speedup (x)")
-        ax.set_title(f"tessel {suite} on {env['device']} ({env['date'][:10]})")
-        ax.legend()
+        sub = [r for r in rows if r["suite"] == suite][::-1]  # first case on top
+        ys = range(len(sub))
+        best = [r.get("x_best") or float("nan") for r in sub]
+        colors = ["tab:green" if b >= 1 else "tab:red" for b in best]
+        ax.barh(ys, best, color=colors, alpha=0.8, label="vs best peer")
+        ref = [(y, r["x_reference"]) for y, r in zip(ys, sub) if r.get("x_reference")]
+        if ref:
+            ax.scatter([x for _, x in ref], [y for y, _ in ref], marker="D", color="black", s=18, zorder=3,
+                       label="vs reference")
+        for y, r, b in zip(ys, sub, best):
+            if r.get("best_peer"):
+                ax.annotate(f"{b:.2f}x {r['best_peer']}", (b, y), xytext=(4, 0), textcoords="offset points",
+                            va="center", fontsize=7)
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks(list(ys), [f"{r['case']} {r['mode']}" for r in sub], fontsize=8)
+        ax.set_xlabel("speedup of tessel (x, log scale; right of 1 = tessel faster)")
+        ax.set_title(f"tessel {suite} on {env['device']} ({env['date'][:10]})", fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -316,6 +316,10 @@ def _model_row(rate, model, quick):
     row["allreduce_mb"] = 4 * numel / 2**20
     if results.get("tessel", {}).get("floats_sent") is not None:
         row["tessel_mb"] = 4 * results["tessel"]["floats_sent"] / results["tessel"]["compressed_steps"] / 2**20
+    peers = [n for n in ("allreduce", "fp16", "torch_powersgd", "torch_powersgd_1bucket") if f"{n}_ms" in row]
+    if tessel_s and peers:  # what a user would run instead (the bounds no_comm and compute are not)
+        best = min(peers, key=lambda n: row[f"{n}_ms"])
+        row.update(best_peer=best, x_best=row[f"x_{best}"])
     if tessel_s and "s" in results["compute"]:
         # The bound: the same step with the compression compute and no network (a group of one).
         row["tessel_over_bound"] = tessel_s / results["compute"]["s"]

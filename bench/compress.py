@@ -12,7 +12,6 @@ fixed number of steps in lockstep on every process.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 
@@ -21,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_psgd
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 from tessel import compress
 from tessel import distributed as td
@@ -109,15 +109,9 @@ def floats_sent(shapes, rank, min_rate=2.0):
     return total
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ensure_process_group():
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{get_free_port()}", rank=0, world_size=1)
 
 
 def _hook_providers(rank, shapes, seed=0):
@@ -254,7 +248,7 @@ def extra_rows(device: str, dtype: torch.dtype, quick: bool) -> list[dict]:
         return []
     rows = []
     for world, model, rank in _wall_plan(quick):
-        port = _free_port()
+        port = get_free_port()
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "times.pt")
             mp.start_processes(_wall_worker, args=(world, port, model, rank, 2 if quick else WALL_STEPS, path),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 import tessel
-from tessel.linear_attention import looped_linear_attention_reference
+from tessel.looped import looped_linear_attention_reference
 
 from ._harness import Case, forward_backward_call, forward_call
 

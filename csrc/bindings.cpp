@@ -16,6 +16,7 @@
 #include "common.h"
 #include "compress.h"
 #include "linear_attention.h"
+#include "looped.h"
 
 namespace py = pybind11;
 using tessel::AttentionProblem;

@@ -1,245 +1,337 @@
-// Looped linear self-attention, fused over all loops.
+// Chunked linear attention (causal and non-causal), forward and backward.
 //
-// A prompt is small (dim = d + 1 ~ 6..21 rows, n + 1 ~ 20..40 columns): SIMD
-// inside one prompt would be all tails and reduction chains. Instead a task
-// holds W prompts side by side, one per vector lane ("lane layout": element
-// e of the group is a vector of W prompts' element e), so every step of the
-// per-prompt algorithm is one full-width vector operation. OpenMP spreads the
-// groups over threads. By associativity a loop costs O(n dim^2 + heads dim^3)
-// and never forms the (n+1) x (n+1) attention matrix.
+// One task per (batch, kv head), OpenMP over tasks; the q heads of a GQA
+// group run inside their kv head's task, so the running state S (D x Dv) is
+// built once and stays in cache. A chunk of kChunk tokens costs one masked
+// kChunk x kChunk product (intra-chunk) plus products with the state
+// (inter-chunk): O(N (kChunk + D) Dv) in all, never the N x N matrix. Every
+// product goes through the register-blocked GEMM micro-kernel of common.h,
+// on operands packed once per chunk: "T" packs hold a chunk transposed
+// ([cols][kChunk], the rows past the chunk zero) and serve as the A operand
+// (ATrans) or as B panels; "R" packs hold it row-major padded to whole panels.
 //
-// Backward walks the loops in reverse. Z before each loop comes from the
-// saved copies; with checkpoints every k loops, the k states of a segment are
-// recomputed from its checkpoint first. dP and dQ are summed per lane and
-// thread, then over both in a fixed order.
-#include "linear_attention.h"
-
+// Backward: dq in a forward pass over chunks (carrying S^T), dk and dv in a
+// reverse pass (carrying dS, the gradient of the state after the chunk).
 #include "common.h"
+#include "linear_attention.h"
 
 namespace tessel {
 namespace {
 
-template <typename T>
-using Vec = typename Simd<T>::vec;
-
-// Group element e of prompts [b0, b0 + count) <-> lane layout (lanes past count are zero).
-template <typename T>
-void gather(const T* x, int64_t b0, int64_t count, int64_t size, Vec<T>* out) {
-  for (int64_t e = 0; e < size; ++e) {
-    Vec<T> v{};
-    for (int64_t l = 0; l < count; ++l) v[l] = x[(b0 + l) * size + e];
-    out[e] = v;
-  }
-}
+constexpr int64_t kChunk = 64;
+// Keys per step when summing the whole non-causal state: longer GEMM depth,
+// fewer passes over the state.
+constexpr int64_t kKeyBlock = 256;
 
 template <typename T>
-void scatter(const Vec<T>* x, int64_t b0, int64_t count, int64_t size, T* out) {
-  for (int64_t e = 0; e < size; ++e)
-    for (int64_t l = 0; l < count; ++l) out[(b0 + l) * size + e] = x[e][l];
-}
-
-// c[i][j] (+)= sum_k a[i * a_row + k * a_col] * b[k * b_row + j * b_col] for
-// i < m, j < n, k < kc, where a and b hold lane vectors or scalars shared by
-// every lane. Four outputs at a time stay in registers across the k loop.
-template <typename V, typename TA, typename TB>
-void lane_matmul(const TA* a, int64_t a_row, int64_t a_col, const TB* b, int64_t b_row, int64_t b_col, V* c,
-                 int64_t ldc, int64_t m, int64_t n, int64_t kc, bool accumulate) {
-  for (int64_t i = 0; i < m; ++i) {
-    V* ci = c + i * ldc;
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-      V acc0 = accumulate ? ci[j] : V{}, acc1 = accumulate ? ci[j + 1] : V{};
-      V acc2 = accumulate ? ci[j + 2] : V{}, acc3 = accumulate ? ci[j + 3] : V{};
-      for (int64_t k = 0; k < kc; ++k) {
-        const auto aik = a[i * a_row + k * a_col];
-        const TB* bk = b + k * b_row + j * b_col;
-        acc0 += aik * bk[0];
-        acc1 += aik * bk[b_col];
-        acc2 += aik * bk[2 * b_col];
-        acc3 += aik * bk[3 * b_col];
-      }
-      ci[j] = acc0;
-      ci[j + 1] = acc1;
-      ci[j + 2] = acc2;
-      ci[j + 3] = acc3;
-    }
-    for (; j < n; ++j) {
-      V acc = accumulate ? ci[j] : V{};
-      for (int64_t k = 0; k < kc; ++k) acc += a[i * a_row + k * a_col] * b[k * b_row + j * b_col];
-      ci[j] = acc;
-    }
-  }
-}
-
-template <typename T>
-const T* loop_weights(const LoopedProblem& p, const T* w, int64_t loop) {
-  return w + (p.weight_loops == 1 ? 0 : loop) * p.heads * p.dim * p.dim;
-}
-
-template <typename T>
-struct LaneScratch {
-  std::vector<Vec<T>> a, w, t, t2, dw, da, g, g_prev, segment, dp, dq;
+struct Operand {
+  const T* base;
+  Strides4 st;
+  const T* rows(int64_t b, int64_t h, int64_t r0) const { return base + b * st.b + h * st.h + r0 * st.n; }
 };
 
-// A = Z M Z^T and W = sum_h P_h A Q_h for a group's Z (all in lane layout;
-// P, Q are the same for every lane).
+// dst[r * ld_dst + c] = factor * src[r * ld_src + c] for r < rows, c < cols.
 template <typename T>
-void attention_matrices(const LoopedProblem& p, const Vec<T>* z, const T* wp, const T* wq, Vec<T>* a, Vec<T>* w,
-                        Vec<T>* t) {
-  const int64_t D = p.dim, C = p.cols;
-  for (int64_t i = 0; i < D; ++i)  // row i of A up to the diagonal: z_i . z_j over the key columns
-    lane_matmul(z + i * C, 0, 1, z, 1, C, a + i * D, D, 1, i + 1, p.key_cols, false);
-  for (int64_t i = 0; i < D; ++i)
-    for (int64_t j = i + 1; j < D; ++j) a[i * D + j] = a[j * D + i];
-  for (int64_t h = 0; h < p.heads; ++h) {
-    lane_matmul(a, D, 1, wq + h * D * D, D, 1, t, D, D, D, D, false);     // t = A Q_h
-    lane_matmul(wp + h * D * D, D, 1, t, D, 1, w, D, D, D, D, h > 0);  // w (+)= P_h t
+void copy_rows(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T factor, T* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[r * ld_dst + c] = factor * src[r * ld_src + c];
+}
+
+// dst (cols x ld_dst) = src^T for src (rows x ld_src), the padding of dst zero.
+template <typename T>
+void transpose_padded(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst, int64_t ld_dst) {
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t r = 0; r < rows; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
+    std::fill(dst + c * ld_dst + rows, dst + (c + 1) * ld_dst, T(0));
   }
 }
 
-// next = z + inv_n * W z
+// Zeroes s[i][j] for j > i (keep_lower) or j < i (keep upper), j < len, and
+// multiplies what is kept by factor.
 template <typename T>
-void loop_step(const LoopedProblem& p, const Vec<T>* z, const T* wp, const T* wq, Vec<T>* next, LaneScratch<T>& ws) {
-  const int64_t D = p.dim, C = p.cols;
-  Vec<T>* a = scratch(ws.a, D * D);
-  Vec<T>* w = scratch(ws.w, D * D);
-  Vec<T>* t = scratch(ws.t, D * D);
-  attention_matrices(p, z, wp, wq, a, w, t);
-  const T inv_n = T(p.inv_n);
-  for (int64_t i = 0; i < D * D; ++i) w[i] *= inv_n;
-  std::copy(z, z + D * C, next);
-  lane_matmul(w, D, 1, z, C, 1, next, C, D, C, D, true);
+void mask_chunk(T* s, int64_t len, bool keep_lower, T factor) {
+  for (int64_t i = 0; i < len; ++i) {
+    T* row = s + i * kChunk;
+    for (int64_t j = 0; j < len; ++j) row[j] = (keep_lower ? j <= i : j >= i) ? row[j] * factor : T(0);
+  }
+}
+
+// The per-thread working set of a task.
+template <typename T>
+struct Work {
+  static constexpr int64_t NR = Simd<T>::panel;
+  int64_t dp, dvp;  // D and Dv padded to whole panels
+  Buffer<T> qT, kT, vT, oT, qR, kR, vR, oR, s1, s2, acc1, acc2, state, stateT, keysT, valuesR;
+  Work(int64_t d, int64_t dv)
+      : dp(round_up(d, NR)),
+        dvp(round_up(dv, NR)),
+        qT(d * kChunk), kT(d * kChunk), vT(dv * kChunk), oT(dv * kChunk),
+        qR(kChunk * dp), kR(kChunk * dp), vR(kChunk * dvp), oR(kChunk * dvp),
+        s1(kChunk * kChunk), s2(kChunk * kChunk),
+        acc1(kChunk * std::max(dp, dvp)), acc2(kChunk * std::max(dp, dvp)),
+        state(std::max(d * dvp, dv * dp)), stateT(std::max(d * dvp, dv * dp)),
+        keysT(d * kKeyBlock), valuesR(kKeyBlock * dvp) {}
+};
+
+// C (m x w) (+)= A B with A transposed-packed ([k][kChunk]) or row-major
+// (m x kChunk), B row-major with row stride w (a multiple of the panel).
+template <typename T>
+void mm_at(int64_t m, int64_t w, int64_t k, const T* a, const T* b, T* c, bool acc) {
+  gemm_panels<T, true, kChunk>(m, w / Simd<T>::panel, k, a, b, w, Simd<T>::panel, c, w, acc);
+}
+template <typename T>
+void mm_a(int64_t m, int64_t w, int64_t k, const T* a, const T* b, T* c, bool acc,
+          Triangle tri = Triangle::kNone) {
+  gemm_panels<T, false, kChunk>(m, w / Simd<T>::panel, k, a, b, w, Simd<T>::panel, c, w, acc, tri);
+}
+// S (m x kChunk) = A B^T with A and B transposed-packed ([k][kChunk]); only
+// the triangle `tri` (kOutLower or kOutUpper) is computed.
+template <typename T>
+void mm_abt(int64_t m, int64_t k, const T* a, const T* b, T* s, Triangle tri) {
+  gemm_panels<T, true, kChunk>(m, ceil_div(m, Simd<T>::panel), k, a, b, kChunk, Simd<T>::panel, s, kChunk, false,
+                               tri);
+}
+
+template <typename T>
+void load_state(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+  if (src)
+    pack_rows_padded(src, rows, cols, cols, dst, ld);
+  else
+    std::fill(dst, dst + rows * ld, T(0));
+}
+
+template <typename T>
+void forward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T> v, const T* state0, T* out,
+                  T* state_out, int64_t b, int64_t hk, Work<T>& w) {
+  const int64_t D = p.dim, Dv = p.dim_v, group = p.heads / p.kv_heads;
+  const T scale = static_cast<T>(p.scale);
+  const int64_t state_off = (b * p.kv_heads + hk) * D * Dv;
+  T* S = w.state.data();
+  load_state(state0 ? state0 + state_off : nullptr, D, Dv, S, w.dvp);
+  auto emit = [&](int64_t h, int64_t r0, int64_t len) {  // out rows = acc1 rows
+    copy_rows(w.acc1.data(), w.dvp, len, Dv, T(1), out + ((b * p.heads + h) * p.len_q + r0) * Dv, Dv);
+  };
+  auto add_chunk_to_state = [&](int64_t len) { mm_a(D, w.dvp, len, w.kT.data(), w.vR.data(), S, true); };
+  auto pack_kv = [&](int64_t r0, int64_t len) {
+    pack_transposed_scaled(k.rows(b, hk, r0), len, D, k.st.n, T(1), w.kT.data(), kChunk);
+    pack_rows_padded(v.rows(b, hk, r0), len, Dv, v.st.n, w.vR.data(), w.dvp);
+  };
+  if (!p.causal) {
+    for (int64_t r0 = 0; r0 < p.len_k; r0 += kKeyBlock) {  // S += k^T v over all keys
+      const int64_t len = std::min(kKeyBlock, p.len_k - r0);
+      pack_transposed_scaled(k.rows(b, hk, r0), len, D, k.st.n, T(1), w.keysT.data(), kKeyBlock);
+      pack_rows_padded(v.rows(b, hk, r0), len, Dv, v.st.n, w.valuesR.data(), w.dvp);
+      gemm_panels<T, false, kKeyBlock>(D, w.dvp / Work<T>::NR, len, w.keysT.data(), w.valuesR.data(), w.dvp,
+                                       Work<T>::NR, S, w.dvp, true);
+    }
+  }
+  if (!p.causal && Dv == w.dvp) {
+    // o = q (scale S): q read in place, o written in place.
+    if (state_out) copy_rows(S, w.dvp, D, Dv, T(1), state_out + state_off, Dv);
+    scale_inplace(S, D * w.dvp, scale);
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = hk * group + g;
+      for (int64_t r0 = 0; r0 < p.len_q; r0 += kChunk)  // a chunk of q stays in L1 across the panels
+        gemm_panels<T, false, 0>(std::min(kChunk, p.len_q - r0), w.dvp / Work<T>::NR, D, q.rows(b, h, r0), S,
+                                 w.dvp, Work<T>::NR, out + ((b * p.heads + h) * p.len_q + r0) * Dv, Dv, false,
+                                 Triangle::kNone, q.st.n);
+    }
+    return;
+  }
+  const int64_t n_rows = p.len_q;
+  for (int64_t r0 = 0; r0 < n_rows; r0 += kChunk) {
+    const int64_t len = std::min(kChunk, n_rows - r0);
+    if (p.causal) pack_kv(r0, len);
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = hk * group + g;
+      pack_transposed_scaled(q.rows(b, h, r0), len, D, q.st.n, scale, w.qT.data(), kChunk);
+      mm_at(len, w.dvp, D, w.qT.data(), S, w.acc1.data(), false);  // inter-chunk: q S
+      if (p.causal) {
+        mm_abt(len, D, w.qT.data(), w.kT.data(), w.s1.data(), Triangle::kOutLower);
+        mask_chunk(w.s1.data(), len, true, T(1));
+        mm_a(len, w.dvp, len, w.s1.data(), w.vR.data(), w.acc1.data(), true, Triangle::kALower);
+      }
+      emit(h, r0, len);
+    }
+    if (p.causal) add_chunk_to_state(len);
+  }
+  if (state_out) copy_rows(S, w.dvp, D, Dv, T(1), state_out + state_off, Dv);
+}
+
+// The backward of one (batch, kv head): packing helpers and the passes over
+// chunks, as named steps that share the task's operands and work buffers.
+template <typename T>
+struct BackwardTask {
+  const LinearProblem& p;
+  Operand<T> q, k, v, dout;
+  T *dq, *dk, *dv;
+  int64_t b, hk;
+  Work<T>& w;
+  int64_t D = p.dim, Dv = p.dim_v, group = p.heads / p.kv_heads, dp = w.dp, dvp = w.dvp;
+  T scale = static_cast<T>(p.scale);
+  int64_t state_off = (b * p.kv_heads + hk) * D * Dv;
+  T* ST = w.stateT.data();  // S^T (Dv x Dp), the state dq reads
+  T* dS = w.state.data();   // dS (D x Dvp), the gradient of the state after a chunk
+
+  void pack_k(int64_t r0, int64_t len) {
+    pack_transposed_scaled(k.rows(b, hk, r0), len, D, k.st.n, T(1), w.kT.data(), kChunk);
+    pack_rows_padded(k.rows(b, hk, r0), len, D, k.st.n, w.kR.data(), dp);
+  }
+  void pack_v(int64_t r0, int64_t len) {
+    pack_transposed_scaled(v.rows(b, hk, r0), len, Dv, v.st.n, T(1), w.vT.data(), kChunk);
+    pack_rows_padded(v.rows(b, hk, r0), len, Dv, v.st.n, w.vR.data(), dvp);
+  }
+  void pack_q(int64_t h, int64_t r0, int64_t len) {
+    pack_transposed_scaled(q.rows(b, h, r0), len, D, q.st.n, scale, w.qT.data(), kChunk);
+    pack_rows_padded(q.rows(b, h, r0), len, D, q.st.n, w.qR.data(), dp);
+  }
+  void pack_do(int64_t h, int64_t r0, int64_t len) {
+    pack_transposed_scaled(dout.rows(b, h, r0), len, Dv, dout.st.n, T(1), w.oT.data(), kChunk);
+    pack_rows_padded(dout.rows(b, h, r0), len, Dv, dout.st.n, w.oR.data(), dvp);
+  }
+  void load_state_t(const T* src) {
+    if (src)
+      transpose_padded(src + state_off, D, Dv, Dv, ST, dp);
+    else
+      std::fill(ST, ST + Dv * dp, T(0));
+  }
+  void emit_dq(int64_t h, int64_t r0, int64_t len) {
+    copy_rows(w.acc1.data(), dp, len, D, scale, dq + ((b * p.heads + h) * p.len_q + r0) * D, D);
+  }
+  void add_q_do_to_ds(int64_t len) { mm_a(D, dvp, len, w.qT.data(), w.oR.data(), dS, true); }
+  void inter_dk_dv(int64_t len) {  // dk = v dS^T, dv = k dS
+    transpose_padded(dS, D, Dv, dvp, ST, dp);
+    mm_at(len, dp, Dv, w.vT.data(), ST, w.acc1.data(), false);
+    mm_at(len, dvp, D, w.kT.data(), dS, w.acc2.data(), false);
+  }
+  void emit_dk_dv(int64_t r0, int64_t len) {
+    copy_rows(w.acc1.data(), dp, len, D, T(1), dk + ((b * p.kv_heads + hk) * p.len_k + r0) * D, D);
+    copy_rows(w.acc2.data(), dvp, len, Dv, T(1), dv + ((b * p.kv_heads + hk) * p.len_k + r0) * Dv, Dv);
+  }
+
+  // Non-causal, S the forward's final state: dq = scale dO S^T and dS += qs^T dO
+  // over all queries, then dk = v dS^T, dv = k dS over all keys.
+  void non_causal(const T* state_final) {
+    load_state_t(state_final);
+    for (int64_t r0 = 0; r0 < p.len_q; r0 += kChunk) {
+      const int64_t len = std::min(kChunk, p.len_q - r0);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g;
+        pack_q(h, r0, len);
+        pack_do(h, r0, len);
+        mm_at(len, dp, Dv, w.oT.data(), ST, w.acc1.data(), false);
+        emit_dq(h, r0, len);
+        add_q_do_to_ds(len);
+      }
+    }
+    for (int64_t r0 = 0; r0 < p.len_k; r0 += kChunk) {
+      const int64_t len = std::min(kChunk, p.len_k - r0);
+      pack_k(r0, len);
+      pack_v(r0, len);
+      inter_dk_dv(len);
+      emit_dk_dv(r0, len);
+    }
+  }
+
+  // Causal, forward over chunks: dq = scale (dO S_before^T + tril(dO v^T) k).
+  void causal_dq(const T* state0) {
+    load_state_t(state0);
+    for (int64_t r0 = 0; r0 < p.len_q; r0 += kChunk) {
+      const int64_t len = std::min(kChunk, p.len_q - r0);
+      pack_k(r0, len);
+      pack_v(r0, len);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g;
+        pack_do(h, r0, len);
+        mm_at(len, dp, Dv, w.oT.data(), ST, w.acc1.data(), false);
+        mm_abt(len, Dv, w.oT.data(), w.vT.data(), w.s1.data(), Triangle::kOutLower);
+        mask_chunk(w.s1.data(), len, true, T(1));
+        mm_a(len, dp, len, w.s1.data(), w.kR.data(), w.acc1.data(), true, Triangle::kALower);
+        emit_dq(h, r0, len);
+      }
+      mm_a(Dv, dp, len, w.vT.data(), w.kR.data(), ST, true);  // S^T += v^T k
+    }
+  }
+
+  // Causal, reverse over chunks: dv = triu(k qs^T) dO + k dS, dk = scale
+  // triu(v dO^T) q + v dS^T, then dS += qs^T dO.
+  void causal_dk_dv() {
+    for (int64_t c = ceil_div(p.len_k, kChunk) - 1; c >= 0; --c) {
+      const int64_t r0 = c * kChunk, len = std::min(kChunk, p.len_k - r0);
+      pack_k(r0, len);
+      pack_v(r0, len);
+      inter_dk_dv(len);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g;
+        pack_q(h, r0, len);
+        pack_do(h, r0, len);
+        mm_abt(len, D, w.kT.data(), w.qT.data(), w.s1.data(), Triangle::kOutUpper);
+        mask_chunk(w.s1.data(), len, false, T(1));
+        mm_a(len, dvp, len, w.s1.data(), w.oR.data(), w.acc2.data(), true, Triangle::kAUpper);
+        mm_abt(len, Dv, w.vT.data(), w.oT.data(), w.s2.data(), Triangle::kOutUpper);
+        mask_chunk(w.s2.data(), len, false, scale);
+        mm_a(len, dp, len, w.s2.data(), w.qR.data(), w.acc1.data(), true, Triangle::kAUpper);
+        add_q_do_to_ds(len);
+      }
+      emit_dk_dv(r0, len);
+    }
+  }
+};
+
+template <typename T>
+void backward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T> v, const T* state0,
+                   const T* state_final, Operand<T> dout, const T* dstate, T* dq, T* dk, T* dv, T* dstate0,
+                   int64_t b, int64_t hk, Work<T>& w) {
+  BackwardTask<T> task{p, q, k, v, dout, dq, dk, dv, b, hk, w};
+  load_state(dstate ? dstate + task.state_off : nullptr, task.D, task.Dv, task.dS, task.dvp);
+  if (p.causal) {
+    task.causal_dq(state0);
+    task.causal_dk_dv();
+  } else {
+    task.non_causal(state_final);
+  }
+  if (dstate0) copy_rows(task.dS, task.dvp, task.D, task.Dv, T(1), dstate0 + task.state_off, task.Dv);
 }
 
 }  // namespace
 
 template <typename T>
-int64_t looped_forward_cpu(const LoopedProblem& p, const T* z, const T* wp, const T* wq, T* out, T* saved) {
-  constexpr int W = Simd<T>::width;
-  const int64_t zsize = p.dim * p.cols, groups = ceil_div(p.batch, W);
-  int64_t nonfinite = 0;
-#pragma omp parallel num_threads(p.num_threads) reduction(+ : nonfinite)
+void linear_forward_cpu(const LinearProblem& p, const T* q, const T* k, const T* v, const T* state0, T* out,
+                        T* state_out) {
+#pragma omp parallel num_threads(p.num_threads)
   {
-    LaneScratch<T> ws;
-    std::vector<Vec<T>> buf(2 * zsize);
-#pragma omp for schedule(static)
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t b0 = g * W, count = std::min<int64_t>(W, p.batch - b0);
-      Vec<T>* cur = buf.data();
-      Vec<T>* next = buf.data() + zsize;
-      gather(z, b0, count, zsize, cur);
-      for (int64_t l = 0; l < p.loops; ++l) {
-        if (l % p.checkpoint_every == 0)
-          scatter(cur, b0, count, zsize, saved + (l / p.checkpoint_every) * p.batch * zsize);
-        loop_step(p, cur, loop_weights(p, wp, l), loop_weights(p, wq, l), next, ws);
-        std::swap(cur, next);
-      }
-      scatter(cur, b0, count, zsize, out);
-      for (int64_t l = 0; l < count; ++l)
-        for (int64_t e = 0; e < zsize; ++e)
-          if (!std::isfinite(cur[e][l])) {
-            ++nonfinite;
-            break;
-          }
-    }
+    Work<T> w(p.dim, p.dim_v);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t hk = 0; hk < p.kv_heads; ++hk)
+        forward_task<T>(p, {q, p.q}, {k, p.k}, {v, p.v}, state0, out, state_out, b, hk, w);
   }
-  return nonfinite;
 }
 
 template <typename T>
-void looped_backward_cpu(const LoopedProblem& p, const T* saved, const T* wp, const T* wq, const T* dout, T* dz,
-                         T* dp, T* dq) {
-  constexpr int W = Simd<T>::width;
-  const int64_t D = p.dim, C = p.cols, DD = D * D, zsize = D * C, every = p.checkpoint_every;
-  const int64_t wsize = p.weight_loops * p.heads * DD, groups = ceil_div(p.batch, W);
-  const T inv_n = T(p.inv_n);
-  std::vector<T> dp_threads(p.num_threads * wsize, T(0)), dq_threads(p.num_threads * wsize, T(0));
+void linear_backward_cpu(const LinearProblem& p, const T* q, const T* k, const T* v, const T* state0,
+                         const T* state_final, const T* dout, Strides4 dout_strides, const T* dstate, T* dq, T* dk,
+                         T* dv, T* dstate0) {
 #pragma omp parallel num_threads(p.num_threads)
   {
-    LaneScratch<T> ws;
-    Vec<T>* a = scratch(ws.a, DD);
-    Vec<T>* w = scratch(ws.w, DD);
-    Vec<T>* t = scratch(ws.t, DD);
-    Vec<T>* t2 = scratch(ws.t2, DD);
-    Vec<T>* dw = scratch(ws.dw, DD);
-    Vec<T>* da = scratch(ws.da, DD);
-    Vec<T>* g = scratch(ws.g, zsize);
-    Vec<T>* g_prev = scratch(ws.g_prev, zsize);
-    Vec<T>* seg = scratch(ws.segment, every * zsize);
-    Vec<T>* dp_acc = scratch(ws.dp, wsize);
-    Vec<T>* dq_acc = scratch(ws.dq, wsize);
-    std::fill(dp_acc, dp_acc + wsize, Vec<T>{});
-    std::fill(dq_acc, dq_acc + wsize, Vec<T>{});
-#pragma omp for schedule(static)
-    for (int64_t grp = 0; grp < groups; ++grp) {
-      const int64_t b0 = grp * W, count = std::min<int64_t>(W, p.batch - b0);
-      gather(dout, b0, count, zsize, g);
-      for (int64_t first = (p.loops - 1) / every * every; first >= 0; first -= every) {
-        // Z before loops first .. last of this segment.
-        const int64_t last = std::min(first + every, p.loops) - 1;
-        gather(saved + (first / every) * p.batch * zsize, b0, count, zsize, seg);
-        for (int64_t l = first; l < last; ++l)
-          loop_step(p, seg + (l - first) * zsize, loop_weights(p, wp, l), loop_weights(p, wq, l),
-                    seg + (l - first + 1) * zsize, ws);
-        for (int64_t l = last; l >= first; --l) {
-          const Vec<T>* z = seg + (l - first) * zsize;
-          const T* pl = loop_weights(p, wp, l);
-          const T* ql = loop_weights(p, wq, l);
-          const int64_t woff = (p.weight_loops == 1 ? 0 : l) * p.heads * DD;
-          attention_matrices(p, z, pl, ql, a, w, t);
-          // dW = inv_n * G Z^T
-          lane_matmul(g, C, 1, z, 1, C, dw, D, D, D, C, false);
-          for (int64_t i = 0; i < DD; ++i) dw[i] *= inv_n;
-          for (int64_t h = 0; h < p.heads; ++h) {
-            const T* ph = pl + h * DD;
-            const T* qh = ql + h * DD;
-            lane_matmul(dw, D, 1, qh, 1, D, t, D, D, D, D, false);                   // t = dW Q_h^T
-            lane_matmul(t, D, 1, a, D, 1, dp_acc + woff + h * DD, D, D, D, D, true);  // dP_h += t A
-            lane_matmul(ph, 1, D, dw, D, 1, t2, D, D, D, D, false);                  // t2 = P_h^T dW
-            lane_matmul(a, D, 1, t2, D, 1, dq_acc + woff + h * DD, D, D, D, D, true);  // dQ_h += A t2
-            lane_matmul(t2, D, 1, qh, 1, D, da, D, D, D, D, h > 0);                  // dA (+)= t2 Q_h^T
-          }
-          // G_prev = G + inv_n W^T G + (dA + dA^T) Z M
-          for (int64_t i = 0; i < DD; ++i) w[i] *= inv_n;
-          for (int64_t i = 0; i < D; ++i)
-            for (int64_t j = 0; j < D; ++j) t[i * D + j] = da[i * D + j] + da[j * D + i];
-          std::copy(g, g + zsize, g_prev);
-          lane_matmul(w, 1, D, g, C, 1, g_prev, C, D, C, D, true);
-          lane_matmul(t, D, 1, z, C, 1, g_prev, C, D, p.key_cols, D, true);
-          std::swap(g, g_prev);
-        }
-      }
-      scatter(g, b0, count, zsize, dz);
-    }
-    const int tid = omp_get_thread_num();
-    for (int64_t i = 0; i < wsize; ++i) {
-      T sp = 0, sq = 0;
-      for (int l = 0; l < W; ++l) {
-        sp += dp_acc[i][l];
-        sq += dq_acc[i][l];
-      }
-      dp_threads[tid * wsize + i] = sp;
-      dq_threads[tid * wsize + i] = sq;
-    }
-  }
-  for (int64_t i = 0; i < wsize; ++i) {
-    T sp = 0, sq = 0;
-    for (int t = 0; t < p.num_threads; ++t) {
-      sp += dp_threads[t * wsize + i];
-      sq += dq_threads[t * wsize + i];
-    }
-    dp[i] = sp;
-    dq[i] = sq;
+    Work<T> w(p.dim, p.dim_v);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t hk = 0; hk < p.kv_heads; ++hk)
+        backward_task<T>(p, {q, p.q}, {k, p.k}, {v, p.v}, state0, state_final, {dout, dout_strides}, dstate, dq, dk, dv,
+                         dstate0, b, hk, w);
   }
 }
 
-template int64_t looped_forward_cpu<float>(const LoopedProblem&, const float*, const float*, const float*, float*,
-                                           float*);
-template int64_t looped_forward_cpu<double>(const LoopedProblem&, const double*, const double*, const double*,
-                                            double*, double*);
-template void looped_backward_cpu<float>(const LoopedProblem&, const float*, const float*, const float*,
-                                         const float*, float*, float*, float*);
-template void looped_backward_cpu<double>(const LoopedProblem&, const double*, const double*, const double*,
-                                          const double*, double*, double*, double*);
+template void linear_forward_cpu<float>(const LinearProblem&, const float*, const float*, const float*, const float*,
+                                        float*, float*);
+template void linear_forward_cpu<double>(const LinearProblem&, const double*, const double*, const double*,
+                                         const double*, double*, double*);
+template void linear_backward_cpu<float>(const LinearProblem&, const float*, const float*, const float*,
+                                         const float*, const float*, const float*, Strides4, const float*, float*,
+                                         float*, float*, float*);
+template void linear_backward_cpu<double>(const LinearProblem&, const double*, const double*, const double*,
+                                          const double*, const double*, const double*, Strides4, const double*,
+                                          double*, double*, double*, double*);
 
 }  // namespace tessel

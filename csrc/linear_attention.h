@@ -1,5 +1,4 @@
-// Linear attention on the CPU: chunked causal / non-causal linear attention,
-// and looped linear self-attention (the looped linear transformer).
+// Linear attention on the CPU: chunked, causal and non-causal.
 #pragma once
 
 #include <cstdint>
@@ -36,30 +35,5 @@ template <typename T>
 void linear_backward_cpu(const LinearProblem& p, const T* q, const T* k, const T* v, const T* state0,
                          const T* state_final, const T* dout, Strides4 dout_strides, const T* dstate, T* dq, T* dk,
                          T* dv, T* dstate0);
-
-// Z: (batch, dim, cols) prompt matrices, dim = d + 1, cols = n + 1.
-// P, Q: (weight_loops, heads, dim, dim); weight_loops is 1 (shared by every
-// loop) or loops (one pair per loop).
-// Loop l: A = Z M Z^T, W = sum_h P_h A Q_h, Z <- Z + inv_n * W Z, where M
-// keeps the first key_cols columns (the query column is not a key).
-struct LoopedProblem {
-  int64_t batch, dim, cols, key_cols, loops, heads, weight_loops;
-  double inv_n;
-  // Z before loop l is kept for l = 0, every, 2 * every, ... (every = 1 keeps all).
-  int64_t checkpoint_every;
-  int num_threads;
-};
-
-// out: Z after all loops; saved: (ceil(loops / every), batch, dim, cols).
-// Returns how many prompts ended with a non-finite value.
-template <typename T>
-int64_t looped_forward_cpu(const LoopedProblem& p, const T* z, const T* wp, const T* wq, T* out, T* saved);
-
-// dout: gradient of the final Z. dz (batch, dim, cols), dp, dq (weight_loops,
-// heads, dim, dim): fully overwritten; dp, dq summed over the batch (in a
-// fixed order: deterministic for a given thread count).
-template <typename T>
-void looped_backward_cpu(const LoopedProblem& p, const T* saved, const T* wp, const T* wq, const T* dout, T* dz,
-                         T* dp, T* dq);
 
 }  // namespace tessel

@@ -58,9 +58,11 @@ def finish(study: str, args, metrics: dict, figure, checks: list[dict]) -> dict:
                "seed": args.seed, "torch": torch.__version__, "checks": checks, **metrics}
     with open(os.path.join(args.out, f"{study}.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    figure.savefig(os.path.join(args.out, f"{study}.png"), dpi=110)
+    if figure is not None:
+        figure.savefig(os.path.join(args.out, f"{study}.png"), dpi=110)
     print(verdict_table(checks))
-    print(f"wrote {args.out}/{study}.json and .png ({metrics['wall_s']:.1f} s)")
+    plotted = " and .png" if figure is not None else " (no plot: matplotlib is not installed)"
+    print(f"wrote {args.out}/{study}.json{plotted} ({metrics['wall_s']:.1f} s)")
     return metrics
 
 
@@ -73,11 +75,12 @@ def main(study, argv=None) -> dict | None:
     results = study.run(args)
     if results is None:
         return None
-    return finish(name, args, results, study.plot(results), study.checks(results))
+    figure = study.plot(results) if pyplot() is not None else None
+    return finish(name, args, results, figure, study.checks(results))
 
 
 def progress(items, desc):
-    """A progress bar over a study's runs (tqdm when installed)."""
+    """A progress bar over items (tqdm when installed; the GPU images may lack it)."""
     try:
         from tqdm import tqdm
     except ImportError:
@@ -86,8 +89,11 @@ def progress(items, desc):
 
 
 def pyplot():
-    import matplotlib
-
+    """matplotlib.pyplot drawing to files (Agg), or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

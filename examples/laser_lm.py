@@ -29,7 +29,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import socket
 import sys
 import tempfile
 
@@ -37,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.distributed.elastic.utils.distributed import get_free_port
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tessel import compress
@@ -239,11 +239,8 @@ def run(args) -> dict | None:
                 return None
         else:
             world = min(cfg["world"], torch.cuda.device_count()) if args.device == "cuda" else cfg["world"]
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            mp.start_processes(_spawned, args=(world, port, cfg, args.backend, args.device, path), nprocs=world,
-                               start_method="spawn")
+            mp.start_processes(_spawned, args=(world, get_free_port(), cfg, args.backend, args.device, path),
+                               nprocs=world, start_method="spawn")
         results = torch.load(path, weights_only=False)
     return {"config": cfg, "world": world, **results, "wall_s": clock.seconds}
 

@@ -30,7 +30,7 @@ import sys
 import torch
 
 import tessel
-from tessel.linear_attention import icl_prompt, least_squares_predict, preconditioned_gd_predict
+from tessel.icl import icl_prompt, least_squares_predict, preconditioned_gd_predict
 from tessel.nn import LoopedLinearTransformer
 
 from . import _common

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import last_dim_contiguous, triton_interpreting
+from ._common import BAND_INF, DTYPES, dot_precision, last_dim_contiguous, pow2_block, strides3, triton_interpreting
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 MAX_HEAD_DIM = 256
@@ -303,9 +303,6 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
 # ---------------------------------------------------------------- host side
 
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def supports(dtype: torch.dtype, head_dim: int) -> bool:
     return dtype in DTYPES and head_dim <= MAX_HEAD_DIM
 
@@ -315,23 +312,15 @@ def _block_d(dtype: torch.dtype, d: int) -> int:
         raise TypeError(f"the Triton attention kernel runs float16, bfloat16 and float32, got {dtype}")
     if d > MAX_HEAD_DIM:
         raise ValueError(f"the Triton attention kernel supports head_dim <= {MAX_HEAD_DIM}, got {d}")
-    return max(16, triton.next_power_of_2(d))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not triton_interpreting():
-        return "tf32"
-    return "ieee"
+    return pow2_block(d)
 
 
 def _seq_bucket(n: int) -> int:
     """Autotuning key: lengths grouped by powers of two (from 1k), not exact values."""
-    return max(1024, triton.next_power_of_2(n))
+    return pow2_block(n, 1024)
 
 
 def _band_kind(band_lo: int, band_hi: int) -> int:
-    from ..attention import BAND_INF
-
     return int(band_lo > -BAND_INF) * 2 + int(band_hi < BAND_INF)
 
 
@@ -339,10 +328,6 @@ def _clamp_band(band_lo: int, band_hi: int, nq: int, nk: int) -> tuple[int, int]
     """The same band with both sides within [-nq, nk]: beyond that every key
     (or none) is in range, and the kernels' index math stays int32."""
     return min(max(band_lo, -nq), nk + 1), min(max(band_hi, -nq - 1), nk)
-
-
-def _strides(x):
-    return x.stride(0), x.stride(1), x.stride(2)
 
 
 def _num_decode_splits(batch_heads: int, nq: int, nk: int, device: torch.device) -> int:
@@ -385,10 +370,10 @@ def attention_forward(q, k, v, scale: float, band_lo: int, band_hi: int, num_spl
         return triton.cdiv(nq, meta["BLOCK_M"]), b * h, num_splits
 
     _fwd_kernel[grid](
-        q, k, v, o_part, lse_part, *_strides(q), *_strides(k), *_strides(v), *o_strides, *l_strides,
+        q, k, v, o_part, lse_part, *strides3(q), *strides3(k), *strides3(v), *o_strides, *l_strides,
         h, h // hk, nq, nk, d, scale * LOG2E.value, band_lo, band_hi, split_len,
         _seq_bucket(max(nq, nk)), band_kind,
-        BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype),
     )
     if num_splits > 1:
         _decode_combine_kernel[(b * h * nq,)](
@@ -411,14 +396,14 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, band_lo: int
     lse2 = torch.empty_like(delta)
     pre_block = 16 if triton_interpreting() else 64
     _bwd_preprocess_kernel[(triton.cdiv(nq, pre_block), b * h)](
-        out, dout, dlse.contiguous() if dlse is not None else lse, delta, lse, lse2, *_strides(dout),
+        out, dout, dlse.contiguous() if dlse is not None else lse, delta, lse, lse2, *strides3(dout),
         h, nq, nk, d, band_lo, band_hi, HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_D=block_d,
     )
     dq = torch.empty(b, h, nq, d, device=q.device, dtype=q.dtype)
     dk = torch.empty(b, hk, nk, d, device=q.device, dtype=k.dtype)
     dv = torch.empty(b, hk, nk, d, device=q.device, dtype=v.dtype)
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
-    tuning = dict(BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype))
+    common = (*strides3(q), *strides3(k), *strides3(v), *strides3(dout))
+    tuning = dict(BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype))
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hk)](
         q, k, v, dout, lse2, delta, dk, dv, *common,
         h, hk, h // hk, nq, nk, d, scale, scale * LOG2E.value, band_lo, band_hi, *keys, **tuning,

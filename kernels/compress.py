@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import triton_interpreting
+from ._common import pow2_block, triton_interpreting
 from ._tiles import load_tile
 
 
@@ -38,29 +38,22 @@ def _factor_tile(F, ks, idx, rank, length):
 
 
 @triton.jit
-def _project_p_kernel(G, E, PT, QT, n, m, rank, HAS_E: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-                      BR: tl.constexpr):
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+def _project_kernel(G, E, SRC, DST, n_out, n_red, s_out, s_red, rank, HAS_E: tl.constexpr, BO: tl.constexpr,
+                    BRED: tl.constexpr, BR: tl.constexpr):
+    """DST (rank, n_out) = SRC (rank, n_red) @ X, X = M^T (s_out = m, s_red = 1: P from Q) or X = M
+    (s_out = 1, s_red = m: Q from P); one program per BO outputs, looping over the reduced dim."""
+    outs = tl.program_id(0) * BO + tl.arange(0, BO)
     ks = tl.arange(0, BR)
-    acc = tl.zeros([BR, BN], dtype=tl.float32)
-    for c0 in range(0, m, BM):
-        cols = c0 + tl.arange(0, BM)
-        tile = _m_tile(G, E, rows, cols, n, m, HAS_E)
-        acc += tl.dot(_factor_tile(QT, ks, cols, rank, m), tl.trans(tile), input_precision="ieee")
-    tl.store(PT + ks[:, None] * n + rows[None, :], acc, mask=(ks[:, None] < rank) & (rows[None, :] < n))
-
-
-@triton.jit
-def _project_q_kernel(G, E, PT, QT, n, m, rank, HAS_E: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-                      BR: tl.constexpr):
-    cols = tl.program_id(0) * BM + tl.arange(0, BM)
-    ks = tl.arange(0, BR)
-    acc = tl.zeros([BR, BM], dtype=tl.float32)
-    for r0 in range(0, n, BN):
-        rows = r0 + tl.arange(0, BN)
-        tile = _m_tile(G, E, rows, cols, n, m, HAS_E)
-        acc += tl.dot(_factor_tile(PT, ks, rows, rank, n), tile, input_precision="ieee")
-    tl.store(QT + ks[:, None] * m + cols[None, :], acc, mask=(ks[:, None] < rank) & (cols[None, :] < m))
+    acc = tl.zeros([BR, BO], dtype=tl.float32)
+    for r0 in range(0, n_red, BRED):
+        red = r0 + tl.arange(0, BRED)
+        at = red[:, None] * s_red + outs[None, :] * s_out
+        inside = (red[:, None] < n_red) & (outs[None, :] < n_out)
+        tile = tl.load(G + at, mask=inside, other=0.0)  # [BRED, BO]
+        if HAS_E:
+            tile += tl.load(E + at, mask=inside, other=0.0)
+        acc += tl.dot(_factor_tile(SRC, ks, red, rank, n_red), tile, input_precision="ieee")
+    tl.store(DST + ks[:, None] * n_out + outs[None, :], acc, mask=(ks[:, None] < rank) & (outs[None, :] < n_out))
 
 
 @triton.jit
@@ -147,26 +140,32 @@ def _blocks():
 
 
 def _rank_block(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))
+    return pow2_block(rank)
+
+
+def orthogonalize_(M, eps: float) -> None:
+    """Gram-Schmidt on the columns of M (m, r) or of each (b, m, r), in place, computed in fp32."""
+    m, r = M.shape[-2:]
+    count = M.numel() // (m * r)
+    vectors = M.reshape(-1, m, r).mT.float().contiguous()  # (b, r, m): the columns as rows
+    CompressOps().orthonormalize(vectors.view(-1), [i * m * r for i in range(count)], [m] * count, r, eps)
+    M.copy_(vectors.mT.reshape(M.shape))
 
 
 class CompressOps:
     """The passes of tessel.compress on CUDA (or the interpreter): fp32 work
     tensors, one launch per matrix (see pymod/_compress_passes.py's Group)."""
 
-    def project_p(self, group, P, Q):
+    def project(self, group, P, Q, onto_p: bool):
         bn, bm = _blocks()
         for g, e, pt, qt in zip(group.grads, group.errors, group.p_parts(P), group.q_parts(Q)):
             n, m = g.shape
-            _project_p_kernel[(triton.cdiv(n, bn),)](g, g if e is None else e, pt, qt, n, m, group.rank,
-                                                     HAS_E=e is not None, BN=bn, BM=bm, BR=_rank_block(group.rank))
-
-    def project_q(self, group, P, Q):
-        bn, bm = _blocks()
-        for g, e, pt, qt in zip(group.grads, group.errors, group.p_parts(P), group.q_parts(Q)):
-            n, m = g.shape
-            _project_q_kernel[(triton.cdiv(m, bm),)](g, g if e is None else e, pt, qt, n, m, group.rank,
-                                                     HAS_E=e is not None, BN=bn, BM=bm, BR=_rank_block(group.rank))
+            # P = Q M^T: outputs along M's rows, reduced over its columns; Q = P M the other way round.
+            src, dst, n_out, n_red, s_out, s_red, bo, bred = (qt, pt, n, m, m, 1, bn, bm) if onto_p else \
+                (pt, qt, m, n, 1, m, bm, bn)
+            _project_kernel[(triton.cdiv(n_out, bo),)](g, g if e is None else e, src, dst, n_out, n_red, s_out,
+                                                       s_red, group.rank, HAS_E=e is not None, BO=bo, BRED=bred,
+                                                       BR=_rank_block(group.rank))
 
     def reconstruct(self, group, p_out, q_out, p_err, q_err, keep):
         bn, bm = _blocks()

@@ -1,5 +1,4 @@
-"""Triton linear attention: chunked linear attention (forward, backward) and
-the fused looped linear transformer (forward, backward).
+"""Triton chunked linear attention, forward and backward.
 
 Chunked linear attention (flash-linear-attention's fused-chunk scheme), with
 the feature maps already applied and s = scale:
@@ -17,13 +16,6 @@ the feature maps already applied and s = scale:
 Dots take the input dtype with fp32 accumulation; states are fp32 (cast to
 the input dtype as dot operands, as fla does). Dims pad to powers of two, at
 least 16 (the smallest tl.dot).
-
-Looped linear transformer: one program per prompt keeps Z (padded to
-powers of two) in registers through all loops, in fp32 with IEEE dots:
-A = (Z M)(Z M)^T, U = sum_h P_h A Q_h, Z += U Z / n. The backward walks the
-loops in reverse from the saved checkpoints (recomputing the states of a
-segment into scratch memory first) and writes per-prompt dP, dQ partials that
-are summed after (deterministic).
 """
 from __future__ import annotations
 
@@ -31,10 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import last_dim_contiguous, triton_interpreting
+from ._common import DTYPES, dot_precision, last_dim_contiguous, pow2_block, strides3, triton_interpreting
 from ._tiles import load_tile as _load_tile
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_DIM = 256
 # Elements of a state tile one program keeps in registers.
 STATE_TILE = 4096
@@ -211,23 +202,9 @@ def _check(dtype, d, dv):
         raise ValueError(f"the Triton linear attention kernel supports dims <= {MAX_DIM}, got {d} and {dv}")
 
 
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 def _state_block(full_rows: int, cols: int) -> int:
     """Columns of a (full_rows x block) fp32 state tile that fits STATE_TILE."""
-    return min(_pow2(cols), max(16, STATE_TILE // full_rows))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not triton_interpreting():
-        return "tf32"
-    return "ieee"
-
-
-def _s(x):
-    return x.stride(0), x.stride(1), x.stride(2)
+    return min(pow2_block(cols), max(16, STATE_TILE // full_rows))
 
 
 def linear_forward(q, k, v, state0, scale: float, causal: bool):
@@ -239,12 +216,12 @@ def linear_forward(q, k, v, state0, scale: float, causal: bool):
     out = torch.empty(b, h, nq, dv, device=q.device, dtype=q.dtype)
     state = torch.empty(b, hk, d, dv, device=q.device, dtype=torch.float32)
     s0 = state if state0 is None else state0.float().contiguous()
-    bd = _pow2(d)
+    bd = pow2_block(d)
     bv = _state_block(bd, dv)
     grid = (triton.cdiv(dv, bv), b * h)
-    _fwd_kernel[grid](q, k, v, s0, out, state, *_s(q), *_s(k), *_s(v), h, h // hk, nq, nk, d, dv, scale,
+    _fwd_kernel[grid](q, k, v, s0, out, state, *strides3(q), *strides3(k), *strides3(v), h, h // hk, nq, nk, d, dv, scale,
                       HAS_S0=state0 is not None, CAUSAL=causal, BD=bd, BV=bv,
-                      DOT_PRECISION=_dot_precision(q.dtype))
+                      DOT_PRECISION=dot_precision(q.dtype))
     return out, state
 
 
@@ -255,8 +232,8 @@ def linear_backward(q, k, v, state0, state, dout, dstate, scale: float, causal: 
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     _check(q.dtype, d, dv)
     q, k, v, dout = (last_dim_contiguous(x) for x in (q, k, v, dout))
-    precision = _dot_precision(q.dtype)
-    bd, bvf = _pow2(d), _pow2(dv)
+    precision = dot_precision(q.dtype)
+    bd, bvf = pow2_block(d), pow2_block(dv)
 
     dq = torch.empty(b, h, nq, d, device=q.device, dtype=torch.float32)
     st = (state0 if causal else state)
@@ -264,7 +241,7 @@ def linear_backward(q, k, v, state0, state, dout, dstate, scale: float, causal: 
     st = st.float().contiguous() if has_st else dq
     bk = _state_block(bvf, d)
     _bwd_dq_kernel[(triton.cdiv(d, bk), b * h)](
-        k, v, dout, st, dq, *_s(k), *_s(v), *_s(dout), h, h // hk, nq, nk, d, dv, scale,
+        k, v, dout, st, dq, *strides3(k), *strides3(v), *strides3(dout), h, h // hk, nq, nk, d, dv, scale,
         HAS_S0=has_st, CAUSAL=causal, BK=bk, BVF=bvf, DOT_PRECISION=precision)
 
     bv = _state_block(bd, dv)
@@ -274,134 +251,7 @@ def linear_backward(q, k, v, state0, state, dout, dstate, scale: float, causal: 
     ds0 = torch.empty(b, hk, d, dv, device=q.device, dtype=torch.float32)
     dsf = ds0 if dstate is None else dstate.float().contiguous()
     _bwd_dkdv_kernel[(n_vb, b * hk)](
-        q, k, v, dout, dsf, ds0, dk_parts, dv_, *_s(q), *_s(k), *_s(v), *_s(dout), h, h // hk, nq, nk, d, dv,
+        q, k, v, dout, dsf, ds0, dk_parts, dv_, *strides3(q), *strides3(k), *strides3(v), *strides3(dout), h, h // hk, nq, nk, d, dv,
         scale, HAS_DS=dstate is not None, CAUSAL=causal, BD=bd, BV=bv, DOT_PRECISION=precision)
     dk = dk_parts[0] if n_vb == 1 else dk_parts.sum(0)
     return dq, dk, dv_, ds0
-
-
-# ---------------------------------------------------------------- looped linear transformer
-
-
-@triton.jit
-def _looped_step(Z, P, Q, wl_base, HEADS, D1, inv_n, key_cols, offs_r, offs_c):
-    """Z + inv_n (sum_h P_h A Q_h) Z with A = (Z M)(Z M)^T; also returns Z M and U."""
-    keys = tl.where(offs_c[None, :] < key_cols, Z, 0.0)
-    A = tl.dot(keys, tl.trans(keys), input_precision="ieee")
-    U = tl.zeros_like(A)
-    for hh in range(HEADS):
-        base = wl_base + hh * D1 * D1
-        p = _load_tile(P + base, offs_r, offs_r, D1, D1, D1)
-        q = _load_tile(Q + base, offs_r, offs_r, D1, D1, D1)
-        U += tl.dot(tl.dot(p, A, input_precision="ieee"), q, input_precision="ieee")
-    return Z + inv_n * tl.dot(U, Z, input_precision="ieee"), keys, A, U
-
-
-@triton.jit
-def _looped_fwd_kernel(ZIN, P, Q, ZOUT, SAVED, NONFINITE, B, D1, N1, key_cols, inv_n, LOOPS, EVERY, HEADS,
-                       WEIGHT_LOOPS, BD: tl.constexpr, BN: tl.constexpr):
-    b = tl.program_id(0)
-    offs_r = tl.arange(0, BD)
-    offs_c = tl.arange(0, BN)
-    tile = offs_r[:, None] * N1 + offs_c[None, :]
-    inside = (offs_r[:, None] < D1) & (offs_c[None, :] < N1)
-    Z = tl.load(ZIN + b * D1 * N1 + tile, mask=inside, other=0.0).to(tl.float32)
-    for loop in range(LOOPS):
-        if loop % EVERY == 0:
-            tl.store(SAVED + ((loop // EVERY) * B + b) * D1 * N1 + tile, Z, mask=inside)
-        wl = 0 if WEIGHT_LOOPS == 1 else loop
-        Z, _, _, _ = _looped_step(Z, P, Q, wl * HEADS * D1 * D1, HEADS, D1, inv_n, key_cols, offs_r, offs_c)
-    tl.store(ZOUT + b * D1 * N1 + tile, Z, mask=inside)
-    finite = (Z == Z) & (tl.abs(Z) < float("inf"))
-    bad = tl.where(finite | ~inside, 0, 1)
-    tl.store(NONFINITE + b, tl.sum(tl.sum(bad, axis=1), axis=0))
-
-
-@triton.jit
-def _looped_bwd_kernel(SAVED, P, Q, DOUT, DZ, DPP, DQP, SCRATCH, B, D1, N1, key_cols, inv_n, LOOPS, EVERY,
-                       HEADS, WEIGHT_LOOPS, BD: tl.constexpr, BN: tl.constexpr):
-    b = tl.program_id(0)
-    offs_r = tl.arange(0, BD)
-    offs_c = tl.arange(0, BN)
-    tile = offs_r[:, None] * N1 + offs_c[None, :]
-    inside = (offs_r[:, None] < D1) & (offs_c[None, :] < N1)
-    wtile = offs_r[:, None] * D1 + offs_r[None, :]
-    winside = (offs_r[:, None] < D1) & (offs_r[None, :] < D1)
-    G = tl.load(DOUT + b * D1 * N1 + tile, mask=inside, other=0.0).to(tl.float32)
-    n_ckpt = tl.cdiv(LOOPS, EVERY)
-    scratch = SCRATCH + b * EVERY * D1 * N1
-    # Partials of this prompt start at zero.
-    for i in range(WEIGHT_LOOPS * HEADS):
-        zero = tl.zeros([BD, BD], dtype=tl.float32)
-        tl.store(DPP + (b * WEIGHT_LOOPS * HEADS + i) * D1 * D1 + wtile, zero, mask=winside)
-        tl.store(DQP + (b * WEIGHT_LOOPS * HEADS + i) * D1 * D1 + wtile, zero, mask=winside)
-    for j in range(n_ckpt):
-        seg = n_ckpt - 1 - j
-        first = seg * EVERY
-        count = tl.minimum(EVERY, LOOPS - first)
-        # Recompute the segment's states from its checkpoint.
-        Z = tl.load(SAVED + (seg * B + b) * D1 * N1 + tile, mask=inside, other=0.0)
-        for i in range(count):
-            tl.store(scratch + i * D1 * N1 + tile, Z, mask=inside)
-            loop = first + i
-            wl = 0 if WEIGHT_LOOPS == 1 else loop
-            Z, _, _, _ = _looped_step(Z, P, Q, wl * HEADS * D1 * D1, HEADS, D1, inv_n, key_cols, offs_r, offs_c)
-        for i2 in range(count):
-            i = count - 1 - i2
-            loop = first + i
-            wl = 0 if WEIGHT_LOOPS == 1 else loop
-            Z = tl.load(scratch + i * D1 * N1 + tile, mask=inside, other=0.0)
-            _, keys, A, U = _looped_step(Z, P, Q, wl * HEADS * D1 * D1, HEADS, D1, inv_n, key_cols, offs_r,
-                                         offs_c)
-            dU = inv_n * tl.dot(G, tl.trans(Z), input_precision="ieee")
-            dZ = G + inv_n * tl.dot(tl.trans(U), G, input_precision="ieee")
-            dA = tl.zeros_like(A)
-            for hh in range(HEADS):
-                base = (wl * HEADS + hh) * D1 * D1
-                p = _load_tile(P + base, offs_r, offs_r, D1, D1, D1)
-                q = _load_tile(Q + base, offs_r, offs_r, D1, D1, D1)
-                dp = tl.dot(tl.dot(dU, tl.trans(q), input_precision="ieee"), A, input_precision="ieee")
-                dq = tl.dot(tl.dot(A, tl.trans(p), input_precision="ieee"), dU, input_precision="ieee")
-                part = (b * WEIGHT_LOOPS * HEADS + wl * HEADS + hh) * D1 * D1 + wtile
-                tl.store(DPP + part, tl.load(DPP + part, mask=winside, other=0.0) + dp, mask=winside)
-                tl.store(DQP + part, tl.load(DQP + part, mask=winside, other=0.0) + dq, mask=winside)
-                dA += tl.dot(tl.dot(tl.trans(p), dU, input_precision="ieee"), tl.trans(q), input_precision="ieee")
-            dkeys = tl.dot(dA + tl.trans(dA), keys, input_precision="ieee")
-            G = dZ + tl.where(offs_c[None, :] < key_cols, dkeys, 0.0)
-    tl.store(DZ + b * D1 * N1 + tile, G, mask=inside)
-
-
-def _looped_blocks(Z):
-    return _pow2(Z.shape[1]), _pow2(Z.shape[2])
-
-
-def looped_forward(Z, P, Q, loops: int, key_cols: int, every: int):
-    """(Z after the loops in fp32, saved states (ceil(loops/every), B, d+1, n+1)
-    fp32, how many prompts ended non-finite)."""
-    b, d1, n1 = Z.shape
-    wl, heads = P.shape[0], P.shape[1]
-    z = Z.contiguous()
-    p, q = (w.float().contiguous() for w in (P, Q))
-    out = torch.empty(b, d1, n1, device=Z.device, dtype=torch.float32)
-    saved = torch.empty(triton.cdiv(loops, every), b, d1, n1, device=Z.device, dtype=torch.float32)
-    nonfinite = torch.empty(b, device=Z.device, dtype=torch.int32)
-    bd, bn = _looped_blocks(Z)
-    _looped_fwd_kernel[(b,)](z, p, q, out, saved, nonfinite, b, d1, n1, key_cols, 1.0 / (n1 - 1), loops, every,
-                             heads, wl, BD=bd, BN=bn)
-    return out, saved, int((nonfinite > 0).sum())
-
-
-def looped_backward(saved, P, Q, dout, loops: int, key_cols: int, every: int):
-    """dZ (B, d+1, n+1), dP, dQ (weight_loops, heads, d+1, d+1), fp32."""
-    b, d1, n1 = dout.shape
-    wl, heads = P.shape[0], P.shape[1]
-    p, q = (w.float().contiguous() for w in (P, Q))
-    g = dout.contiguous()
-    dz = torch.empty(b, d1, n1, device=dout.device, dtype=torch.float32)
-    dpp = torch.empty(b, wl, heads, d1, d1, device=dout.device, dtype=torch.float32)
-    dqp = torch.empty_like(dpp)
-    scratch = torch.empty(b, every, d1, n1, device=dout.device, dtype=torch.float32)
-    bd, bn = _looped_blocks(dout)
-    _looped_bwd_kernel[(b,)](saved.contiguous(), p, q, g, dz, dpp, dqp, scratch, b, d1, n1, key_cols,
-                             1.0 / (n1 - 1), loops, every, heads, wl, BD=bd, BN=bn)
-    return dz, dpp.sum(0), dqp.sum(0)

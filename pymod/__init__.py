@@ -1,15 +1,17 @@
 """tessel: compiled kernels for attention, linear-attention loops and low-rank
 gradient compression, behind a thin PyTorch API."""
-from . import compress, distributed, nn
+from . import compress, distributed, icl, nn
 from ._dispatch import get_backend, set_backend, using_backend
 from .attention import attention, patch_sdpa, scaled_dot_product_attention
-from .linear_attention import linear_attention, looped_linear_attention
+from .linear_attention import linear_attention
+from .looped import looped_linear_attention
 
 __all__ = [
     "attention",
     "compress",
     "distributed",
     "get_backend",
+    "icl",
     "linear_attention",
     "looped_linear_attention",
     "nn",

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import _dispatch
-from ._dispatch import numpy_view
+from ._ops import numpy_view
 
 
 class Group:
@@ -62,13 +62,13 @@ def orthogonalize_reference(M: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 class ReferenceOps:
     """The passes in plain PyTorch, matrix by matrix: what the kernels are checked against."""
 
-    def project_p(self, group: Group, P, Q):
+    def project(self, group: Group, P, Q, onto_p: bool):
+        """P = Q M^T (onto_p) or Q = P M, for every matrix of the group (factors transposed)."""
         for i, (pt, qt) in enumerate(zip(group.p_parts(P), group.q_parts(Q))):
-            pt.copy_(qt @ group.m(i).T)
-
-    def project_q(self, group: Group, P, Q):
-        for i, (pt, qt) in enumerate(zip(group.p_parts(P), group.q_parts(Q))):
-            qt.copy_(pt @ group.m(i))
+            if onto_p:
+                pt.copy_(qt @ group.m(i).T)
+            else:
+                qt.copy_(pt @ group.m(i))
 
     def reconstruct(self, group: Group, p_out, q_out, p_err, q_err, keep):
         parts = zip(group.p_parts(p_out), group.q_parts(q_out), group.p_parts(p_err), group.q_parts(q_err))
@@ -90,13 +90,9 @@ class CppOps:
     def _arrays(group: Group):
         return [numpy_view(g) for g in group.grads], [None if e is None else numpy_view(e) for e in group.errors]
 
-    def project_p(self, group: Group, P, Q):
+    def project(self, group: Group, P, Q, onto_p: bool):
         _dispatch.cpp_module().compress_project(*self._arrays(group), numpy_view(P), numpy_view(Q), group.rank,
-                                                True, torch.get_num_threads())
-
-    def project_q(self, group: Group, P, Q):
-        _dispatch.cpp_module().compress_project(*self._arrays(group), numpy_view(P), numpy_view(Q), group.rank,
-                                                False, torch.get_num_threads())
+                                                onto_p, torch.get_num_threads())
 
     def reconstruct(self, group: Group, p_out, q_out, p_err, q_err, keep):
         # keep is read by the kernel from memory: no host synchronisation through torch.

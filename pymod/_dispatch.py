@@ -25,6 +25,8 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from .kernels._common import triton_interpreting
+
 BACKENDS = ("auto", "cpp", "triton", "reference")
 _chosen: str | None = None
 
@@ -57,10 +59,6 @@ def get_backend() -> str:
     if name not in BACKENDS:
         raise ValueError(f"TESSEL_BACKEND must be one of {BACKENDS}, got {name!r}")
     return name
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_backend(op: str, device: torch.device) -> str:
@@ -137,20 +135,3 @@ def check_scale(scale) -> None:
         return
     if not is_number(scale) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-
-
-def cpp_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the C++ kernels compute in: float32 and float64 as given,
-    half types in float32."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def numpy_view(x: torch.Tensor):
-    """Zero-copy numpy view of a CPU tensor whose last dim is contiguous."""
-    return x.detach().numpy()
-
-
-def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """The tensor itself when its last dim has stride 1 (any other strides are
-    fine for the kernels), else a contiguous copy."""
-    return x if x.stride(-1) == 1 or x.size(-1) == 1 else x.contiguous()

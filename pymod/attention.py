@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from . import _dispatch
-from ._dispatch import check_same, check_scale, check_tensor, cpp_dtype, last_dim_contiguous, numpy_view
+from ._dispatch import check_same, check_scale, check_tensor
+from ._ops import acc_dtype, kernel_op, numpy_view
+from .kernels._common import BAND_INF, last_dim_contiguous
 
-# A band side this large is unbounded (the kernels accept any value past +-(Nq + Nk)).
-BAND_INF = 1 << 50
 _LAYOUT = "(batch, heads, seq, head_dim)"
 _torch_sdpa = F.scaled_dot_product_attention
 
@@ -34,7 +34,7 @@ def attention_reference(q, k, v, *, causal=False, scale=None, window=None, retur
     Materialises the full (Nq, Nk) score matrix: the obviously correct version
     the kernels are tested and benchmarked against.
     """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     nq, nk, group = q.shape[-2], k.shape[-2], q.shape[1] // k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     k = k.to(acc).repeat_interleave(group, dim=1)
@@ -56,11 +56,7 @@ def attention_reference(q, k, v, *, causal=False, scale=None, window=None, retur
     seen = allowed.any(dim=-1)
     probs = torch.where(seen[:, None], torch.exp(scores - lse[..., None]), 0.0)
     out = (probs @ v).to(q.dtype)
-    return (out, lse.to(_lse_dtype(q.dtype))) if return_lse else out
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return (out, lse.to(acc)) if return_lse else out
 
 
 def _band(nq: int, nk: int, causal: bool, window) -> tuple[int, int]:
@@ -110,7 +106,7 @@ def check_attention_inputs(q, k, v) -> None:
 
 
 def _forward_cpp(q, k, v, scale, lo, hi):
-    work = cpp_dtype(q.dtype)
+    work = acc_dtype(q.dtype)
     q, k, v = (last_dim_contiguous(x.to(work)) for x in (q, k, v))
     b, h, nq, d = q.shape
     out = torch.empty(b, h, nq, d, dtype=work)
@@ -123,7 +119,7 @@ def _forward_cpp(q, k, v, scale, lo, hi):
 
 
 def _backward_cpp(dout, q, k, v, out, lse, dlse, scale, lo, hi):
-    work = cpp_dtype(q.dtype)
+    work = acc_dtype(q.dtype)
     q, k, v, dout = (last_dim_contiguous(x.to(work)) for x in (q, k, v, dout))
     out = out.to(work).contiguous()
     lse = lse.to(work).contiguous()
@@ -138,54 +134,31 @@ def _backward_cpp(dout, q, k, v, out, lse, dlse, scale, lo, hi):
     return dq, dk, dv
 
 
-@torch.library.custom_op("tessel::attention_fwd", mutates_args=())
+def _forward_outputs(result, q, *_):
+    out, lse = result
+    return out.to(q.dtype), lse.to(acc_dtype(q.dtype))
+
+
+@kernel_op("attention", "fwd", cpp=_forward_cpp, triton="attention_forward", finish=_forward_outputs)
 def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, band_lo: int, band_hi: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "cpp":
-        out, lse = _forward_cpp(q, k, v, scale, band_lo, band_hi)
-    else:
-        out, lse = _dispatch.triton_module("attention").attention_forward(q, k, v, scale, band_lo, band_hi)
-    return out.to(q.dtype), lse.to(_lse_dtype(q.dtype))
-
-
-@_attention_fwd.register_fake
-def _(q, k, v, scale, band_lo, band_hi, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        q.shape[:-1], dtype=_lse_dtype(q.dtype)
+        q.shape[:-1], dtype=acc_dtype(q.dtype)
     )
 
 
-@torch.library.custom_op("tessel::attention_bwd", mutates_args=())
-def _attention_bwd(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    dlse: torch.Tensor | None,
-    scale: float,
-    band_lo: int,
-    band_hi: int,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "cpp":
-        dq, dk, dv = _backward_cpp(dout, q, k, v, out, lse, dlse, scale, band_lo, band_hi)
-    else:
-        dq, dk, dv = _dispatch.triton_module("attention").attention_backward(
-            dout, q, k, v, out, lse, dlse, scale, band_lo, band_hi
-        )
+def _backward_outputs(result, dout, q, k, v, *_):
+    dq, dk, dv = result
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-@_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, dlse, scale, band_lo, band_hi, backend):
-    return (
-        torch.empty_like(q, memory_format=torch.contiguous_format),
-        torch.empty_like(k, memory_format=torch.contiguous_format),
-        torch.empty_like(v, memory_format=torch.contiguous_format),
-    )
+@kernel_op("attention", "bwd", cpp=_backward_cpp, triton="attention_backward", finish=_backward_outputs)
+def _attention_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    dlse: torch.Tensor | None, scale: float, band_lo: int, band_hi: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):

@@ -53,7 +53,8 @@ from . import _dispatch
 from ._compress_channel import (POWER_ALLOCATIONS, LocalComm, NoiselessChannel, NoisyChannel,  # noqa: F401
                                 ProcessGroupComm, name_seed)
 from ._compress_passes import Group, ops, orthogonalize_reference, work_dtype
-from ._dispatch import FLOAT_DTYPES, cpp_dtype, is_number, numpy_view
+from ._dispatch import FLOAT_DTYPES, is_number
+from ._ops import acc_dtype, kernel_op, numpy_view
 
 NONFINITE_ACTIONS = ("raise", "skip")
 
@@ -78,26 +79,19 @@ def _check_orthogonalize(M, eps):
     _check_eps("eps", eps)
 
 
-@torch.library.custom_op("tessel::orthogonalize_", mutates_args=("M",))
-def _orthogonalize_op(M: torch.Tensor, eps: float, backend: str) -> None:
+def _orthogonalize_cpp(M, eps):
     m, r = M.shape[-2:]
     count = M.numel() // (m * r)
-    offsets = np.arange(count, dtype=np.int64) * (m * r)
-    if backend == "cpp":
-        # In place on (m, r) row-major matrices: columns are vectors with element stride r.
-        work = M if M.dtype == cpp_dtype(M.dtype) and M.is_contiguous() else M.to(cpp_dtype(M.dtype)).contiguous()
-        _dispatch.cpp_module().orthonormalize(numpy_view(work.view(-1)), offsets, np.full(count, m, dtype=np.int64),
-                                              r, 1, r, eps, torch.get_num_threads())
-        if work is not M:
-            M.copy_(work)
-        return
-    vectors = M.reshape(-1, m, r).mT.to(work_dtype(M.dtype, backend)).contiguous()  # (b, r, m): rows
-    ops(backend).orthonormalize(vectors.view(-1), offsets.tolist(), [m] * count, r, eps)
-    M.copy_(vectors.mT.reshape(M.shape))
+    # In place on (m, r) row-major matrices: columns are vectors with element stride r.
+    work = M if M.dtype == acc_dtype(M.dtype) and M.is_contiguous() else M.to(acc_dtype(M.dtype)).contiguous()
+    _dispatch.cpp_module().orthonormalize(numpy_view(work.view(-1)), np.arange(count, dtype=np.int64) * (m * r),
+                                          np.full(count, m, dtype=np.int64), r, 1, r, eps, torch.get_num_threads())
+    if work is not M:
+        M.copy_(work)
 
 
-@_orthogonalize_op.register_fake
-def _(M, eps, backend):
+@kernel_op("compress", "orthogonalize_", cpp=_orthogonalize_cpp, triton="orthogonalize_", mutates_args=("M",))
+def _orthogonalize_op(M: torch.Tensor, eps: float, backend: str) -> None:
     return None
 
 
@@ -438,10 +432,10 @@ class PowerSGD(Compressor):
             # 3. Q = M^T P; 4. average Q; 5. gradient = P Q^T, error = M - P Q^T; Q kept warm.
             for (nm, _, st), q in zip(members, Q_parts):
                 q.copy_(st.q if self.warm_start else self._fresh_q(nm, st).view_as(q))
-            passes.project_p(group, P, Q)
+            passes.project(group, P, Q, onto_p=True)
             self._send(plain_signals + P_parts, comm, ok, plain_names + [f"{n}:P" for n in names], len(P_parts))
             self._orthonormalize(passes, P, group, "p")
-            passes.project_q(group, P, Q)
+            passes.project(group, P, Q, onto_p=False)
             self._send(Q_parts, comm, ok, [f"{n}:Q" for n in names], len(Q_parts))
             passes.reconstruct(group, P, Q, P, Q, ok)
             self._record(names, P_parts, Q_parts)
@@ -453,7 +447,7 @@ class PowerSGD(Compressor):
             sent, fixed_parts, sent_parts = (P, Q_parts, P_parts) if phase == 0 else (Q, P_parts, Q_parts)
             for (_, _, st), part in zip(members, fixed_parts):
                 part.copy_(st.q if phase == 0 else st.p)
-            (passes.project_p if phase == 0 else passes.project_q)(group, P, Q)
+            passes.project(group, P, Q, onto_p=phase == 0)
             local = sent.clone()
             sent_names = [f"{n}:{'PQ'[phase]}" for n in names]
             self._send(plain_signals + sent_parts, comm, ok, plain_names + sent_names, len(sent_parts))

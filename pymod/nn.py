@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from .attention import scaled_dot_product_attention
-from .linear_attention import feature_map_fn, icl_prompt, linear_attention, looped_linear_attention
+from .icl import icl_prompt
+from .linear_attention import feature_map_fn, linear_attention
+from .looped import looped_linear_attention
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):

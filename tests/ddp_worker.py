@@ -252,9 +252,12 @@ def run(rank, world, port, scenario, args, out_dir, timeout_s):
     except Exception as err:  # reported to the parent, which asserts on it
         result = {"error": f"{type(err).__name__}: {err}"}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    if scenario == "dies":
-        os._exit(0)  # the group lost a member: tearing it down could wait on the dead peer
-    dist.destroy_process_group()
+    if scenario != "dies":  # the group lost a member there: tearing it down could wait on the dead peer
+        dist.destroy_process_group()
+    # Leave without interpreter finalisation: a gloo thread may still be releasing a finished work whose
+    # captured thread-local state holds a Python object (host_reads' dispatch mode); taking the GIL during
+    # finalisation aborts the process (torch's at-exit race, not ours). The result is saved already.
+    os._exit(0)
 
 
 def wait_each_bucket(rank, world, steps=4):

@@ -90,9 +90,9 @@ def _group(r, dtype, with_error=(True, False, True)):
 
 def _run_passes(ops, r, dtype):
     group, P, Q = _group(r, dtype)
-    ops.project_p(group, P, Q)
+    ops.project(group, P, Q, onto_p=True)
     p1 = P.clone()
-    ops.project_q(group, P, Q)
+    ops.project(group, P, Q, onto_p=False)
     q1 = Q.clone()
     ops.reconstruct(group, P, Q, P * 0.5, Q, torch.ones(1, dtype=torch.bool))
     grads = [g.clone() for g in group.grads]

@@ -2,25 +2,19 @@
 model with each hook (tests/ddp_worker.py); every run has a timeout, so a
 hang fails instead of stalling the suite."""
 import multiprocessing
-import socket
 
 import pytest
 import torch
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 import ddp_worker
 
 TIMEOUT_S = 240
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(world, target, args, tmp_path, exit_codes=None):
     ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = get_free_port()
     procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
     for p in procs:
         p.start()

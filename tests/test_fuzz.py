@@ -16,7 +16,8 @@ from hypothesis import strategies as st  # noqa: E402
 import tessel
 from tessel import compress
 from tessel._compress_passes import orthogonalize_reference
-from tessel.linear_attention import linear_attention_reference, looped_linear_attention_reference
+from tessel.linear_attention import linear_attention_reference
+from tessel.looped import looped_linear_attention_reference
 
 SWEEP = settings(max_examples=500, deadline=None, derandomize=True, database=None)
 DTYPES = st.sampled_from([torch.float32, torch.float64])

@@ -5,13 +5,8 @@ import torch
 from conftest import error_vs
 
 import tessel
-from tessel.linear_attention import (
-    icl_prompt,
-    least_squares_predict,
-    looped_linear_attention_reference,
-    preconditioned_gd_predict,
-)
-from tessel.linear_attention import _looped_fwd
+from tessel.icl import icl_prompt, least_squares_predict, preconditioned_gd_predict
+from tessel.looped import _looped_fwd, looped_linear_attention_reference
 
 
 def make(batch, d, n, loops, heads, shared, dtype=torch.float64, seed=0, scale=0.15):

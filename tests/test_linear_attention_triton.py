@@ -6,7 +6,8 @@ import torch
 from conftest import error_vs
 
 import tessel
-from tessel.linear_attention import linear_attention_reference, looped_linear_attention_reference
+from tessel.linear_attention import linear_attention_reference
+from tessel.looped import looped_linear_attention_reference
 
 pytest.importorskip("triton")
 

@@ -64,12 +64,12 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
             fwd_peers = {name_: forward_call(f, x) for name_, f in peers.items()}
             if device == "cpu" and n <= RECURRENT_MAX_LEN["fwd"]:
                 fwd_peers["recurrent"] = forward_call(rec, x)
-            out.append(Case("linear", name, "fwd", dtype, device, flops, forward_call(ours, x),
+            out.append(Case("linear_attention", name, "fwd", dtype, device, flops, forward_call(ours, x),
                             forward_call(ref, x), fwd_peers, err))
             bwd_peers = {name_: forward_backward_call(f, leaves, grad) for name_, f in peers.items()}
             if device == "cpu" and n <= RECURRENT_MAX_LEN["fwd+bwd"]:
                 bwd_peers["recurrent"] = forward_backward_call(rec, leaves, grad)
-            out.append(Case("linear", name, "fwd+bwd", dtype, device, 3 * flops,
+            out.append(Case("linear_attention", name, "fwd+bwd", dtype, device, 3 * flops,
                             forward_backward_call(ours, leaves, grad), forward_backward_call(ref, leaves, grad),
                             bwd_peers))
     return out

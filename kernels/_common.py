@@ -1,0 +1,41 @@
+"""What every Triton kernel module shares, host side: a leaf module (it imports
+no part of tessel, and not triton either, so tessel's API may import it
+without paying for Triton). Device-side helpers live in kernels/_tiles.py."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Dtypes the Triton kernels load and store (they accumulate in fp32).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# A band side this large is unbounded (the kernels accept any value past +-(Nq + Nk)).
+BAND_INF = 1 << 50
+
+
+def triton_interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (Triton kernels run on CPU tensors, for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pow2_block(n: int, least: int = 16) -> int:
+    """The power of two >= n and >= least (tl.dot needs blocks of 16 or more)."""
+    return max(least, 1 << max(0, n - 1).bit_length())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: tf32 for fp32 where torch allows it (not in the interpreter), else ieee."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not triton_interpreting():
+        return "tf32"
+    return "ieee"
+
+
+def strides3(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a (B, H, N, D) tensor whose last dim is contiguous."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The tensor itself when its last dim has stride 1 (any other strides are
+    fine for the kernels), else a contiguous copy."""
+    return x if x.stride(-1) == 1 or x.size(-1) == 1 else x.contiguous()

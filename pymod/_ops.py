@@ -1,0 +1,43 @@
+"""How an op reaches its kernel: the custom-op registration every family uses,
+the one dtype policy, and the bridge to the C++ extension's numpy buffers."""
+from __future__ import annotations
+
+import torch
+from torch.library import infer_schema
+
+from . import _dispatch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What kernels accumulate in, what the C++ kernels compute in and what
+    row statistics and states (lse, linear-attention states) are returned in:
+    float64 for float64, float32 for every other float dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def numpy_view(x: torch.Tensor):
+    """Zero-copy numpy view of a CPU tensor (what tessel._C's bindings take)."""
+    return x.detach().numpy()
+
+
+def kernel_op(family: str, direction: str, *, cpp, triton: str, finish=None, mutates_args=()):
+    """Register the decorated function as the fake of custom op
+    tessel::<family>_<direction>; its schema comes from that function's type
+    annotations, whose last argument is the backend name. The op's body calls
+    `cpp` (backend "cpp") or tessel.kernels.<family>.<triton> (backend
+    "triton") with the other arguments, then `finish(result, *arguments)`
+    where given (casts to the dtypes the fake promises, checks)."""
+
+    def register(fake):
+        def body(*args):
+            *args, backend = args
+            kernel = cpp if backend == "cpp" else getattr(_dispatch.triton_module(family), triton)
+            result = kernel(*args)
+            return result if finish is None else finish(result, *args)
+
+        op = torch.library.custom_op(f"tessel::{family}_{direction}", body, mutates_args=mutates_args,
+                                     schema=infer_schema(fake, mutates_args=mutates_args))
+        op.register_fake(fake)
+        return op
+
+    return register
