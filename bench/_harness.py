@@ -43,6 +43,8 @@ class Case:
     bytes: float | None = None
     # Extra columns for the row (e.g. bytes sent by a communication hook).
     info: dict = field(default_factory=dict)
+    # Peers that mark a bound of the comparison rather than an alternative (never the "best peer").
+    bounds: tuple[str, ...] = ()
 
 
 def forward_call(fn, inputs) -> Callable[[], object]:
@@ -178,13 +180,14 @@ def device_name(device: str) -> str:
 REFERENCE_FORMS = ("reference", "recurrent")
 
 
-def timing_columns(times: dict[str, float]) -> dict:
+def timing_columns(times: dict[str, float], bounds: tuple[str, ...] = ()) -> dict:
     """<provider>_ms for each provider, x_<provider>: its time over tessel's,
-    and the best peer (the fastest provider a user would run instead; the
-    reference when there is no other) with x_best, tessel's speedup over it."""
+    and the best peer (the fastest provider a user would run instead, never
+    one of `bounds`; the reference when there is no other) with x_best,
+    tessel's speedup over it."""
     cols = {f"{name}_ms": t * 1e3 for name, t in times.items()}
     cols.update({f"x_{name}": t / times["tessel"] for name, t in times.items() if name != "tessel"})
-    others = [n for n in times if n != "tessel" and n not in REFERENCE_FORMS] or \
+    others = [n for n in times if n != "tessel" and n not in REFERENCE_FORMS + bounds] or \
         [n for n in times if n == "reference"]
     if others:
         best = min(others, key=times.get)
@@ -204,7 +207,7 @@ def run_cases(cases: list[Case], quick: bool) -> list[dict]:
             providers["reference"] = case.reference
         providers.update(case.peers)
         times = time_side_by_side(providers, case.device, quick)
-        row.update(timing_columns(times))
+        row.update(timing_columns(times, case.bounds))
         row["gflops"] = case.flops / times["tessel"] / 1e9 if case.flops else None
         if case.bytes:
             row["gbps"] = case.bytes / times["tessel"] / 1e9
@@ -273,36 +276,43 @@ def write_json(path: str, env: dict, rows: list[dict], extra: dict) -> str:
 
 
 def write_plot(path: str, rows: list[dict], env: dict) -> None:
-    """One panel per suite: tessel's speedup over the best peer per case (bars,
-    log axis, 1x marked) and over the reference (diamonds)."""
+    """One panel per suite: tessel's speedup over the best peer per case (bars
+    from 1x on a log axis: right = tessel faster) and over the reference
+    (diamonds)."""
     plt = pyplot()
     if plt is None:
         print(f"matplotlib is not installed: no plot at {path}")
         return
+    from matplotlib.ticker import FuncFormatter
+
     suites = list(dict.fromkeys(r["suite"] for r in rows))
-    heights = [max(2.0, 0.32 * sum(r["suite"] == s for r in rows) + 1.2) for s in suites]
+    heights = [0.3 * sum(r["suite"] == s for r in rows) + 1.3 for s in suites]
     fig, axes = plt.subplots(len(suites), 1, figsize=(10, sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
     for ax, suite in zip(axes[:, 0], suites):
         sub = [r for r in rows if r["suite"] == suite][::-1]  # first case on top
-        ys = range(len(sub))
-        best = [r.get("x_best") or float("nan") for r in sub]
-        colors = ["tab:green" if b >= 1 else "tab:red" for b in best]
-        ax.barh(ys, best, color=colors, alpha=0.8, label="vs best peer")
-        ref = [(y, r["x_reference"]) for y, r in zip(ys, sub) if r.get("x_reference")]
-        if ref:
-            ax.scatter([x for _, x in ref], [y for y, _ in ref], marker="D", color="black", s=18, zorder=3,
-                       label="vs reference")
+        ys = list(range(len(sub)))
+        best = [r.get("x_best") or 1.0 for r in sub]
+        ax.barh(ys, [b - 1 for b in best], left=1, color=["tab:green" if b >= 1 else "tab:red" for b in best],
+                alpha=0.8, label="vs best peer")
         for y, r, b in zip(ys, sub, best):
             if r.get("best_peer"):
-                ax.annotate(f"{b:.2f}x {r['best_peer']}", (b, y), xytext=(4, 0), textcoords="offset points",
-                            va="center", fontsize=7)
+                ax.annotate(f"{b:.2f}x {r['best_peer']}", (b, y), xytext=(4 if b >= 1 else -4, 0),
+                            textcoords="offset points", va="center", ha="left" if b >= 1 else "right", fontsize=7)
+        ref = [(y, r["x_reference"]) for y, r in zip(ys, sub) if r.get("x_reference")]
+        if ref:
+            ax.scatter([x for _, x in ref], [y for y, _ in ref], marker="D", color="black", s=16, zorder=3,
+                       label="vs reference")
+        values = best + [x for _, x in ref] + [1.0]
         ax.set_xscale("log")
+        ax.set_xlim(min(values) / 1.6, max(values) * 1.8)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_yticks(list(ys), [f"{r['case']} {r['mode']}" for r in sub], fontsize=8)
-        ax.set_xlabel("speedup of tessel (x, log scale; right of 1 = tessel faster)")
-        ax.set_title(f"tessel {suite} on {env['device']} ({env['date'][:10]})", fontsize=10)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.set_yticks(ys, [f"{r['case']} {r['mode']}" for r in sub], fontsize=8)
+        ax.set_title(f"tessel {suite} on {env['device']} ({env['date'][:10]}): speedup, right of 1x = tessel faster",
+                     fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -41,6 +41,15 @@ def _chunk_configs():
 _KEY = ["BD", "BV", "CAUSAL"]
 
 
+@triton.jit
+def _intra_chunk(x, a, b, offs_t, DOT_PRECISION: tl.constexpr):
+    """tril(x a^T) b, [BT, cols of b]: the part of a causal chunk's result that comes from the chunk
+    itself (forward: x = q, a = k, b = v; dq: x = dO, a = v, b = k)."""
+    s = tl.dot(x, tl.trans(a), input_precision=DOT_PRECISION)  # [BT, BT]
+    s = tl.where(offs_t[:, None] >= offs_t[None, :], s, 0.0)
+    return tl.dot(s.to(x.dtype), b, input_precision=DOT_PRECISION)
+
+
 @triton.autotune(configs=_chunk_configs(), key=_KEY)
 @triton.jit
 def _fwd_kernel(Q, K, V, S0, O, SF, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
@@ -76,9 +85,7 @@ def _fwd_kernel(Q, K, V, S0, O, SF, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
         if CAUSAL:
             k = _load_tile(k_base, rows, offs_d, skn, NK, D)
             v = _load_tile(v_base, rows, offs_v, svn, NK, DV)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            s = tl.where(offs_t[:, None] >= offs_t[None, :], s, 0.0)
-            o += tl.dot(s.to(dt), v, input_precision=DOT_PRECISION)
+            o += _intra_chunk(q, k, v, offs_t, DOT_PRECISION)
             S += tl.dot(tl.trans(k), v, input_precision=DOT_PRECISION)
         tl.store(O + (bh * NQ + rows[:, None]) * DV + offs_v[None, :], o.to(O.dtype.element_ty),
                  mask=(rows[:, None] < NQ) & (offs_v[None, :] < DV))
@@ -117,9 +124,7 @@ def _bwd_dq_kernel(K, V, DO, ST0, DQ, skb, skh, skn, svb, svh, svn, sdb, sdh, sd
         if CAUSAL:
             k = _load_tile(k_base, rows, offs_k, skn, NK, D)
             v = _load_tile(v_base, rows, offs_v, svn, NK, DV)
-            p = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            p = tl.where(offs_t[:, None] >= offs_t[None, :], p, 0.0)
-            dq += tl.dot(p.to(dt), k, input_precision=DOT_PRECISION)
+            dq += _intra_chunk(do, v, k, offs_t, DOT_PRECISION)
             ST += tl.dot(tl.trans(v), k, input_precision=DOT_PRECISION)
         tl.store(DQ + (bh * NQ + rows[:, None]) * D + offs_k[None, :], dq * scale,
                  mask=(rows[:, None] < NQ) & (offs_k[None, :] < D))
