@@ -1,4 +1,4 @@
-"""python -m bench attention|linear_attention|looped|compress|science|all [--device cpu|cuda|auto] [--quick] [--json PATH] [--plot PATH] [--wide] [--link 1gbit]
+"""python -m bench attention|linear_attention|looped|compress|science|gpu-static|all [--device cpu|cuda|auto] [--quick] [--json PATH] [--plot PATH] [--wide] [--link 1gbit] [--target sm_90]
 
 Runs each suite's cases side by side (tessel, reference, peers), prints a
 table, and writes JSON (device, versions, date, rows) and a plot. In --json,
@@ -17,8 +17,9 @@ from . import _harness
 SUITES = ("attention", "linear_attention", "looped", "compress")
 # Earlier names still accepted (DESIGN.md and committed results use them).
 ALIASES = {"linear": "linear_attention"}
-# Not in "all": the studies train models (minutes), they are not kernel benchmarks.
-EXTRA_SUITES = ("science",)
+# Not in "all": the studies train models (minutes), they are not kernel benchmarks; gpu-static
+# compiles the Triton kernels for GPU targets (minutes without its cache).
+EXTRA_SUITES = ("science", "gpu-static")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -34,11 +35,22 @@ def main(argv=None) -> None:
     parser.add_argument("--wide", action="store_true", help="print every column (the JSON has them all)")
     parser.add_argument("--link", choices=("100mbit", "1gbit", "10gbit"),
                         help="compress: train 2 workers over a link of this bandwidth (network namespaces, root)")
+    parser.add_argument("--target", choices=("sm_80", "sm_90"), action="append",
+                        help="gpu-static: the GPU target(s) to compile for (default: both)")
     args = parser.parse_args(argv)
     args.suite = ALIASES.get(args.suite, args.suite)
     if args.link and args.suite != "compress":
         parser.error("--link goes with the compress suite")
 
+    if args.suite == "gpu-static":
+        from . import gpu_static
+
+        rows = gpu_static.rows(tuple(args.target or ("sm_80", "sm_90")))
+        print(gpu_static.format_table(rows))
+        if args.json:
+            env = _harness.environment("cpu")
+            print(f"wrote {_harness.write_json(args.json, env, rows, {'targets': args.target or ['sm_80', 'sm_90']})}")
+        return
     if args.suite == "compress" and torch.distributed.is_torchelastic_launched() and not args.link:
         # Launched by torchrun: every process is one worker of the hook rows; rank 0 prints them.
         from . import compress

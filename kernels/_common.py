@@ -39,3 +39,15 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     """The tensor itself when its last dim has stride 1 (any other strides are
     fine for the kernels), else a contiguous copy."""
     return x if x.stride(-1) == 1 or x.size(-1) == 1 else x.contiguous()
+
+
+def measured_at(table: dict, kernel: str, dim: int) -> dict:
+    """table[kernel, d] (what python -m bench gpu-static measured) for the smallest measured d >= dim,
+    the largest measured d when dim is beyond them all."""
+    dims = sorted(d for k, d in table if k == kernel)
+    return table[kernel, next((d for d in dims if d >= dim), dims[-1])]
+
+
+def least_bad(configs, cost: dict):
+    """The configs a pruner keeps when every one of them is known bad: the cheapest."""
+    return [min(configs, key=cost.get)]

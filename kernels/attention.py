@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BAND_INF, DTYPES, dot_precision, last_dim_contiguous, pow2_block, strides3, triton_interpreting
+from ._common import (BAND_INF, DTYPES, dot_precision, last_dim_contiguous, least_bad, measured_at, pow2_block,
+                      strides3, triton_interpreting)
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 MAX_HEAD_DIM = 256
@@ -44,11 +45,58 @@ def _configs(block_pairs, warps_stages):
     ]
 
 
-def _prune_for_head_dim(configs, named_args, **kwargs):
-    """Large head dims need smaller tiles to fit shared memory and registers."""
-    big = named_args["BLOCK_D"] if "BLOCK_D" in named_args else kwargs.get("BLOCK_D", 64)
-    kept = [c for c in configs if big < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return kept or configs[:1]
+# Configs that spill registers or overflow shared memory on sm_80 or sm_90 with half-precision inputs
+# (tensor-core dots), by kernel and BLOCK_D, from python -m bench gpu-static: (BLOCK_M, BLOCK_N, warps,
+# stages) -> spilled bytes (0: shared memory). An unmeasured BLOCK_D uses the next measured one up.
+_SPILLING = {
+    ("fwd", 16): {(128, 128, 4, 2): 16, (128, 128, 4, 3): 16},
+    ("fwd", 64): {(128, 128, 4, 2): 3504, (128, 128, 4, 3): 2336},
+    ("fwd", 128): {(128, 64, 4, 2): 1196, (128, 64, 4, 3): 1356, (128, 128, 4, 2): 126944,
+                   (128, 128, 4, 3): 121920, (128, 128, 8, 3): 100},
+    ("fwd", 256): {(64, 32, 4, 2): 48, (64, 32, 4, 3): 40, (64, 64, 4, 2): 280, (64, 64, 4, 3): 232,
+                   (64, 64, 8, 3): 0},
+    ("dkdv", 16): {},
+    ("dkdv", 64): {(64, 64, 4, 2): 16},
+    ("dkdv", 128): {(32, 64, 8, 2): 8, (64, 32, 4, 2): 16, (64, 64, 4, 2): 148},
+    ("dkdv", 256): {(32, 32, 4, 2): 96, (32, 64, 4, 2): 20984, (32, 64, 8, 2): 48, (64, 32, 4, 2): 208,
+                    (64, 32, 8, 2): 224, (64, 64, 4, 2): 4124, (64, 64, 8, 2): 168},
+    ("dq", 16): {},
+    ("dq", 64): {},
+    ("dq", 128): {(64, 64, 4, 2): 28},
+    ("dq", 256): {(64, 64, 4, 2): 164},
+}
+# fp32 inputs take FMA dots (no tensor cores for IEEE fp32), whose tiles live in registers: a budget
+# of fp32 values per thread for the score tile and the q / k / v tiles instead.
+_FMA_FLOATS_PER_THREAD = 64
+
+
+def _config_key(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+def _fma_floats(c, block_d: int) -> float:
+    m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+    return (m * n + (m + n) * block_d) / (32 * c.num_warps)
+
+
+def _pruner(kernel: str):
+    """early_config_prune for `kernel`: drops the configs that spill or do not fit (see _SPILLING);
+    where every config does, keeps the one that spills least."""
+
+    def prune(configs, named_args, **kwargs):
+        block_d = kwargs["BLOCK_D"]
+        if block_d >= 256:  # large head dims: at most 64 x 64 score tiles (the rest was never measured)
+            configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or configs[:1]
+        if named_args["Q"].dtype == torch.float32:
+            cost = {c: _fma_floats(c, block_d) for c in configs}
+            kept = [c for c in configs if cost[c] <= _FMA_FLOATS_PER_THREAD]
+        else:
+            bad = measured_at(_SPILLING, kernel, block_d)
+            cost = {c: bad.get(_config_key(c), -1) for c in configs}
+            kept = [c for c in configs if _config_key(c) not in bad]
+        return kept or least_bad(configs, cost)
+
+    return prune
 
 
 _FWD_CONFIGS = _configs([(128, 64), (128, 128), (64, 64), (64, 32)], [(4, 3), (8, 3), (4, 2)])
@@ -89,7 +137,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, skn, svn, offs_m, offs_n, offs_
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_D", "seq_bucket", "band_kind", "split_len"],
-                 prune_configs_by={"early_config_prune": _prune_for_head_dim})
+                 prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
@@ -209,7 +257,7 @@ def _recompute_p_ds(q, k, v, do, lse2, delta, rows, cols, NQ, NK, qk_scale, band
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_D", "seq_bucket", "band_kind"],
-                 prune_configs_by={"early_config_prune": _prune_for_head_dim})
+                 prune_configs_by={"early_config_prune": _pruner("dkdv")})
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
@@ -258,7 +306,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_D", "seq_bucket", "band_kind"],
-                 prune_configs_by={"early_config_prune": _prune_for_head_dim})
+                 prune_configs_by={"early_config_prune": _pruner("dq")})
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,

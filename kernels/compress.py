@@ -139,6 +139,12 @@ def _blocks():
     return (16, 16) if triton_interpreting() else (64, 128)
 
 
+# The fp32 passes use FMA dots (no tensor cores for IEEE fp32): with 4 warps or a pipelined
+# loop (num_stages > 1) their tiles spill registers on sm_80 and sm_90 (python -m bench gpu-static);
+# 8 warps and one stage do not.
+_PASS_OPTIONS = {"num_warps": 8, "num_stages": 1}
+
+
 def _rank_block(rank: int) -> int:
     return pow2_block(rank)
 
@@ -165,7 +171,7 @@ class CompressOps:
                 (pt, qt, m, n, 1, m, bm, bn)
             _project_kernel[(triton.cdiv(n_out, bo),)](g, g if e is None else e, src, dst, n_out, n_red, s_out,
                                                        s_red, group.rank, HAS_E=e is not None, BO=bo, BRED=bred,
-                                                       BR=_rank_block(group.rank))
+                                                       BR=_rank_block(group.rank), **_PASS_OPTIONS)
 
     def reconstruct(self, group, p_out, q_out, p_err, q_err, keep):
         bn, bm = _blocks()
@@ -176,7 +182,7 @@ class CompressOps:
             n, m = g.shape
             _reconstruct_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
                 g, g if e is None else e, po, qo, pe, qe, keep, n, m, group.rank, HAS_E=e is not None, SAME=same,
-                BN=bn, BM=bm, BR=_rank_block(group.rank))
+                BN=bn, BM=bm, BR=_rank_block(group.rank), **_PASS_OPTIONS)
 
     def orthonormalize(self, buf, offsets, lengths, rank, eps):
         if buf.dtype != torch.float32:

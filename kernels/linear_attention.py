@@ -23,22 +23,59 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, dot_precision, last_dim_contiguous, pow2_block, strides3, triton_interpreting
+from ._common import (DTYPES, dot_precision, last_dim_contiguous, least_bad, measured_at, pow2_block, strides3,
+                      triton_interpreting)
 from ._tiles import load_tile as _load_tile
 
 MAX_DIM = 256
 # Elements of a state tile one program keeps in registers.
 STATE_TILE = 4096
+# dK/dV keeps more tiles live beside its state block (q, k, v, dO of a chunk, two chunk products):
+# with 4096-element blocks it spills on sm_80 at dims >= 64 in every config; 1024 (16 columns at
+# dims 64 and 128) does not (python -m bench gpu-static).
+DKDV_STATE_TILE = 1024
 
 
 def _chunk_configs():
     if triton_interpreting():
         return [triton.Config({"BT": 16}, num_warps=1, num_stages=1)]
+    # No 2-warp configs: Hopper's wgmma needs a warpgroup (4 warps), and at dims of 128 they spill
+    # registers on sm_80 and sm_90 (python -m bench gpu-static).
     return [triton.Config({"BT": bt}, num_warps=w, num_stages=s)
-            for bt in (32, 64) for w in (2, 4, 8) for s in (1, 2, 3)]
+            for bt in (32, 64) for w in (4, 8) for s in (1, 2, 3)]
 
 
 _KEY = ["BD", "BV", "CAUSAL"]
+# Chunk configs that spill registers or overflow shared memory on sm_80 or sm_90 with half-precision
+# inputs, by kernel and dim (BD; BVF for dq), from python -m bench gpu-static: (BT, warps, stages) ->
+# spilled bytes. fp32 inputs take FMA dots (IEEE fp32 has no tensor cores) whose tiles spill at
+# dims >= 64 in every config: they keep the least spilling measured one, (32 tokens, 8 warps, 1 stage).
+_SPILLING = {
+    ("fwd", 16): {(64, 8, 3): 24},
+    ("fwd", 64): {},
+    ("fwd", 128): {(32, 8, 3): 12, (64, 4, 1): 24},
+    ("dq", 16): {},
+    ("dq", 64): {},
+    ("dq", 128): {},
+    ("dkdv", 16): {},
+    ("dkdv", 64): {(64, 8, 2): 108, (64, 4, 2): 104},
+    ("dkdv", 128): {(32, 4, 2): 36, (64, 8, 2): 72, (64, 4, 2): 164},
+}
+_FMA_CONFIG = (32, 8, 1)
+
+
+def _pruner(kernel: str, dim_key: str):
+    """early_config_prune for `kernel`: drops the configs that spill or do not fit (see _SPILLING)."""
+
+    def prune(configs, named_args, **kwargs):
+        key = {c: (c.kwargs["BT"], c.num_warps, c.num_stages) for c in configs}
+        if kwargs["DOT_PRECISION"] == "ieee" and named_args["K"].dtype == torch.float32:
+            return [c for c in configs if key[c] == _FMA_CONFIG] or configs[:1]
+        bad = measured_at(_SPILLING, kernel, kwargs[dim_key])
+        kept = [c for c in configs if key[c] not in bad]
+        return kept or least_bad(configs, {c: bad.get(key[c], -1) for c in configs})
+
+    return prune
 
 
 @triton.jit
@@ -50,7 +87,8 @@ def _intra_chunk(x, a, b, offs_t, DOT_PRECISION: tl.constexpr):
     return tl.dot(s.to(x.dtype), b, input_precision=DOT_PRECISION)
 
 
-@triton.autotune(configs=_chunk_configs(), key=_KEY)
+@triton.autotune(configs=_chunk_configs(), key=_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("fwd", "BD")})
 @triton.jit
 def _fwd_kernel(Q, K, V, S0, O, SF, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                 H, G, NQ, NK, D, DV, scale,
@@ -94,7 +132,8 @@ def _fwd_kernel(Q, K, V, S0, O, SF, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                  mask=(offs_d[:, None] < D) & (offs_v[None, :] < DV))
 
 
-@triton.autotune(configs=_chunk_configs(), key=["BK", "BVF", "CAUSAL"])
+@triton.autotune(configs=_chunk_configs(), key=["BK", "BVF", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": _pruner("dq", "BVF")})
 @triton.jit
 def _bwd_dq_kernel(K, V, DO, ST0, DQ, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                    H, G, NQ, NK, D, DV, scale,
@@ -147,7 +186,8 @@ def _dkdv_chunk(dS, q_base, do_base, sqn, sdn, k, v, rows, offs_t, offs_d, offs_
     return dS, dv, dk
 
 
-@triton.autotune(configs=_chunk_configs(), key=_KEY)
+@triton.autotune(configs=_chunk_configs(), key=_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("dkdv", "BD")})
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DSF, DS0, DKP, DV_, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                      sdb, sdh, sdn, H, G, NQ, NK, D, DV, scale,
@@ -207,9 +247,9 @@ def _check(dtype, d, dv):
         raise ValueError(f"the Triton linear attention kernel supports dims <= {MAX_DIM}, got {d} and {dv}")
 
 
-def _state_block(full_rows: int, cols: int) -> int:
-    """Columns of a (full_rows x block) fp32 state tile that fits STATE_TILE."""
-    return min(pow2_block(cols), max(16, STATE_TILE // full_rows))
+def _state_block(full_rows: int, cols: int, tile: int = STATE_TILE) -> int:
+    """Columns of a (full_rows x block) fp32 state tile that fits `tile` elements (at least 16)."""
+    return min(pow2_block(cols), max(16, tile // full_rows))
 
 
 def linear_forward(q, k, v, state0, scale: float, causal: bool):
@@ -224,8 +264,8 @@ def linear_forward(q, k, v, state0, scale: float, causal: bool):
     bd = pow2_block(d)
     bv = _state_block(bd, dv)
     grid = (triton.cdiv(dv, bv), b * h)
-    _fwd_kernel[grid](q, k, v, s0, out, state, *strides3(q), *strides3(k), *strides3(v), h, h // hk, nq, nk, d, dv, scale,
-                      HAS_S0=state0 is not None, CAUSAL=causal, BD=bd, BV=bv,
+    _fwd_kernel[grid](q, k, v, s0, out, state, *strides3(q), *strides3(k), *strides3(v), h, h // hk, nq, nk, d, dv,
+                      scale, HAS_S0=state0 is not None, CAUSAL=causal, BD=bd, BV=bv,
                       DOT_PRECISION=dot_precision(q.dtype))
     return out, state
 
@@ -249,14 +289,14 @@ def linear_backward(q, k, v, state0, state, dout, dstate, scale: float, causal: 
         k, v, dout, st, dq, *strides3(k), *strides3(v), *strides3(dout), h, h // hk, nq, nk, d, dv, scale,
         HAS_S0=has_st, CAUSAL=causal, BK=bk, BVF=bvf, DOT_PRECISION=precision)
 
-    bv = _state_block(bd, dv)
+    bv = _state_block(bd, dv, DKDV_STATE_TILE)
     n_vb = triton.cdiv(dv, bv)
     dk_parts = torch.empty(n_vb, b, hk, nk, d, device=q.device, dtype=torch.float32)
     dv_ = torch.empty(b, hk, nk, dv, device=q.device, dtype=torch.float32)
     ds0 = torch.empty(b, hk, d, dv, device=q.device, dtype=torch.float32)
     dsf = ds0 if dstate is None else dstate.float().contiguous()
     _bwd_dkdv_kernel[(n_vb, b * hk)](
-        q, k, v, dout, dsf, ds0, dk_parts, dv_, *strides3(q), *strides3(k), *strides3(v), *strides3(dout), h, h // hk, nq, nk, d, dv,
-        scale, HAS_DS=dstate is not None, CAUSAL=causal, BD=bd, BV=bv, DOT_PRECISION=precision)
+        q, k, v, dout, dsf, ds0, dk_parts, dv_, *strides3(q), *strides3(k), *strides3(v), *strides3(dout), h, h // hk,
+        nq, nk, d, dv, scale, HAS_DS=dstate is not None, CAUSAL=causal, BD=bd, BV=bv, DOT_PRECISION=precision)
     dk = dk_parts[0] if n_vb == 1 else dk_parts.sum(0)
     return dq, dk, dv_, ds0

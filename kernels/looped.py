@@ -109,6 +109,13 @@ def _looped_blocks(Z):
     return pow2_block(Z.shape[1]), pow2_block(Z.shape[2])
 
 
+# One program keeps a prompt's tiles in registers through every loop (FMA dots, IEEE fp32): the
+# options the static report favours (python -m bench gpu-static): no spills in the forward, the
+# fewest in the backward, whose 32-wide tiles (d + 1 > 16) exceed 255 registers a thread anyway.
+_FWD_OPTIONS = {"num_warps": 8, "num_stages": 1}
+_BWD_OPTIONS = {"num_warps": 16, "num_stages": 1}
+
+
 def looped_forward(Z, P, Q, loops: int, key_cols: int, every: int):
     """(Z after the loops in fp32, saved states (ceil(loops/every), B, d+1, n+1)
     fp32, how many prompts ended non-finite)."""
@@ -121,7 +128,7 @@ def looped_forward(Z, P, Q, loops: int, key_cols: int, every: int):
     nonfinite = torch.empty(b, device=Z.device, dtype=torch.int32)
     bd, bn = _looped_blocks(Z)
     _looped_fwd_kernel[(b,)](z, p, q, out, saved, nonfinite, b, d1, n1, key_cols, 1.0 / (n1 - 1), loops, every,
-                             heads, wl, BD=bd, BN=bn)
+                             heads, wl, BD=bd, BN=bn, **_FWD_OPTIONS)
     return out, saved, int((nonfinite > 0).sum())
 
 
@@ -137,5 +144,5 @@ def looped_backward(saved, P, Q, dout, loops: int, key_cols: int, every: int):
     scratch = torch.empty(b, every, d1, n1, device=dout.device, dtype=torch.float32)
     bd, bn = _looped_blocks(dout)
     _looped_bwd_kernel[(b,)](saved.contiguous(), p, q, g, dz, dpp, dqp, scratch, b, d1, n1, key_cols,
-                             1.0 / (n1 - 1), loops, every, heads, wl, BD=bd, BN=bn)
+                             1.0 / (n1 - 1), loops, every, heads, wl, BD=bd, BN=bn, **_BWD_OPTIONS)
     return dz, dpp.sum(0), dqp.sum(0)
