@@ -49,5 +49,6 @@ def measured_at(table: dict, kernel: str, dim: int) -> dict:
 
 
 def least_bad(configs, cost: dict):
-    """The configs a pruner keeps when every one of them is known bad: the cheapest."""
-    return [min(configs, key=cost.get)]
+    """The configs a pruner keeps when every one of them is known bad: the cheapest (all that tie)."""
+    best = min(cost[c] for c in configs)
+    return [c for c in configs if cost[c] == best]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
@@ -150,6 +152,31 @@ def _backend(target: str):
     return make_backend(GPUTarget("cuda", TARGETS[target]["arch"], 32))
 
 
+def _source(fn, seen: set) -> str:
+    """fn's source with the @triton.jit functions and constexpr globals it names, recursively: what
+    the compiled code depends on, without the line numbers Triton's own hash includes (an edit
+    elsewhere in the file keeps the cache)."""
+    seen.add(fn.__name__)
+    parts = [fn.src]
+    for name, value in sorted(fn.__globals__.items()):
+        if name in seen or not re.search(rf"\b{re.escape(name)}\b", fn.src):
+            continue
+        if isinstance(value, JITFunction):
+            parts.append(_source(value, seen))
+        elif isinstance(value, tl.constexpr):
+            seen.add(name)
+            parts.append(f"{name} = {value!r}")
+    return "\n".join(parts)
+
+
+def _cache_key(src: ASTSource, options, target: str) -> str:
+    # Without where libdevice lies (that path differs between checkouts; the Triton version fixes it).
+    settings = sorted((k, v) for k, v in options.__dict__.items() if k != "extern_libs")
+    text = "|".join([triton.__version__, target, _source(src.fn, set()), repr(sorted(src.signature.items())),
+                     repr(sorted(src.constants.items())), repr(sorted(src.attrs.items())), repr(settings)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def compile_launch(launch: Launch, target: str, cache: dict | None = None, used: set | None = None) -> Compiled:
     """Compile one recorded launch for `target` ("sm_80", "sm_90"); `cache`
     (key -> Compiled fields) skips what was compiled before from the same
@@ -157,7 +184,7 @@ def compile_launch(launch: Launch, target: str, cache: dict | None = None, used:
     the key."""
     backend = _backend(target)
     src, options = _bind(launch, backend)
-    key = f"{triton.__version__}:{target}:{src.hash()}:{sorted(options.__dict__.items())}"
+    key = _cache_key(src, options, target)
     if used is not None:
         used.add(key)
     if cache is not None and key in cache:

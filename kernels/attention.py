@@ -45,28 +45,43 @@ def _configs(block_pairs, warps_stages):
     ]
 
 
-# Configs that spill registers or overflow shared memory on sm_80 or sm_90 with half-precision inputs
-# (tensor-core dots), by kernel and BLOCK_D, from python -m bench gpu-static: (BLOCK_M, BLOCK_N, warps,
-# stages) -> spilled bytes (0: shared memory). An unmeasured BLOCK_D uses the next measured one up.
+# Configs that spill registers or overflow shared memory on sm_80 or sm_90, by kernel, BLOCK_D and
+# input kind ("half": tensor-core dots; "fp32": IEEE dots on FMA units, tiles in registers), from
+# python -m bench gpu-static: (BLOCK_M, BLOCK_N, warps, stages) -> spilled bytes (0: shared memory).
+# An unmeasured BLOCK_D uses the next measured one up.
 _SPILLING = {
-    ("fwd", 16): {(128, 128, 4, 2): 16, (128, 128, 4, 3): 16},
-    ("fwd", 64): {(128, 128, 4, 2): 3504, (128, 128, 4, 3): 2336},
-    ("fwd", 128): {(128, 64, 4, 2): 1196, (128, 64, 4, 3): 1356, (128, 128, 4, 2): 126944,
-                   (128, 128, 4, 3): 121920, (128, 128, 8, 3): 100},
-    ("fwd", 256): {(64, 32, 4, 2): 48, (64, 32, 4, 3): 40, (64, 64, 4, 2): 280, (64, 64, 4, 3): 232,
-                   (64, 64, 8, 3): 0},
-    ("dkdv", 16): {},
-    ("dkdv", 64): {(64, 64, 4, 2): 16},
-    ("dkdv", 128): {(32, 64, 8, 2): 8, (64, 32, 4, 2): 16, (64, 64, 4, 2): 148},
-    ("dkdv", 256): {(32, 32, 4, 2): 96, (32, 64, 4, 2): 20984, (32, 64, 8, 2): 48, (64, 32, 4, 2): 208,
-                    (64, 32, 8, 2): 224, (64, 64, 4, 2): 4124, (64, 64, 8, 2): 168},
-    ("dq", 16): {},
-    ("dq", 64): {},
-    ("dq", 128): {(64, 64, 4, 2): 28},
-    ("dq", 256): {(64, 64, 4, 2): 164},
+    ("fwd", 16, "half"): {(128, 128, 4, 2): 16, (128, 128, 4, 3): 16},
+    ("fwd", 64, "half"): {(128, 128, 4, 2): 3504, (128, 128, 4, 3): 2336},
+    ("fwd", 128, "half"): {(128, 64, 4, 2): 1196, (128, 64, 4, 3): 1356, (128, 128, 4, 2): 126944,
+                           (128, 128, 4, 3): 121920, (128, 128, 8, 3): 100},
+    ("fwd", 256, "half"): {(64, 32, 4, 2): 48, (64, 32, 4, 3): 40, (64, 64, 4, 2): 280, (64, 64, 4, 3): 232,
+                           (64, 64, 8, 3): 0},
+    ("dkdv", 16, "half"): {},
+    ("dkdv", 64, "half"): {(64, 64, 4, 2): 16},
+    ("dkdv", 128, "half"): {(32, 64, 8, 2): 8, (64, 32, 4, 2): 16, (64, 64, 4, 2): 148},
+    ("dkdv", 256, "half"): {(32, 32, 4, 2): 96, (32, 64, 4, 2): 20984, (32, 64, 8, 2): 48, (64, 32, 4, 2): 208,
+                            (64, 32, 8, 2): 224, (64, 64, 4, 2): 4124, (64, 64, 8, 2): 168},
+    ("dq", 16, "half"): {},
+    ("dq", 64, "half"): {},
+    ("dq", 128, "half"): {(64, 64, 4, 2): 28},
+    ("dq", 256, "half"): {(64, 64, 4, 2): 164},
+    ("fwd", 16, "fp32"): {},
+    ("fwd", 64, "fp32"): {(64, 32, 4, 2): 2260, (64, 32, 4, 3): 2124, (64, 32, 8, 3): 52, (64, 64, 8, 2): 1384,
+                          (64, 64, 8, 3): 1356},
+    ("fwd", 128, "fp32"): {(64, 32, 8, 2): 4756, (64, 32, 8, 3): 4768},
+    ("fwd", 256, "fp32"): {(64, 32, 8, 2): 110836, (64, 32, 8, 3): 111056},
+    ("dkdv", 16, "fp32"): {},
+    ("dkdv", 64, "fp32"): {(32, 32, 4, 2): 1116, (32, 64, 4, 2): 3396, (32, 64, 8, 2): 1080, (64, 32, 4, 2): 3196,
+                           (64, 32, 8, 2): 1184, (64, 64, 8, 2): 3596},
+    ("dkdv", 128, "fp32"): {(32, 32, 8, 2): 1344, (32, 64, 8, 2): 5308, (64, 32, 8, 2): 10816},
+    ("dkdv", 256, "fp32"): {(32, 32, 8, 2): 34284},
+    ("dq", 16, "fp32"): {},
+    ("dq", 64, "fp32"): {(32, 64, 4, 2): 100, (64, 32, 4, 2): 452, (64, 64, 8, 2): 124},
+    ("dq", 128, "fp32"): {(64, 32, 8, 2): 8},
+    ("dq", 256, "fp32"): {},
 }
-# fp32 inputs take FMA dots (no tensor cores for IEEE fp32), whose tiles live in registers: a budget
-# of fp32 values per thread for the score tile and the q / k / v tiles instead.
+# FMA dots also get a budget of fp32 values per thread (score tile and q / k / v tiles): the configs
+# above it spill far more and take minutes to compile, so they are never measured.
 _FMA_FLOATS_PER_THREAD = 64
 
 
@@ -87,19 +102,21 @@ def _pruner(kernel: str):
         block_d = kwargs["BLOCK_D"]
         if block_d >= 256:  # large head dims: at most 64 x 64 score tiles (the rest was never measured)
             configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or configs[:1]
-        if named_args["Q"].dtype == torch.float32:
-            cost = {c: _fma_floats(c, block_d) for c in configs}
-            kept = [c for c in configs if cost[c] <= _FMA_FLOATS_PER_THREAD]
-        else:
-            bad = measured_at(_SPILLING, kernel, block_d)
-            cost = {c: bad.get(_config_key(c), -1) for c in configs}
-            kept = [c for c in configs if _config_key(c) not in bad]
+        kind = "fp32" if kwargs["DOT_PRECISION"] == "ieee" and named_args["Q"].dtype == torch.float32 else "half"
+        if kind == "fp32":
+            floats = {c: _fma_floats(c, block_d) for c in configs}
+            configs = [c for c in configs if floats[c] <= _FMA_FLOATS_PER_THREAD] or least_bad(configs, floats)
+        bad = measured_at({(k, d): v for (k, d, i), v in _SPILLING.items() if i == kind}, kernel, block_d)
+        cost = {c: bad.get(_config_key(c), -1) for c in configs}
+        kept = [c for c in configs if _config_key(c) not in bad]
         return kept or least_bad(configs, cost)
 
     return prune
 
 
-_FWD_CONFIGS = _configs([(128, 64), (128, 128), (64, 64), (64, 32)], [(4, 3), (8, 3), (4, 2)])
+# (8, 2): 8 warps without the third stage's buffers, the one config that fits sm_80's shared memory
+# at head dim 256 in fp32 (python -m bench gpu-static).
+_FWD_CONFIGS = _configs([(128, 64), (128, 128), (64, 64), (64, 32)], [(4, 3), (8, 3), (4, 2), (8, 2)])
 _BWD_CONFIGS = _configs([(64, 64), (32, 64), (64, 32), (32, 32)], [(4, 2), (8, 2)])
 
 

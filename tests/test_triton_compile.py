@@ -1,0 +1,105 @@
+"""Every Triton kernel, for every dtype it serves, representative sizes and
+every autotune config its pruning keeps, compiles for sm_80 and sm_90 without
+a GPU (tessel.kernels._static): no register spills, shared memory within the
+target's per-block limit, and Hopper's wgmma for the half-precision attention
+and linear-attention dot products whose blocks allow it.
+
+The compiles run in a subprocess (the kernels must be defined outside the
+interpreter). Results are cached in tests/data/triton_static.json by kernel
+source hash, specialisation, options, target and Triton version: CI compiles
+only what changed since the cache was written (a full compile takes ~30 min
+on 2 cores)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+CACHE = os.path.join(os.path.dirname(__file__), "data", "triton_static.json")
+# Known exceptions, each with its reason; anything else that spills fails.
+ALLOWED_SPILLS = {
+    # One program holds a whole prompt (Z, its gradient and the d x d products of a loop) in registers;
+    # with 32-wide tiles (d + 1 > 16) the FMA dots need more than a thread's 255 registers in every
+    # warp count. Splitting the backward over programs is what would remove it.
+    ("looped", "_looped_bwd_kernel"): ("float32-21",),
+    # fp32 inputs take IEEE dots, which run on FMA units with their operand tiles in registers: from dims
+    # of 128 for attention (64 for linear attention) every tile / chunk config spills; the kernels run
+    # the least spilling one. Tensor cores at fp32 accuracy (3xTF32) or smaller FMA tiles would remove it.
+    ("attention", "_fwd_kernel"): ("float32-128", "float32-256"),
+    ("attention", "_bwd_dkdv_kernel"): ("float32-128", "float32-256"),
+    ("linear_attention", "_fwd_kernel"): ("float32-64", "float32-128"),
+    ("linear_attention", "_bwd_dq_kernel"): ("float32-64", "float32-128"),
+    ("linear_attention", "_bwd_dkdv_kernel"): ("float32-64", "float32-128"),
+}
+
+
+def allowed(row) -> bool:
+    return row["case"] in ALLOWED_SPILLS.get((row["family"], row["kernel"]), ())
+
+
+@pytest.fixture(scope="module")
+def rows():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "tessel.kernels._static", "--cache", CACHE], env=env,
+                          capture_output=True, text=True, timeout=3000)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_every_kernel_is_compiled_for_both_targets(rows):
+    kernels = {(r["family"], r["kernel"]) for r in rows}
+    assert kernels == {
+        ("attention", "_fwd_kernel"), ("attention", "_decode_combine_kernel"),
+        ("attention", "_bwd_preprocess_kernel"), ("attention", "_bwd_dkdv_kernel"), ("attention", "_bwd_dq_kernel"),
+        ("linear_attention", "_fwd_kernel"), ("linear_attention", "_bwd_dq_kernel"),
+        ("linear_attention", "_bwd_dkdv_kernel"), ("looped", "_looped_fwd_kernel"),
+        ("looped", "_looped_bwd_kernel"), ("compress", "_project_kernel"), ("compress", "_reconstruct_kernel"),
+        ("compress", "_orthonormalize_kernel"),
+    }, kernels
+    assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
+    cases = {(r["family"], r["case"]) for r in rows}
+    for dtype in ("float16", "bfloat16", "float32"):
+        assert all(("attention", f"{dtype}-{d}") in cases for d in (16, 64, 128, 256))
+        assert all(("linear_attention", f"{dtype}-{d}") in cases for d in (16, 64, 128))
+    assert all(("looped", f"float32-{d1}") in cases for d1 in (6, 11, 21))
+
+
+def test_no_spills_and_shared_memory_fits(rows):
+    bad = [f"{r['target']} {r['family']} {r['case']} {r['kernel']} [{r['config']}]: {'; '.join(r['problems'])}"
+           for r in rows if r["problems"] and not allowed(r)]
+    assert not bad, "\n".join(bad)
+    for r in rows:  # an allowed spill still fits shared memory
+        assert not any("shared memory" in p for p in r["problems"]), r
+    # The exceptions are still needed (when a kernel stops spilling, its entry goes).
+    for (family, kernel), cases in ALLOWED_SPILLS.items():
+        for case in cases:
+            assert any(r["problems"] for r in rows if (r["family"], r["kernel"], r["case"]) == (family, kernel, case)), \
+                (family, kernel, case)
+
+
+def test_half_precision_attention_uses_wgmma_on_hopper(rows):
+    """Blocks of at least 64 rows in the M dimension of the dot (one warpgroup's wgmma) in fp16 / bf16."""
+    checked = 0
+    for r in rows:
+        if r["target"] != "sm_90" or r["family"] != "attention" or r["case"].startswith("float32"):
+            continue
+        blocks = dict(part.split("=") for part in r["config"].split() if "=" in part)
+        rows_of_dot = {"_fwd_kernel": "BLOCK_M", "_bwd_dq_kernel": "BLOCK_M", "_bwd_dkdv_kernel": "BLOCK_N"}
+        if r["kernel"] in rows_of_dot and int(blocks[rows_of_dot[r["kernel"]]]) >= 64:
+            assert r["tensor_core"] == "wgmma", r
+            checked += 1
+    assert checked > 50, checked
+
+
+def test_half_precision_linear_attention_uses_tensor_cores(rows):
+    """fp16 / bf16 chunk products on tensor cores everywhere, wgmma on sm_90 from dims of 64 (dq: with
+    64-token chunks; Triton takes mma.sync for its 32-token ones and for 16-wide tiles)."""
+    half = [r for r in rows if r["family"] == "linear_attention" and not r["case"].startswith("float32")]
+    assert len(half) > 200 and all(r["tensor_core"] != "none" for r in half)
+    hopper = [r for r in half if r["target"] == "sm_90" and int(r["case"].split("-")[1]) >= 64
+              and not (r["kernel"] == "_bwd_dq_kernel" and "BT=32" in r["config"])]
+    assert len(hopper) > 50 and all(r["tensor_core"] == "wgmma" for r in hopper), \
+        [(r["case"], r["kernel"], r["config"]) for r in hopper if r["tensor_core"] != "wgmma"]
