@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "common.h"
 
@@ -54,16 +55,6 @@ T safe_norm(const T* v, int64_t n) {
   return peak * std::sqrt(scaled);
 }
 
-// Row `row` of M = grad + error, pointing at grad itself when there is no error.
-template <typename T>
-const T* m_row(const CompressItem<T>& it, int64_t row, int64_t c0, int64_t c1, T* tmp) {
-  const T* g = it.grad + row * it.m;
-  if (!it.error) return g + c0;
-  const T* e = it.error + row * it.m;
-  for (int64_t c = c0; c < c1; ++c) tmp[c - c0] = g[c] + e[c];
-  return tmp;
-}
-
 struct Task {
   int64_t item, begin, end;
 };
@@ -80,26 +71,102 @@ std::vector<Task> tasks_of(const CompressItem<T>* items, int64_t count, bool by_
 }
 
 constexpr int64_t kRowBlock = 32;
-constexpr int64_t kColBlock = 512;
+// Columns per projection task, and rows per tile of it (the tile's M lines are read once per rank group).
+constexpr int64_t kColBlock = 128;
+constexpr int64_t kRowTile = 64;
+// Ranks a pass handles at once: that many accumulators stay in registers over one read of M.
+constexpr int64_t kRankGroup = 4;
+
+// f(std::integral_constant<int, min(left, kRankGroup)>{}): the rank group's size as a template argument.
+template <typename F>
+void by_group(int64_t left, F&& f) {
+  switch (left >= kRankGroup ? kRankGroup : left) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
+
+// P[k][row] = M[row] . Q[k] for the C ranks from k0, M = grad + error formed in registers: one read
+// of the row for the group.
+template <typename T, int C>
+void row_dots(const CompressItem<T>& it, int64_t row, const T* q, T* p, int64_t k0) {
+  constexpr int W = S<T>::width;
+  const T* g = it.grad + row * it.m;
+  const T* e = it.error ? it.error + row * it.m : nullptr;
+  const T* qk = q + it.q_offset + k0 * it.m;
+  typename S<T>::vec acc[C] = {};
+  int64_t c = 0;
+  for (; c + W <= it.m; c += W) {
+    auto mv = S<T>::load(g + c);
+    if (e) mv += S<T>::load(e + c);
+    for (int j = 0; j < C; ++j) acc[j] += mv * S<T>::load(qk + j * it.m + c);
+  }
+  for (int j = 0; j < C; ++j) {
+    T total = S<T>::hsum(acc[j]);
+    for (int64_t cc = c; cc < it.m; ++cc) total += (e ? g[cc] + e[cc] : g[cc]) * qk[j * it.m + cc];
+    p[it.p_offset + (k0 + j) * it.n + row] = total;
+  }
+}
+
+// Q[k][c0, c1) = sum over rows of P[k][row] M[row][c0, c1) for the C ranks from k0: rows in tiles,
+// two vectors of columns at a time with C x 2 accumulators, each line of M read once per group; every
+// sum runs over the rows in order.
+template <typename T, int C>
+void column_sums(const CompressItem<T>& it, const T* p, T* q, int64_t k0, int64_t c0, int64_t c1) {
+  constexpr int W = S<T>::width;
+  using vec = typename S<T>::vec;
+  const T* pk = p + it.p_offset + k0 * it.n;
+  T* qk = q + it.q_offset + k0 * it.m;
+  for (int j = 0; j < C; ++j) std::fill(qk + j * it.m + c0, qk + j * it.m + c1, T(0));
+  for (int64_t r0 = 0; r0 < it.n; r0 += kRowTile) {
+    const int64_t r1 = std::min(it.n, r0 + kRowTile);
+    int64_t c = c0;
+    for (; c + 2 * W <= c1; c += 2 * W) {
+      vec acc[C][2];
+      for (int j = 0; j < C; ++j) {
+        acc[j][0] = S<T>::load(qk + j * it.m + c);
+        acc[j][1] = S<T>::load(qk + j * it.m + c + W);
+      }
+      for (int64_t row = r0; row < r1; ++row) {
+        const T* g = it.grad + row * it.m + c;
+        vec m0 = S<T>::load(g), m1 = S<T>::load(g + W);
+        if (it.error) {
+          const T* e = it.error + row * it.m + c;
+          m0 += S<T>::load(e);
+          m1 += S<T>::load(e + W);
+        }
+        for (int j = 0; j < C; ++j) {
+          const vec pv = S<T>::splat(pk[j * it.n + row]);
+          acc[j][0] += pv * m0;
+          acc[j][1] += pv * m1;
+        }
+      }
+      for (int j = 0; j < C; ++j) {
+        S<T>::store(qk + j * it.m + c, acc[j][0]);
+        S<T>::store(qk + j * it.m + c + W, acc[j][1]);
+      }
+    }
+    for (; c < c1; ++c)  // the columns past the last two vectors
+      for (int64_t row = r0; row < r1; ++row) {
+        const T mv = it.error ? it.grad[row * it.m + c] + it.error[row * it.m + c] : it.grad[row * it.m + c];
+        for (int j = 0; j < C; ++j) qk[j * it.m + c] += pk[j * it.n + row] * mv;
+      }
+  }
+}
 
 }  // namespace
 
 template <typename T>
 void compress_project_p(const CompressItem<T>* items, int64_t count, int64_t rank, T* p, const T* q, int num_threads) {
   const auto tasks = tasks_of(items, count, true, kRowBlock);
-#pragma omp parallel num_threads(num_threads)
-  {
-    std::vector<T> tmp;
-#pragma omp for schedule(dynamic)
-    for (size_t t = 0; t < tasks.size(); ++t) {
-      const auto& it = items[tasks[t].item];
-      T* tmp_row = scratch(tmp, it.m);
-      for (int64_t row = tasks[t].begin; row < tasks[t].end; ++row) {
-        const T* mrow = m_row(it, row, 0, it.m, tmp_row);
-        for (int64_t k = 0; k < rank; ++k)
-          p[it.p_offset + k * it.n + row] = dot(mrow, q + it.q_offset + k * it.m, it.m);
-      }
-    }
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic)
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    const auto& it = items[tasks[t].item];
+    for (int64_t row = tasks[t].begin; row < tasks[t].end; ++row)
+      for (int64_t k0 = 0; k0 < rank; k0 += kRankGroup)
+        by_group(rank - k0, [&](auto group) { row_dots<T, decltype(group)::value>(it, row, q, p, k0); });
   }
 }
 
@@ -107,20 +174,13 @@ template <typename T>
 void compress_project_q(const CompressItem<T>* items, int64_t count, int64_t rank, const T* p, T* q,
                        int num_threads) {
   const auto tasks = tasks_of(items, count, false, kColBlock);
-#pragma omp parallel num_threads(num_threads)
-  {
-    T tmp[kColBlock];
-#pragma omp for schedule(dynamic)
-    for (size_t t = 0; t < tasks.size(); ++t) {
-      const auto& it = items[tasks[t].item];
-      const int64_t c0 = tasks[t].begin, width = tasks[t].end - c0;
-      for (int64_t k = 0; k < rank; ++k) std::fill_n(q + it.q_offset + k * it.m + c0, width, T(0));
-      for (int64_t row = 0; row < it.n; ++row) {
-        const T* seg = m_row(it, row, c0, c0 + width, tmp);
-        for (int64_t k = 0; k < rank; ++k)
-          axpy(p[it.p_offset + k * it.n + row], seg, q + it.q_offset + k * it.m + c0, width);
-      }
-    }
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic)
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    const auto& it = items[tasks[t].item];
+    for (int64_t k0 = 0; k0 < rank; k0 += kRankGroup)
+      by_group(rank - k0, [&](auto group) {
+        column_sums<T, decltype(group)::value>(it, p, q, k0, tasks[t].begin, tasks[t].end);
+      });
   }
 }
 

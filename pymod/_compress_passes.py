@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import _dispatch
-from ._ops import numpy_view
+from ._ops import acc_dtype, numpy_view
 
 
 class Group:
@@ -115,5 +115,5 @@ def ops(backend: str):
 
 
 def work_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
-    """The dtype the passes compute in: float64 stays (but not on Triton), the rest is float32."""
-    return torch.float64 if dtype == torch.float64 and backend != "triton" else torch.float32
+    """The dtype the passes compute in: acc_dtype's, but float32 on Triton (its passes have no fp64)."""
+    return torch.float32 if backend == "triton" else acc_dtype(dtype)
