@@ -56,7 +56,7 @@ class Launch:
 
     def config(self) -> str:
         """The launch's block shape and options, e.g. BLOCK_M=128 BLOCK_N=64 warps=4 stages=3."""
-        shown = {k: v for k, v in self.kwargs.items() if k.isupper() and k.startswith(("B", "BT"))}
+        shown = {k: v for k, v in self.kwargs.items() if k.isupper() and k.startswith("B")}
         text = " ".join(f"{k}={v}" for k, v in shown.items())
         return f"{text} warps={self.kwargs.get('num_warps', 4)} stages={self.kwargs.get('num_stages', 3)}".strip()
 

@@ -6,9 +6,10 @@ and linear-attention dot products whose blocks allow it.
 
 The compiles run in a subprocess (the kernels must be defined outside the
 interpreter). Results are cached in tests/data/triton_static.json by kernel
-source hash, specialisation, options, target and Triton version: CI compiles
-only what changed since the cache was written (a full compile takes ~30 min
-on 2 cores)."""
+source, specialisation, options, target and Triton version: CI compiles only
+what changed since the cache was written (a full compile takes ~30 min on 2
+cores). After changing a kernel, refresh it with
+`python -m tessel.kernels._static --cache tests/data/triton_static.json`."""
 import json
 import os
 import subprocess
