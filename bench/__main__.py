@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     parser.add_argument("--wide", action="store_true", help="print every column (the JSON has them all)")
     parser.add_argument("--link", choices=("100mbit", "1gbit", "10gbit"),
                         help="compress: train 2 workers over a link of this bandwidth (network namespaces, root)")
-    parser.add_argument("--target", choices=("sm_80", "sm_90"), action="append",
+    parser.add_argument("--target", choices=("sm_80", "sm_90", "sm_100"), action="append",
                         help="gpu-static: the GPU target(s) to compile for (default: both)")
     args = parser.parse_args(argv)
     args.suite = ALIASES.get(args.suite, args.suite)
@@ -45,11 +45,12 @@ def main(argv=None) -> None:
     if args.suite == "gpu-static":
         from . import gpu_static
 
-        rows = gpu_static.rows(tuple(args.target or ("sm_80", "sm_90")))
+        targets = args.target or ["sm_80", "sm_90", "sm_100"]
+        rows = gpu_static.rows(tuple(targets))
         print(gpu_static.format_table(rows))
         if args.json:
             env = _harness.environment("cpu")
-            print(f"wrote {_harness.write_json(args.json, env, rows, {'targets': args.target or ['sm_80', 'sm_90']})}")
+            print(f"wrote {_harness.write_json(args.json, env, rows, {'targets': targets})}")
         return
     if args.suite == "compress" and torch.distributed.is_torchelastic_launched() and not args.link:
         # Launched by torchrun: every process is one worker of the hook rows; rank 0 prints them.

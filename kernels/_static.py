@@ -6,8 +6,8 @@ launchers (attention_forward, linear_backward, ...) run on CPU tensors inside
 config an autotuner's pruning keeps, for autotuned kernels). A launch is then
 bound the way Triton binds a real one (its specialisation of pointers and
 integers, its constexprs and options) and compiled with triton.compile for a
-GPUTarget; cuobjdump reads registers, spills and shared memory from the cubin
-and the PTX tells which tensor-core instructions are used.
+GPUTarget (sm_80, sm_90, sm_100); ptxas -v reports registers, spills and
+shared memory, and the PTX tells which tensor-core instructions are used.
 
 Needs the kernels defined for real: import this module in a process without
 TRITON_INTERPRET=1 (the tests run it in a subprocess).
@@ -38,7 +38,10 @@ from ._common import triton_interpreting
 TARGETS = {
     "sm_80": {"arch": 80, "shared": 163 * 1024, "regs": 65536, "max_warps": 64},
     "sm_90": {"arch": 90, "shared": 227 * 1024, "regs": 65536, "max_warps": 64},
+    "sm_100": {"arch": 100, "shared": 227 * 1024, "regs": 65536, "max_warps": 64},
 }
+# The ptxas and architecture name Triton uses for each target (the "a" variants have wgmma / tcgen05).
+_PTXAS = {"sm_80": ("ptxas", "sm_80"), "sm_90": ("ptxas", "sm_90a"), "sm_100": ("ptxas-blackwell", "sm_100a")}
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
@@ -96,7 +99,7 @@ class Compiled:
     spill_bytes: int  # register spill stores + loads per thread (ptxas -v)
     shared_bytes: int  # dynamic + static shared memory per block
     num_warps: int
-    tensor_core: str  # "wgmma", "mma" or "none"
+    tensor_core: str  # "tcgen05", "wgmma", "mma" or "none"
 
     def occupancy_warps(self) -> int:
         """Resident warps per SM allowed by registers and shared memory (theoretical)."""
@@ -126,12 +129,13 @@ def _bind(launch: Launch, backend):
     return ASTSource(launch.fn, signature, constexprs, attrs), options
 
 
-def _resource_usage(ptx: str, arch: str) -> dict:
+def _resource_usage(ptx: str, target: str) -> dict:
     """Registers, spill bytes (stores + loads) and static shared memory as ptxas -v reports them."""
+    ptxas, arch = _PTXAS[target]
     with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
         f.write(ptx)
         f.flush()
-        log = subprocess.run([os.path.join(_BIN, "ptxas"), f"-arch={arch}", "-v", f.name, "-o", os.devnull],
+        log = subprocess.run([os.path.join(_BIN, ptxas), f"-arch={arch}", "-v", f.name, "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr
     number = lambda pattern: sum(int(x) for x in re.findall(pattern, log))  # noqa: E731
     return {"registers": number(r"Used (\d+) registers"),
@@ -140,6 +144,8 @@ def _resource_usage(ptx: str, arch: str) -> dict:
 
 
 def _tensor_core(ptx: str) -> str:
+    if "tcgen05.mma" in ptx:
+        return "tcgen05"
     if "wgmma.mma_async" in ptx:
         return "wgmma"
     if re.search(r"\bmma\.sync", ptx):
@@ -190,7 +196,7 @@ def compile_launch(launch: Launch, target: str, cache: dict | None = None, used:
     if cache is not None and key in cache:
         return Compiled(**cache[key])
     kernel = triton.compile(src, target=GPUTarget("cuda", TARGETS[target]["arch"], 32), options=options.__dict__)
-    usage = _resource_usage(kernel.asm["ptx"], target + ("a" if target == "sm_90" else ""))  # as Triton: sm_90a
+    usage = _resource_usage(kernel.asm["ptx"], target)
     result = Compiled(launch.name, launch.config(), target, usage["registers"], usage["spill"],
                       kernel.metadata.shared + usage["smem"], options.num_warps, _tensor_core(kernel.asm["ptx"]))
     if cache is not None:

@@ -45,7 +45,7 @@ def _configs(block_pairs, warps_stages):
     ]
 
 
-# Configs that spill registers or overflow shared memory on sm_80 or sm_90, by kernel, BLOCK_D and
+# Configs that spill registers or overflow shared memory on sm_80, sm_90 or sm_100, by kernel, BLOCK_D and
 # input kind ("half": tensor-core dots; "fp32": IEEE dots on FMA units, tiles in registers), from
 # python -m bench gpu-static: (BLOCK_M, BLOCK_N, warps, stages) -> spilled bytes (0: shared memory).
 # An unmeasured BLOCK_D uses the next measured one up.
@@ -54,8 +54,8 @@ _SPILLING = {
     ("fwd", 64, "half"): {(128, 128, 4, 2): 3504, (128, 128, 4, 3): 2336},
     ("fwd", 128, "half"): {(128, 64, 4, 2): 1196, (128, 64, 4, 3): 1356, (128, 128, 4, 2): 126944,
                            (128, 128, 4, 3): 121920, (128, 128, 8, 3): 100},
-    ("fwd", 256, "half"): {(64, 32, 4, 2): 48, (64, 32, 4, 3): 40, (64, 64, 4, 2): 280, (64, 64, 4, 3): 232,
-                           (64, 64, 8, 3): 0},
+    ("fwd", 256, "half"): {(64, 32, 4, 2): 48, (64, 32, 4, 3): 40, (64, 32, 8, 2): 12, (64, 64, 4, 2): 280,
+                           (64, 64, 4, 3): 232, (64, 64, 8, 3): 0},
     ("dkdv", 16, "half"): {},
     ("dkdv", 64, "half"): {(64, 64, 4, 2): 16},
     ("dkdv", 128, "half"): {(32, 64, 8, 2): 8, (64, 32, 4, 2): 16, (64, 64, 4, 2): 148},
@@ -64,7 +64,7 @@ _SPILLING = {
     ("dq", 16, "half"): {},
     ("dq", 64, "half"): {},
     ("dq", 128, "half"): {(64, 64, 4, 2): 28},
-    ("dq", 256, "half"): {(64, 64, 4, 2): 164},
+    ("dq", 256, "half"): {(64, 64, 4, 2): 164, (64, 64, 8, 2): 16},
     ("fwd", 16, "fp32"): {},
     ("fwd", 64, "fp32"): {(64, 32, 4, 2): 2260, (64, 32, 4, 3): 2124, (64, 32, 8, 3): 52, (64, 64, 8, 2): 1384,
                           (64, 64, 8, 3): 1356},
@@ -75,7 +75,7 @@ _SPILLING = {
                            (64, 32, 8, 2): 1184, (64, 64, 8, 2): 3596},
     ("dkdv", 128, "fp32"): {(32, 32, 8, 2): 1344, (32, 64, 8, 2): 5308, (64, 32, 8, 2): 10816},
     ("dkdv", 256, "fp32"): {(32, 32, 8, 2): 34284},
-    ("dq", 16, "fp32"): {},
+    ("dq", 16, "fp32"): {(64, 64, 8, 2): 8},
     ("dq", 64, "fp32"): {(32, 64, 4, 2): 100, (64, 32, 4, 2): 452, (64, 64, 8, 2): 124},
     ("dq", 128, "fp32"): {(64, 32, 8, 2): 8},
     ("dq", 256, "fp32"): {},

@@ -46,19 +46,19 @@ def _chunk_configs():
 
 
 _KEY = ["BD", "BV", "CAUSAL"]
-# Chunk configs that spill registers or overflow shared memory on sm_80 or sm_90 with half-precision
+# Chunk configs that spill registers or overflow shared memory on sm_80, sm_90 or sm_100 with half-precision
 # inputs, by kernel and dim (BD; BVF for dq), from python -m bench gpu-static: (BT, warps, stages) ->
 # spilled bytes. fp32 inputs take FMA dots (IEEE fp32 has no tensor cores) whose tiles spill at
 # dims >= 64 in every config: they keep the least spilling measured one, (32 tokens, 8 warps, 1 stage).
 _SPILLING = {
     ("fwd", 16): {(64, 8, 3): 24},
     ("fwd", 64): {},
-    ("fwd", 128): {(32, 8, 3): 12, (64, 4, 1): 24},
+    ("fwd", 128): {(32, 4, 1): 32, (32, 8, 3): 12, (64, 4, 1): 24, (64, 8, 1): 24},
     ("dq", 16): {},
     ("dq", 64): {},
     ("dq", 128): {},
     ("dkdv", 16): {},
-    ("dkdv", 64): {},
+    ("dkdv", 64): {(64, 8, 2): 64},
     ("dkdv", 128): {(32, 4, 1): 128, (32, 4, 2): 36, (32, 4, 3): 36, (64, 4, 1): 208, (64, 4, 2): 164,
                     (64, 4, 3): 164, (64, 8, 1): 36, (64, 8, 2): 72, (64, 8, 3): 64},
 }
