@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     parser.add_argument("--link", choices=("100mbit", "1gbit", "10gbit"),
                         help="compress: train 2 workers over a link of this bandwidth (network namespaces, root)")
     parser.add_argument("--target", choices=("sm_80", "sm_90", "sm_100"), action="append",
-                        help="gpu-static: the GPU target(s) to compile for (default: both)")
+                        help="gpu-static: the GPU target(s) to compile for (default: all three)")
     args = parser.parse_args(argv)
     args.suite = ALIASES.get(args.suite, args.suite)
     if args.link and args.suite != "compress":

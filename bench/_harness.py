@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.utils.benchmark
 
-from examples._common import progress, pyplot
+from examples._common import progress, pyplot, text_table
 
 
 @dataclass
@@ -259,10 +259,7 @@ def format_table(rows: list[dict], sgemm: float | None, wide: bool = False) -> s
         body = [[_cell(r.get(c)) for c in columns[:4]] + [_cell(r.get(f"{r.get('best_peer')}_ms")),
                 _cell(r.get("x_best")), _cell(r.get("x_reference")), _rate(r, sgemm),
                 _cell(r.get("peak_mb")), _cell(r.get("max_err"))] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)).rstrip() for b in body]
-    return "\n".join(lines)
+    return text_table(columns, body)
 
 
 def write_json(path: str, env: dict, rows: list[dict], extra: dict) -> str:

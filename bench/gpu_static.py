@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+from examples._common import text_table
+
 CACHE = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "triton_static.json")
 HEADLINE = {"attention": "bfloat16-128", "linear_attention": "bfloat16-64", "looped": "float32-11",
             "compress": "float32-4"}
@@ -31,12 +33,9 @@ def rows(targets: tuple[str, ...]) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     """The headline case of each family, one line per kernel and config."""
     shown = [r for r in rows if HEADLINE.get(r["family"]) == r["case"]]
-    cells = [[f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS] for r in shown]
-    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(x, widths)).rstrip() for x in cells]
+    cells = [[f"{r[c]:.1f}" if isinstance(r[c], float) else r[c] for c in COLUMNS] for r in shown]
     problems = [r for r in rows if r["problems"]]
-    lines.append(f"{len(rows)} compiled launches, {len(problems)} with spills or too much shared memory"
-                 + "".join(f"\n  {r['case']} {r['kernel']} [{r['config']}]: {'; '.join(r['problems'])}"
-                           for r in problems))
-    return "\n".join(lines)
+    return (text_table(COLUMNS, cells)
+            + f"\n{len(rows)} compiled launches, {len(problems)} with spills or too much shared memory"
+            + "".join(f"\n  {r['case']} {r['kernel']} [{r['config']}]: {'; '.join(r['problems'])}"
+                      for r in problems))

@@ -43,12 +43,18 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def text_table(header, rows) -> str:
+    """The header and rows (sequences of cells) as left-aligned text columns."""
+    lines = [[str(c) for c in r] for r in [header, *rows]]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
 def verdict_table(checks: list[dict]) -> str:
     """The checks as aligned text: name, value, threshold, verdict."""
     header = ("check", "value", "threshold", "verdict")
-    rows = [(c["name"], _fmt(c["value"]), c["threshold"], "ok" if c["passed"] else "MISSED") for c in checks]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header, *rows])
+    return text_table(header, [(c["name"], _fmt(c["value"]), c["threshold"], "ok" if c["passed"] else "MISSED")
+                               for c in checks])
 
 
 def finish(study: str, args, metrics: dict, figure, checks: list[dict]) -> dict:

@@ -30,6 +30,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def fma_dots(dtype: torch.dtype, precision: str) -> bool:
+    """True where tl.dot runs on FMA units, not tensor cores: IEEE dots of fp32 inputs."""
+    return precision == "ieee" and dtype == torch.float32
+
+
 def strides3(x: torch.Tensor) -> tuple[int, int, int]:
     """(batch, head, row) strides of a (B, H, N, D) tensor whose last dim is contiguous."""
     return x.stride(0), x.stride(1), x.stride(2)

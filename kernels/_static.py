@@ -32,7 +32,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from ._common import triton_interpreting
+from ._common import DTYPES, triton_interpreting
 
 # Per-block shared memory (bytes) a kernel may use, registers and warps per SM.
 TARGETS = {
@@ -184,7 +184,7 @@ def _cache_key(src: ASTSource, options, target: str) -> str:
 
 
 def compile_launch(launch: Launch, target: str, cache: dict | None = None, used: set | None = None) -> Compiled:
-    """Compile one recorded launch for `target` ("sm_80", "sm_90"); `cache`
+    """Compile one recorded launch for `target` (a key of TARGETS); `cache`
     (key -> Compiled fields) skips what was compiled before from the same
     source, specialisation, options, target and Triton version; `used` gets
     the key."""
@@ -195,7 +195,7 @@ def compile_launch(launch: Launch, target: str, cache: dict | None = None, used:
         used.add(key)
     if cache is not None and key in cache:
         return Compiled(**cache[key])
-    kernel = triton.compile(src, target=GPUTarget("cuda", TARGETS[target]["arch"], 32), options=options.__dict__)
+    kernel = triton.compile(src, target=backend.target, options=options.__dict__)
     usage = _resource_usage(kernel.asm["ptx"], target)
     result = Compiled(launch.name, launch.config(), target, usage["registers"], usage["spill"],
                       kernel.metadata.shared + usage["smem"], options.num_warps, _tensor_core(kernel.asm["ptx"]))
@@ -222,7 +222,6 @@ def save_cache(path: str, cache: dict) -> None:
 ATTENTION_DIMS = (16, 64, 128, 256)
 LINEAR_DIMS = (16, 64, 128)
 LOOPED_DIMS = (6, 11, 21)  # d + 1
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _attention(dtype, d):
@@ -290,15 +289,14 @@ def launches(family: str) -> list[tuple[str, Launch]]:
     return out
 
 
-def report(families=tuple(FAMILIES), targets=tuple(TARGETS), cache_path: str | None = None,
-           progress=None) -> list[dict]:
+def report(families=tuple(FAMILIES), targets=tuple(TARGETS), cache_path: str | None = None) -> list[dict]:
     """One row per (family, case, launch, target): what the compiled kernel uses. `cache_path`: a JSON
     file of earlier results keyed by source hash (read, then written back with what was compiled)."""
     cache = load_cache(cache_path) if cache_path else None
     work = [(family, case, launch, target) for family in families for case, launch in launches(family)
             for target in targets]
     rows, used = [], set()
-    for family, case, launch, target in (progress(work) if progress else work):
+    for family, case, launch, target in work:
         c = compile_launch(launch, target, cache, used)
         rows.append({"family": family, "case": case, **c.__dict__, "occupancy_warps": c.occupancy_warps(),
                      "problems": c.problems()})

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BAND_INF, DTYPES, dot_precision, last_dim_contiguous, least_bad, measured_at, pow2_block,
-                      strides3, triton_interpreting)
+from ._common import (BAND_INF, DTYPES, dot_precision, fma_dots, last_dim_contiguous, least_bad, measured_at,
+                      pow2_block, strides3, triton_interpreting)
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 MAX_HEAD_DIM = 256
@@ -80,6 +80,7 @@ _SPILLING = {
     ("dq", 128, "fp32"): {(64, 32, 8, 2): 8},
     ("dq", 256, "fp32"): {},
 }
+_SPILLING_BY_KIND = {kind: {(k, d): v for (k, d, i), v in _SPILLING.items() if i == kind} for kind in ("half", "fp32")}
 # FMA dots also get a budget of fp32 values per thread (score tile and q / k / v tiles): the configs
 # above it spill far more and take minutes to compile, so they are never measured.
 _FMA_FLOATS_PER_THREAD = 64
@@ -102,11 +103,11 @@ def _pruner(kernel: str):
         block_d = kwargs["BLOCK_D"]
         if block_d >= 256:  # large head dims: at most 64 x 64 score tiles (the rest was never measured)
             configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or configs[:1]
-        kind = "fp32" if kwargs["DOT_PRECISION"] == "ieee" and named_args["Q"].dtype == torch.float32 else "half"
+        kind = "fp32" if fma_dots(named_args["Q"].dtype, kwargs["DOT_PRECISION"]) else "half"
         if kind == "fp32":
             floats = {c: _fma_floats(c, block_d) for c in configs}
             configs = [c for c in configs if floats[c] <= _FMA_FLOATS_PER_THREAD] or least_bad(configs, floats)
-        bad = measured_at({(k, d): v for (k, d, i), v in _SPILLING.items() if i == kind}, kernel, block_d)
+        bad = measured_at(_SPILLING_BY_KIND[kind], kernel, block_d)
         cost = {c: bad.get(_config_key(c), -1) for c in configs}
         kept = [c for c in configs if _config_key(c) not in bad]
         return kept or least_bad(configs, cost)

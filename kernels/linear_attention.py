@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DTYPES, dot_precision, last_dim_contiguous, least_bad, measured_at, pow2_block, strides3,
-                      triton_interpreting)
+from ._common import (DTYPES, dot_precision, fma_dots, last_dim_contiguous, least_bad, measured_at, pow2_block,
+                      strides3, triton_interpreting)
 from ._tiles import load_tile as _load_tile
 
 MAX_DIM = 256
@@ -70,7 +70,7 @@ def _pruner(kernel: str, dim_key: str):
 
     def prune(configs, named_args, **kwargs):
         key = {c: (c.kwargs["BT"], c.num_warps, c.num_stages) for c in configs}
-        if kwargs["DOT_PRECISION"] == "ieee" and named_args["K"].dtype == torch.float32:
+        if fma_dots(named_args["K"].dtype, kwargs["DOT_PRECISION"]):
             return [c for c in configs if key[c] == _FMA_CONFIG] or configs[:1]
         bad = measured_at(_SPILLING, kernel, kwargs[dim_key])
         kept = [c for c in configs if key[c] not in bad]
