@@ -1,13 +1,17 @@
 // FlashAttention-2 on the CPU.
 //
-// Forward: OpenMP over (batch, head, query block). Each task streams key
+// Forward: OpenMP over (batch, head, query block of a segment). Each task
+// streams key
 // blocks through an online softmax: S = Q K^T with K pre-packed as transposed
 // panels, P = exp2(S * scale * log2 e - m), O = O * alpha + P V, so memory is
 // O(N) and the N x N matrix never exists. Key blocks outside the band
 // (causal, window) are never visited.
 //
-// Backward: recompute P from the saved lse. OpenMP over (batch, kv head, key
-// split); a task owns its key blocks' dK and dV (summing the q heads of its
+// Segments (packed variable-length sequences) share every step: blocks never
+// cross a segment boundary, so no work is spent outside a sequence.
+//
+// Backward: recompute P from the saved lse. OpenMP over (batch, segment, kv
+// head, key split); a task owns its key blocks' dK and dV (summing the q heads of its
 // GQA group) and a private dQ accumulator per split, reduced in a fixed order
 // afterwards, so results are deterministic for a given thread count.
 #include "attention.h"
@@ -28,43 +32,70 @@ constexpr int64_t kFwdBlockK = 256;
 constexpr int64_t kBwdBlockQ = 8 * kMicroRows;
 constexpr int64_t kBwdBlockK = 96;
 
-// Keys [first, last] that query row i may see.
-inline void row_key_range(const AttentionProblem& p, int64_t i, int64_t* first, int64_t* last) {
-  *first = std::max<int64_t>(0, i + p.band_lo);
-  *last = std::min<int64_t>(p.len_k - 1, i + p.band_hi);
+// Keys [first, last] that query row i may see (both local to the segment).
+inline void row_key_range(const Segment& s, int64_t i, int64_t* first, int64_t* last) {
+  *first = std::max<int64_t>(0, i + s.band_lo);
+  *last = std::min<int64_t>(s.len_k - 1, i + s.band_hi);
 }
 
 // Columns [a, e) of a key block starting at k0 with `ncols` columns that row i
 // may see (a >= e when none).
-inline void row_block_cols(const AttentionProblem& p, int64_t i, int64_t k0, int64_t ncols, int64_t* a,
-                           int64_t* e) {
+inline void row_block_cols(const Segment& s, int64_t i, int64_t k0, int64_t ncols, int64_t* a, int64_t* e) {
   int64_t first, last;
-  row_key_range(p, i, &first, &last);
+  row_key_range(s, i, &first, &last);
   *a = std::max<int64_t>(first, k0) - k0;
   *e = std::min<int64_t>(last, k0 + ncols - 1) - k0 + 1;
 }
 
+// Where each segment's keys start once every segment is padded to whole
+// panels, and the padded total.
+inline std::vector<int64_t> padded_key_starts(const AttentionProblem& p, int64_t panel) {
+  std::vector<int64_t> starts(p.segments.size() + 1, 0);
+  for (size_t s = 0; s < p.segments.size(); ++s) starts[s + 1] = starts[s] + round_up(p.segments[s].len_k, panel);
+  return starts;
+}
+
 // K (or V) of every (batch, kv head) as transposed panels, the B operand of
 // Q K^T (dO V^T), packed once and shared by all query blocks and q heads.
+// Each segment starts a new panel.
 template <typename T>
 struct PanelHeads {
+  std::vector<int64_t> seg_start;
   int64_t rows_padded, head_dim;
   Buffer<T> panels;  // [head][rows_padded / NR][head_dim][NR]
 
   PanelHeads(const AttentionProblem& p, const T* x, const Strides4& st)
-      : rows_padded(round_up(p.len_k, Simd<T>::panel)),
+      : seg_start(padded_key_starts(p, Simd<T>::panel)),
+        rows_padded(seg_start.back()),
         head_dim(p.head_dim),
         panels(p.batch * p.kv_heads * rows_padded * head_dim) {
-#pragma omp parallel for collapse(2) num_threads(p.num_threads)
+    const int64_t nseg = static_cast<int64_t>(p.segments.size());
+#pragma omp parallel for collapse(3) num_threads(p.num_threads)
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t hk = 0; hk < p.kv_heads; ++hk)
-        pack_transposed_panels(x + b * st.b + hk * st.h, p.len_k, head_dim, st.n,
-                               panels.data() + (b * p.kv_heads + hk) * rows_padded * head_dim);
+        for (int64_t s = 0; s < nseg; ++s) {
+          const Segment& seg = p.segments[s];
+          pack_transposed_panels(x + b * st.b + hk * st.h + seg.k_start * st.n, seg.len_k, head_dim, st.n,
+                                 panels.data() + offset(b * p.kv_heads + hk, s, 0));
+        }
   }
-  const T* at(int64_t head, int64_t key0) const {
-    return panels.data() + head * rows_padded * head_dim + key0 * head_dim;
+  int64_t offset(int64_t head, int64_t seg, int64_t key0) const {
+    return (head * rows_padded + seg_start[seg] + key0) * head_dim;
   }
+  const T* at(int64_t head, int64_t seg, int64_t key0) const { return panels.data() + offset(head, seg, key0); }
 };
+
+// A block of queries inside one segment.
+struct QueryBlock {
+  int64_t seg, q0;
+};
+
+inline std::vector<QueryBlock> query_blocks(const AttentionProblem& p, int64_t block) {
+  std::vector<QueryBlock> blocks;
+  for (size_t s = 0; s < p.segments.size(); ++s)
+    for (int64_t q0 = 0; q0 < p.segments[s].len_q; q0 += block) blocks.push_back({static_cast<int64_t>(s), q0});
+  return blocks;
+}
 
 // Rows of a (B, heads, n, D) operand as the B operand of a GEMM, which needs
 // rows of whole panels: read in place when D is a multiple of the panel
@@ -99,12 +130,14 @@ struct ForwardScratch {
 
 template <typename T>
 void forward_query_block(const AttentionProblem& p, const T* q, const PanelHeads<T>& kp, const RowOperand<T>& vr,
-                         int64_t b, int64_t h, int64_t q0, T* out, T* lse, ForwardScratch<T>& ws) {
+                         int64_t b, int64_t h, QueryBlock blk, T* out, T* lse, ForwardScratch<T>& ws) {
   constexpr int NR = Simd<T>::panel;
+  const Segment& seg = p.segments[blk.seg];
+  const int64_t q0 = blk.q0;  // local to the segment, as every key and query index below
   const int64_t D = p.head_dim, Dp = round_up(D, NR);
-  const int64_t mq = std::min(kFwdBlockQ, p.len_q - q0);
+  const int64_t mq = std::min(kFwdBlockQ, seg.len_q - q0);
   const int64_t hk = h / (p.heads / p.kv_heads), kv_head = b * p.kv_heads + hk;
-  const T* qb = q + b * p.q.b + h * p.q.h + q0 * p.q.n;
+  const T* qb = q + b * p.q.b + h * p.q.h + (seg.q_start + q0) * p.q.n;
   const T sc = T(p.scale * kLog2e);
   const T neg_inf = -std::numeric_limits<T>::infinity();
 
@@ -120,16 +153,17 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PanelHeads
   std::fill(l, l + mq, T(0));
 
   int64_t first_key, last_key, unused;
-  row_key_range(p, q0, &first_key, &unused);
-  row_key_range(p, q0 + mq - 1, &unused, &last_key);
+  row_key_range(seg, q0, &first_key, &unused);
+  row_key_range(seg, q0 + mq - 1, &unused, &last_key);
 
   for (int64_t k0 = first_key / NR * NR; k0 <= last_key; k0 += kFwdBlockK) {
     const int64_t ncols = std::min(kFwdBlockK, round_up(last_key + 1 - k0, NR));
-    gemm_panels<T, true, kFwdBlockQ>(mq, ncols / NR, D, Qt, kp.at(kv_head, k0), NR, D * NR, S, kFwdBlockK, false);
+    gemm_panels<T, true, kFwdBlockQ>(mq, ncols / NR, D, Qt, kp.at(kv_head, blk.seg, k0), NR, D * NR, S, kFwdBlockK,
+                                     false);
     for (int64_t r = 0; r < mq; ++r) {
       T* srow = S + r * kFwdBlockK;
       int64_t a, e;
-      row_block_cols(p, q0 + r, k0, ncols, &a, &e);
+      row_block_cols(seg, q0 + r, k0, ncols, &a, &e);
       if (a >= e) {
         std::fill(srow, srow + ncols, T(0));
         continue;
@@ -147,16 +181,17 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PanelHeads
       m[r] = m_new;
     }
     // O += P V over the block's real keys: [mq, nvalid] @ [nvalid, Dp]
-    const int64_t nvalid = std::min(ncols, p.len_k - k0);
-    gemm_panels<T, false, kFwdBlockK>(mq, Dp / NR, nvalid, S, vr.row(b, hk, k0), vr.ld, NR, O, Dp, true);
+    const int64_t nvalid = std::min(ncols, seg.len_k - k0);
+    gemm_panels<T, false, kFwdBlockK>(mq, Dp / NR, nvalid, S, vr.row(b, hk, seg.k_start + k0), vr.ld, NR, O, Dp,
+                                      true);
   }
 
-  const int64_t row0 = (b * p.heads + h) * p.len_q + q0;
+  const int64_t row0 = (b * p.heads + h) * p.len_q + seg.q_start + q0;
   for (int64_t r = 0; r < mq; ++r) {
     T* orow = out + (row0 + r) * D;
     // Empty by the band, never by the sum: NaN and inf scores propagate as in the reference.
     int64_t first, last;
-    row_key_range(p, q0 + r, &first, &last);
+    row_key_range(seg, q0 + r, &first, &last);
     if (first <= last) {
       const T inv = T(1) / l[r];
       for (int64_t d = 0; d < D; ++d) orow[d] = O[r * Dp + d] * inv;
@@ -175,14 +210,15 @@ template <typename T>
 void attention_forward_cpu(const AttentionProblem& p, const T* q, const T* k, const T* v, T* out, T* lse) {
   const PanelHeads<T> kp(p, k, p.k);
   const RowOperand<T> vr(p, v, p.v, p.kv_heads, p.len_k);
-  const int64_t nqb = ceil_div(p.len_q, kFwdBlockQ);
+  const std::vector<QueryBlock> blocks = query_blocks(p, kFwdBlockQ);
+  const int64_t nblocks = static_cast<int64_t>(blocks.size());
 #pragma omp parallel num_threads(p.num_threads)
   {
     ForwardScratch<T> ws;
 #pragma omp for collapse(3) schedule(dynamic)
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t h = 0; h < p.heads; ++h)
-        for (int64_t qb = 0; qb < nqb; ++qb) forward_query_block(p, q, kp, vr, b, h, qb * kFwdBlockQ, out, lse, ws);
+        for (int64_t i = 0; i < nblocks; ++i) forward_query_block(p, q, kp, vr, b, h, blocks[i], out, lse, ws);
   }
 }
 
@@ -194,15 +230,18 @@ struct BackwardScratch {
 };
 
 // Per q head: Q and dO as transposed tiles of kBwdBlockQ rows (A operands;
-// Q's scaled by scale * log2 e), lse in log2 units, and
-// delta = rowsum(dO * O) - dlse.
+// Q's scaled by scale * log2 e), each segment starting a new tile; lse in
+// log2 units and delta = rowsum(dO * O) - dlse, by row of the whole axis.
 template <typename T>
 struct QueryPack {
-  int64_t tiles;
+  std::vector<int64_t> seg_tile;  // first tile of each segment; back(): tiles per head
+  int64_t head_dim;
   Buffer<T> qt, doutt, lse2, delta;
 
-  // Offset of the tile holding rows [q0, q0 + kBwdBlockQ) of head bh in qt, doutt.
-  int64_t tile(int64_t bh, int64_t q0, int64_t d) const { return (bh * tiles + q0 / kBwdBlockQ) * d * kBwdBlockQ; }
+  // Offset of the tile holding local rows [q0, q0 + kBwdBlockQ) of segment seg of head bh in qt, doutt.
+  int64_t tile(int64_t bh, int64_t seg, int64_t q0) const {
+    return (bh * seg_tile.back() + seg_tile[seg] + q0 / kBwdBlockQ) * head_dim * kBwdBlockQ;
+  }
 };
 
 template <typename T>
@@ -210,38 +249,43 @@ QueryPack<T> pack_queries(const AttentionProblem& p, const T* q, const T* out, c
                           const T* lse, const T* dlse) {
   QueryPack<T> qp;
   const int64_t D = p.head_dim, Nq = p.len_q, heads = p.batch * p.heads;
-  qp.tiles = ceil_div(Nq, kBwdBlockQ);
+  const int64_t nseg = static_cast<int64_t>(p.segments.size());
+  qp.seg_tile.assign(nseg + 1, 0);
+  for (int64_t s = 0; s < nseg; ++s) qp.seg_tile[s + 1] = qp.seg_tile[s] + ceil_div(p.segments[s].len_q, kBwdBlockQ);
+  qp.head_dim = D;
   const T sc = T(p.scale * kLog2e);
-  qp.qt = Buffer<T>(heads * qp.tiles * D * kBwdBlockQ);
-  qp.doutt = Buffer<T>(heads * qp.tiles * D * kBwdBlockQ);
+  qp.qt = Buffer<T>(heads * qp.seg_tile.back() * D * kBwdBlockQ);
+  qp.doutt = Buffer<T>(heads * qp.seg_tile.back() * D * kBwdBlockQ);
   qp.lse2 = Buffer<T>(heads * Nq);
   qp.delta = Buffer<T>(heads * Nq);
-#pragma omp parallel for collapse(2) num_threads(p.num_threads)
+#pragma omp parallel for collapse(3) num_threads(p.num_threads)
   for (int64_t b = 0; b < p.batch; ++b)
-    for (int64_t h = 0; h < p.heads; ++h) {
-      const int64_t bh = b * p.heads + h;
-      const T* qh = q + b * p.q.b + h * p.q.h;
-      const T* gh = dout + b * ds.b + h * ds.h;
-      for (int64_t q0 = 0; q0 < Nq; q0 += kBwdBlockQ) {
-        const int64_t rows = std::min(kBwdBlockQ, Nq - q0);
-        pack_transposed_scaled(qh + q0 * p.q.n, rows, D, p.q.n, sc, qp.qt.data() + qp.tile(bh, q0, D), kBwdBlockQ);
-        pack_transposed_scaled(gh + q0 * ds.n, rows, D, ds.n, T(1), qp.doutt.data() + qp.tile(bh, q0, D),
-                               kBwdBlockQ);
+    for (int64_t h = 0; h < p.heads; ++h)
+      for (int64_t s = 0; s < nseg; ++s) {
+        const Segment& seg = p.segments[s];
+        const int64_t bh = b * p.heads + h;
+        const T* qh = q + b * p.q.b + h * p.q.h + seg.q_start * p.q.n;
+        const T* gh = dout + b * ds.b + h * ds.h + seg.q_start * ds.n;
+        for (int64_t q0 = 0; q0 < seg.len_q; q0 += kBwdBlockQ) {
+          const int64_t rows = std::min(kBwdBlockQ, seg.len_q - q0);
+          pack_transposed_scaled(qh + q0 * p.q.n, rows, D, p.q.n, sc, qp.qt.data() + qp.tile(bh, s, q0), kBwdBlockQ);
+          pack_transposed_scaled(gh + q0 * ds.n, rows, D, ds.n, T(1), qp.doutt.data() + qp.tile(bh, s, q0),
+                                 kBwdBlockQ);
+        }
+        for (int64_t i = 0; i < seg.len_q; ++i) {
+          const int64_t row = bh * Nq + seg.q_start + i;
+          const T* o = out + row * D;
+          const T* g = gh + i * ds.n;
+          T dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += o[d] * g[d];
+          qp.delta[row] = dot - (dlse ? dlse[row] : T(0));
+          // A row without keys (by the band, not by its lse: a NaN or inf row must stay NaN) has
+          // P = 0: +inf makes exp2 give 0.
+          int64_t first, last;
+          row_key_range(seg, i, &first, &last);
+          qp.lse2[row] = first > last ? std::numeric_limits<T>::infinity() : T(lse[row] * kLog2e);
+        }
       }
-      for (int64_t i = 0; i < Nq; ++i) {
-        const int64_t row = bh * Nq + i;
-        const T* o = out + row * D;
-        const T* g = gh + i * ds.n;
-        T dot = 0;
-        for (int64_t d = 0; d < D; ++d) dot += o[d] * g[d];
-        qp.delta[row] = dot - (dlse ? dlse[row] : T(0));
-        // A row without keys (by the band, not by its lse: a NaN or inf row must stay NaN) has
-        // P = 0: +inf makes exp2 give 0.
-        int64_t first, last;
-        row_key_range(p, i, &first, &last);
-        qp.lse2[row] = first > last ? std::numeric_limits<T>::infinity() : T(lse[row] * kLog2e);
-      }
-    }
   return qp;
 }
 
@@ -256,11 +300,12 @@ struct BackwardRows {
 // the split's dQ accumulator.
 template <typename T>
 void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const PanelHeads<T>& kp,
-                        const PanelHeads<T>& vp, const BackwardRows<T>& rows, int64_t b, int64_t hk, int64_t k0,
-                        T* dq_acc, T* dk, T* dv, BackwardScratch<T>& ws) {
+                        const PanelHeads<T>& vp, const BackwardRows<T>& rows, int64_t b, int64_t hk, int64_t s,
+                        int64_t k0, T* dq_acc, T* dk, T* dv, BackwardScratch<T>& ws) {
   constexpr int NR = Simd<T>::panel;
+  const Segment& seg = p.segments[s];  // k0 and every query and key index below are local to it
   const int64_t D = p.head_dim, Dp = round_up(D, NR), Nq = p.len_q;
-  const int64_t nk = std::min(kBwdBlockK, p.len_k - k0);
+  const int64_t nk = std::min(kBwdBlockK, seg.len_k - k0);
   const int64_t ncols = round_up(nk, NR);
   const int64_t group = p.heads / p.kv_heads, kv_head = b * p.kv_heads + hk;
   const T scale = T(p.scale);
@@ -273,27 +318,27 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const
   std::fill(dV, dV + ncols * Dp, T(0));
 
   // Queries that see any key of [k0, k0 + nk).
-  const int64_t i_first = std::max<int64_t>(0, k0 - p.band_hi);
-  const int64_t i_last = std::min<int64_t>(Nq - 1, k0 + nk - 1 - p.band_lo);
+  const int64_t i_first = std::max<int64_t>(0, k0 - seg.band_hi);
+  const int64_t i_last = std::min<int64_t>(seg.len_q - 1, k0 + nk - 1 - seg.band_lo);
 
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t bh = b * p.heads + h;
-    const T* lse2 = qp.lse2.data() + bh * Nq;
-    const T* delta = qp.delta.data() + bh * Nq;
-    T* dQh = dq_acc + bh * Nq * Dp;
+    const T* lse2 = qp.lse2.data() + bh * Nq + seg.q_start;
+    const T* delta = qp.delta.data() + bh * Nq + seg.q_start;
+    T* dQh = dq_acc + (bh * Nq + seg.q_start) * Dp;
     for (int64_t q0 = i_first / kBwdBlockQ * kBwdBlockQ; q0 <= i_last; q0 += kBwdBlockQ) {
       const int64_t mq = std::min(kBwdBlockQ, i_last + 1 - q0);
       // S (log2 units) = Q K^T * scale * log2 e and dP = dO V^T: [mq, D] @ [D, ncols]
-      gemm_panels<T, true, kBwdBlockQ>(mq, ncols / NR, D, qp.qt.data() + qp.tile(bh, q0, D), kp.at(kv_head, k0),
+      gemm_panels<T, true, kBwdBlockQ>(mq, ncols / NR, D, qp.qt.data() + qp.tile(bh, s, q0), kp.at(kv_head, s, k0),
                                        NR, D * NR, P, kBwdBlockK, false);
-      gemm_panels<T, true, kBwdBlockQ>(mq, ncols / NR, D, qp.doutt.data() + qp.tile(bh, q0, D),
-                                       vp.at(kv_head, k0), NR, D * NR, dS, kBwdBlockK, false);
+      gemm_panels<T, true, kBwdBlockQ>(mq, ncols / NR, D, qp.doutt.data() + qp.tile(bh, s, q0),
+                                       vp.at(kv_head, s, k0), NR, D * NR, dS, kBwdBlockK, false);
       for (int64_t r = 0; r < mq; ++r) {
         const int64_t i = q0 + r;
         T* prow = P + r * kBwdBlockK;
         T* dsrow = dS + r * kBwdBlockK;
         int64_t a, e;
-        row_block_cols(p, i, k0, nk, &a, &e);
+        row_block_cols(seg, i, k0, nk, &a, &e);
         if (a >= e) {
           std::fill(prow, prow + ncols, T(0));
           std::fill(dsrow, dsrow + ncols, T(0));
@@ -306,16 +351,17 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const
         for (int64_t c = 0; c < ncols; ++c) dsrow[c] = prow[c] * (dsrow[c] - delta[i]) * scale;
       }
       // dV += P^T dO, dK += dS^T Q: [ncols, mq] @ [mq, Dp]
-      gemm_panels<T, true, kBwdBlockK>(ncols, Dp / NR, mq, P, rows.dout.row(b, h, q0), rows.dout.ld, NR, dV, Dp,
+      const int64_t qrow = seg.q_start + q0;
+      gemm_panels<T, true, kBwdBlockK>(ncols, Dp / NR, mq, P, rows.dout.row(b, h, qrow), rows.dout.ld, NR, dV, Dp,
                                        true);
-      gemm_panels<T, true, kBwdBlockK>(ncols, Dp / NR, mq, dS, rows.q.row(b, h, q0), rows.q.ld, NR, dK, Dp, true);
+      gemm_panels<T, true, kBwdBlockK>(ncols, Dp / NR, mq, dS, rows.q.row(b, h, qrow), rows.q.ld, NR, dK, Dp, true);
       // dQ += dS K over the block's real keys: [mq, nk] @ [nk, Dp]
-      gemm_panels<T, false, kBwdBlockK>(mq, Dp / NR, nk, dS, rows.k.row(b, hk, k0), rows.k.ld, NR, dQh + q0 * Dp,
-                                        Dp, true);
+      gemm_panels<T, false, kBwdBlockK>(mq, Dp / NR, nk, dS, rows.k.row(b, hk, seg.k_start + k0), rows.k.ld, NR,
+                                        dQh + q0 * Dp, Dp, true);
     }
   }
 
-  const int64_t row0 = kv_head * p.len_k + k0;
+  const int64_t row0 = kv_head * p.len_k + seg.k_start + k0;
   for (int64_t r = 0; r < nk; ++r) {
     for (int64_t d = 0; d < D; ++d) {
       dk[(row0 + r) * D + d] = dK[r * Dp + d];
@@ -335,12 +381,15 @@ void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, c
   const BackwardRows<T> rows{RowOperand<T>(p, q, p.q, p.heads, p.len_q),
                              RowOperand<T>(p, dout, dout_strides, p.heads, p.len_q),
                              RowOperand<T>(p, k, p.k, p.kv_heads, p.len_k)};
-  const int64_t heads_kv = p.batch * p.kv_heads;
+  const int64_t nseg = static_cast<int64_t>(p.segments.size());
+  const int64_t tasks = p.batch * p.kv_heads * nseg;
 
-  // Split the key blocks of a head across tasks only when there are too few
-  // heads to keep every thread busy; each split has its own dQ accumulator.
-  const int64_t nkb = ceil_div(p.len_k, kBwdBlockK);
-  const int64_t nsplit = std::clamp<int64_t>(ceil_div(4 * p.num_threads, heads_kv), 1, nkb);
+  // Split the key blocks of a segment's head across tasks only when there are
+  // too few (head, segment) pairs to keep every thread busy; each split has
+  // its own dQ accumulator.
+  int64_t nkb = 1;
+  for (const Segment& seg : p.segments) nkb = std::max(nkb, ceil_div(seg.len_k, kBwdBlockK));
+  const int64_t nsplit = std::clamp<int64_t>(ceil_div(4 * p.num_threads, tasks), 1, nkb);
   const int64_t D = p.head_dim, Dp = round_up(D, Simd<T>::panel);
   const int64_t dq_size = p.batch * p.heads * p.len_q * Dp;
   Buffer<T> dq_acc(nsplit * dq_size);
@@ -351,14 +400,14 @@ void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, c
 #pragma omp parallel num_threads(p.num_threads)
   {
     BackwardScratch<T> ws;
-#pragma omp for collapse(3) schedule(dynamic)
-    for (int64_t s = 0; s < nsplit; ++s)
+#pragma omp for collapse(4) schedule(dynamic)
+    for (int64_t split = 0; split < nsplit; ++split)
       for (int64_t b = 0; b < p.batch; ++b)
-        for (int64_t hk = 0; hk < p.kv_heads; ++hk)
-          // Interleaved key blocks balance causal masks across splits.
-          for (int64_t kb = s; kb < nkb; kb += nsplit)
-            backward_key_block(p, qp, kp, vp, rows, b, hk, kb * kBwdBlockK, dq_acc.data() + s * dq_size, dk, dv,
-                               ws);
+        for (int64_t s = 0; s < nseg; ++s)
+          for (int64_t hk = 0; hk < p.kv_heads; ++hk)
+            // Interleaved key blocks balance causal masks across splits.
+            for (int64_t k0 = split * kBwdBlockK; k0 < p.segments[s].len_k; k0 += nsplit * kBwdBlockK)
+              backward_key_block(p, qp, kp, vp, rows, b, hk, s, k0, dq_acc.data() + split * dq_size, dk, dv, ws);
   }
 
   const int64_t dq_rows = p.batch * p.heads * p.len_q;

@@ -2,19 +2,27 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
 
 namespace tessel {
 
-// Query i may attend to key j iff i + band_lo <= j <= i + band_hi (rows are
-// queries, columns keys). Causal, sliding windows and torch's top-left causal
-// all reduce to this band; an unbounded side is any value beyond +-(Nq + Nk).
+// A segment is one attention problem inside the sequence axis: queries
+// [q_start, q_start + len_q) attend to keys [k_start, k_start + len_k) only.
+// Local query i may attend to local key j iff i + band_lo <= j <= i + band_hi.
+// Causal, sliding windows and torch's top-left causal all reduce to this
+// band; an unbounded side is any value beyond +-(len_q + len_k). A dense
+// batch is one segment spanning both axes; packed variable-length sequences
+// (FlashAttention-2's varlen layout, batch 1) are one segment per sequence.
+struct Segment {
+  int64_t q_start, len_q, k_start, len_k, band_lo, band_hi;
+};
 
 struct AttentionProblem {
-  int64_t batch, heads, kv_heads, len_q, len_k, head_dim;
+  int64_t batch, heads, kv_heads, len_q, len_k, head_dim;  // len_q, len_k: whole axes
   double scale;
-  int64_t band_lo, band_hi;
+  std::vector<Segment> segments;  // disjoint, in order, covering both axes
   Strides4 q, k, v;
   int num_threads;
 };

@@ -85,11 +85,33 @@ auto by_dtype(const py::array& x, Fn&& fn) {
   return fn(float{});
 }
 
-AttentionProblem attention_problem(const py::array& q, const py::array& k, const py::array& v, double scale,
-                                   int64_t band_lo, int64_t band_hi, int num_threads) {
-  return AttentionProblem{q.shape(0), q.shape(1),       k.shape(1),  q.shape(2),
-                          k.shape(2), q.shape(3),       scale,       band_lo,
-                          band_hi,    strides4(q),      strides4(k), strides4(v),
+// segments: int64 (S, 6), rows (q_start, len_q, k_start, len_k, band_lo,
+// band_hi), consecutive and covering both sequence axes exactly (the kernels
+// write every output row through them and read nothing outside them).
+std::vector<tessel::Segment> attention_segments(const char* fn, const py::array& segments, int64_t len_q,
+                                                int64_t len_k) {
+  expect<int64_t>(fn, "segments", segments, {-1, 6});
+  const auto* rows = cdata<int64_t>(segments);
+  std::vector<tessel::Segment> out(segments.shape(0));
+  int64_t q_end = 0, k_end = 0;
+  for (size_t s = 0; s < out.size(); ++s) {
+    const int64_t* r = rows + 6 * s;
+    out[s] = {r[0], r[1], r[2], r[3], r[4], r[5]};
+    if (r[0] != q_end || r[2] != k_end || r[1] < 0 || r[3] < 0)
+      internal_error(fn, "segment " + std::to_string(s) + " does not continue the previous one");
+    q_end += r[1];
+    k_end += r[3];
+  }
+  if (q_end != len_q || k_end != len_k) internal_error(fn, "segments do not cover the sequence axes");
+  return out;
+}
+
+AttentionProblem attention_problem(const char* fn, const py::array& q, const py::array& k, const py::array& v,
+                                   double scale, const py::array& segments, int num_threads) {
+  return AttentionProblem{q.shape(0),  q.shape(1),  k.shape(1),
+                          q.shape(2),  k.shape(2),  q.shape(3),
+                          scale,       attention_segments(fn, segments, q.shape(2), k.shape(2)),
+                          strides4(q), strides4(k), strides4(v),
                           num_threads};
 }
 
@@ -106,27 +128,27 @@ void expect_qkv(const char* fn, const py::array& q, const py::array& k, const py
 
 template <typename T>
 void attention_forward_typed(const py::array& q, const py::array& k, const py::array& v, py::array& out,
-                             py::array& lse, double scale, int64_t band_lo, int64_t band_hi, int num_threads) {
+                             py::array& lse, double scale, const py::array& segments, int num_threads) {
   constexpr const char* fn = "attention_forward";
   expect_qkv<T>(fn, q, k, v);
   expect<T>(fn, "out", out, {q.shape(0), q.shape(1), q.shape(2), q.shape(3)}, Layout::Contiguous, true);
   expect<T>(fn, "lse", lse, {q.shape(0), q.shape(1), q.shape(2)}, Layout::Contiguous, true);
-  const AttentionProblem p = attention_problem(q, k, v, scale, band_lo, band_hi, num_threads);
+  const AttentionProblem p = attention_problem(fn, q, k, v, scale, segments, num_threads);
   py::gil_scoped_release release;
   tessel::attention_forward_cpu<T>(p, cdata<T>(q), cdata<T>(k), cdata<T>(v), data<T>(out), data<T>(lse));
 }
 
 void attention_forward(const py::array& q, const py::array& k, const py::array& v, py::array out, py::array lse,
-                       double scale, int64_t band_lo, int64_t band_hi, int num_threads) {
+                       double scale, const py::array& segments, int num_threads) {
   by_dtype(q, [&](auto t) {
-    attention_forward_typed<decltype(t)>(q, k, v, out, lse, scale, band_lo, band_hi, num_threads);
+    attention_forward_typed<decltype(t)>(q, k, v, out, lse, scale, segments, num_threads);
   });
 }
 
 template <typename T>
 void attention_backward_typed(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
                               const py::array& dout, const py::array& lse, const py::object& dlse, py::array& dq,
-                              py::array& dk, py::array& dv, double scale, int64_t band_lo, int64_t band_hi,
+                              py::array& dk, py::array& dv, double scale, const py::array& segments,
                               int num_threads) {
   constexpr const char* fn = "attention_backward";
   expect_qkv<T>(fn, q, k, v);
@@ -140,7 +162,7 @@ void attention_backward_typed(const py::array& q, const py::array& k, const py::
   expect<T>(fn, "dq", dq, q_shape, Layout::Contiguous, true);
   expect<T>(fn, "dk", dk, k_shape, Layout::Contiguous, true);
   expect<T>(fn, "dv", dv, k_shape, Layout::Contiguous, true);
-  const AttentionProblem p = attention_problem(q, k, v, scale, band_lo, band_hi, num_threads);
+  const AttentionProblem p = attention_problem(fn, q, k, v, scale, segments, num_threads);
   const Strides4 ds = strides4(dout);
   const T* dlse_ptr = dlse.is_none() ? nullptr : cdata<T>(dlse.cast<py::array>());
   py::gil_scoped_release release;
@@ -150,11 +172,9 @@ void attention_backward_typed(const py::array& q, const py::array& k, const py::
 
 void attention_backward(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
                         const py::array& dout, const py::array& lse, const py::object& dlse, py::array dq,
-                        py::array dk, py::array dv, double scale, int64_t band_lo, int64_t band_hi,
-                        int num_threads) {
+                        py::array dk, py::array dv, double scale, const py::array& segments, int num_threads) {
   by_dtype(q, [&](auto t) {
-    attention_backward_typed<decltype(t)>(q, k, v, out, dout, lse, dlse, dq, dk, dv, scale, band_lo, band_hi,
-                                          num_threads);
+    attention_backward_typed<decltype(t)>(q, k, v, out, dout, lse, dlse, dq, dk, dv, scale, segments, num_threads);
   });
 }
 
@@ -413,10 +433,10 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "tessel CPU kernels (C++17, OpenMP, SIMD)";
   m.attr("simd_bytes") = tessel::kVecBytes;
   m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
-        py::arg("lse"), py::arg("scale"), py::arg("band_lo"), py::arg("band_hi"), py::arg("num_threads"));
+        py::arg("lse"), py::arg("scale"), py::arg("segments"), py::arg("num_threads"));
   m.def("attention_backward", &attention_backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("dout"), py::arg("lse"), py::arg("dlse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
-        py::arg("scale"), py::arg("band_lo"), py::arg("band_hi"), py::arg("num_threads"));
+        py::arg("scale"), py::arg("segments"), py::arg("num_threads"));
   m.def("looped_forward", &looped_forward, py::arg("z"), py::arg("p"), py::arg("q"), py::arg("out"),
         py::arg("saved"), py::arg("loops"), py::arg("key_cols"), py::arg("inv_n"), py::arg("every"),
         py::arg("num_threads"));

@@ -2,12 +2,13 @@
 gradient compression, behind a thin PyTorch API."""
 from . import compress, distributed, icl, nn
 from ._dispatch import get_backend, set_backend, using_backend
-from .attention import attention, patch_sdpa, scaled_dot_product_attention
+from .attention import attention, attention_varlen, patch_sdpa, scaled_dot_product_attention
 from .linear_attention import linear_attention
 from .looped import looped_linear_attention
 
 __all__ = [
     "attention",
+    "attention_varlen",
     "compress",
     "distributed",
     "get_backend",

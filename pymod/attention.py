@@ -59,6 +59,25 @@ def attention_reference(q, k, v, *, causal=False, scale=None, window=None, retur
     return (out, lse.to(acc)) if return_lse else out
 
 
+def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None, window=None,
+                               return_lse=False):
+    """Packed sequences by a loop over them, each through attention_reference."""
+    acc = acc_dtype(q.dtype)
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[1::-1], -math.inf, dtype=acc, device=q.device)
+    for q0, q1, k0, k1 in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(),
+                              cu_seqlens_k[:-1].tolist(), cu_seqlens_k[1:].tolist()):
+        if q1 == q0:
+            continue
+        # One dense (1, H, n, D) problem per sequence.
+        dense = (x[a:e].transpose(0, 1)[None] for x, a, e in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        o, l = attention_reference(*dense, causal=causal, scale=scale, window=window, return_lse=True)
+        rows = torch.arange(q0, q1, device=q.device)
+        out = out.index_copy(0, rows, o[0].transpose(0, 1))
+        lse = lse.index_copy(1, rows, l[0])
+    return (out, lse) if return_lse else out
+
+
 def _band(nq: int, nk: int, causal: bool, window) -> tuple[int, int]:
     """(lo, hi): query i sees key j iff i + lo <= j <= i + hi."""
     off = nk - nq
@@ -105,7 +124,16 @@ def check_attention_inputs(q, k, v) -> None:
 # ---------------------------------------------------------------- kernels
 
 
+def _one_segment(q, k, lo, hi):
+    """tessel._C's segments for a dense batch: one, spanning both axes."""
+    return np.array([[0, q.shape[2], 0, k.shape[2], lo, hi]], dtype=np.int64)
+
+
 def _forward_cpp(q, k, v, scale, lo, hi):
+    return _segments_forward_cpp(q, k, v, scale, _one_segment(q, k, lo, hi))
+
+
+def _segments_forward_cpp(q, k, v, scale, segments):
     work = acc_dtype(q.dtype)
     q, k, v = (last_dim_contiguous(x.to(work)) for x in (q, k, v))
     b, h, nq, d = q.shape
@@ -113,12 +141,16 @@ def _forward_cpp(q, k, v, scale, lo, hi):
     lse = torch.empty(b, h, nq, dtype=work)
     _dispatch.cpp_module().attention_forward(
         numpy_view(q), numpy_view(k), numpy_view(v), numpy_view(out), numpy_view(lse),
-        scale, lo, hi, torch.get_num_threads(),
+        scale, segments, torch.get_num_threads(),
     )
     return out, lse
 
 
 def _backward_cpp(dout, q, k, v, out, lse, dlse, scale, lo, hi):
+    return _segments_backward_cpp(dout, q, k, v, out, lse, dlse, scale, _one_segment(q, k, lo, hi))
+
+
+def _segments_backward_cpp(dout, q, k, v, out, lse, dlse, scale, segments):
     work = acc_dtype(q.dtype)
     q, k, v, dout = (last_dim_contiguous(x.to(work)) for x in (q, k, v, dout))
     out = out.to(work).contiguous()
@@ -129,7 +161,7 @@ def _backward_cpp(dout, q, k, v, out, lse, dlse, scale, lo, hi):
     dv = torch.empty(v.shape, dtype=work)
     _dispatch.cpp_module().attention_backward(
         numpy_view(q), numpy_view(k), numpy_view(v), numpy_view(out), numpy_view(dout), numpy_view(lse), dlse,
-        numpy_view(dq), numpy_view(dk), numpy_view(dv), scale, lo, hi, torch.get_num_threads(),
+        numpy_view(dq), numpy_view(dk), numpy_view(dv), scale, segments, torch.get_num_threads(),
     )
     return dq, dk, dv
 
@@ -177,6 +209,70 @@ def _backward(ctx, dout, dlse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Packed sequences (total, heads, D) are the kernels' (1, heads, total, D)
+# with one segment per sequence (see _segments).
+def _as_batch(x):
+    return x.transpose(0, 1).unsqueeze(0)
+
+
+def _varlen_forward_cpp(q, k, v, segments, max_seqlen_q, max_seqlen_k, scale):
+    out, lse = _segments_forward_cpp(*map(_as_batch, (q, k, v)), scale, numpy_view(segments))
+    return out[0].transpose(0, 1), lse[0]
+
+
+def _varlen_backward_cpp(dout, q, k, v, out, lse, dlse, segments, max_seqlen_q, max_seqlen_k, scale):
+    dlse = None if dlse is None else dlse[None]
+    grads = _segments_backward_cpp(*map(_as_batch, (dout, q, k, v, out)), lse[None], dlse, scale,
+                                   numpy_view(segments))
+    return tuple(g[0].transpose(0, 1) for g in grads)
+
+
+def _varlen_forward_outputs(result, q, *_):
+    out, lse = result
+    return out.to(q.dtype).contiguous(), lse.to(acc_dtype(q.dtype)).contiguous()
+
+
+@kernel_op("attention", "varlen_fwd", cpp=_varlen_forward_cpp, triton="attention_varlen_forward",
+           finish=_varlen_forward_outputs)
+def _attention_varlen_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (q.shape[1], q.shape[0]), dtype=acc_dtype(q.dtype)
+    )
+
+
+def _varlen_backward_outputs(result, dout, q, k, v, *_):
+    return tuple(g.to(x.dtype).contiguous() for g, x in zip(result, (q, k, v)))
+
+
+@kernel_op("attention", "varlen_bwd", cpp=_varlen_backward_cpp, triton="attention_varlen_backward",
+           finish=_varlen_backward_outputs)
+def _attention_varlen_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    dlse: torch.Tensor | None, segments: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, segments, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, segments)
+    ctx.args = args
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, segments = ctx.saved_tensors
+    dq, dk, dv = _attention_varlen_bwd(dout, q, k, v, out, lse, dlse, segments, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_attention_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
 # ---------------------------------------------------------------- public API
 
 
@@ -205,6 +301,89 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, return_lse=Fals
         return attention_reference(q, k, v, causal=causal, scale=scale, window=window, return_lse=return_lse)
     lo, hi = _band(q.shape[-2], k.shape[-2], causal, window)
     out, lse = _attention_fwd(q, k, v, scale, lo, hi, backend)
+    return (out, lse) if return_lse else out
+
+
+def _check_cu_seqlens(name, cu, total, num_seqs, device, max_seqlen, max_name):
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of cumulative sequence lengths, got {type(cu).__name__}")
+    if cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be a 1-D int32 tensor (batch + 1,), got shape {tuple(cu.shape)} {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}: use one device")
+    if cu.shape[0] != num_seqs + 1:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got {num_seqs + 1} and "
+                         f"{cu.shape[0]}")
+    if not _dispatch.is_number(max_seqlen) or int(max_seqlen) != max_seqlen or max_seqlen < 0:
+        raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    if torch.compiler.is_compiling():
+        return  # the values are data: checked in eager mode only
+    bounds = cu.tolist()
+    lengths = [e - a for a, e in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != total or min(lengths) < 0:
+        raise ValueError(f"{name} must rise from 0 to the packed length {total} without decreasing, got "
+                         f"{bounds if len(bounds) <= 8 else bounds[:4] + ['...'] + bounds[-2:]}")
+    longest = max(lengths)
+    if longest > max_seqlen:
+        raise ValueError(f"{max_name} is {max_seqlen} but sequence {lengths.index(longest)} has length {longest}")
+
+
+def _segments(cu_seqlens_q, cu_seqlens_k, causal, window):
+    """int64 (batch, 6): per sequence (q_start, len_q, k_start, len_k,
+    band_lo, band_hi), the band of _band with each side clamped to
+    [-len_q - 1, len_k + 1] (past that it reaches every key or none)."""
+    q_start, k_start = cu_seqlens_q[:-1].long(), cu_seqlens_k[:-1].long()
+    len_q, len_k = cu_seqlens_q[1:].long() - q_start, cu_seqlens_k[1:].long() - k_start
+    offset = len_k - len_q
+    lo, hi = -len_q - 1, len_k + 1
+    if window is not None:
+        left, right = window
+        if left is not None:
+            lo = torch.maximum(offset - min(int(left), BAND_INF), lo)
+        if right is not None:
+            hi = torch.minimum(offset + min(int(right), BAND_INF), hi)
+    if causal:
+        hi = torch.minimum(offset, hi)
+    return torch.stack((q_start, len_q, k_start, len_k, lo, hi), dim=1)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
+                     scale=None, window=None, return_lse=False):
+    """Attention over packed variable-length sequences (FlashAttention-2's varlen API).
+
+    q: (total_q, H, D); k, v: (total_k, Hkv, D), H a multiple of Hkv.
+    Sequence i holds q rows cu_seqlens_q[i]:cu_seqlens_q[i+1] and k/v rows
+    cu_seqlens_k[i]:cu_seqlens_k[i+1] and attends only within itself;
+    cu_seqlens_* are int32 (batch + 1,) from 0 to total, on q's device.
+    max_seqlen_* bound the sequence lengths (an error if one is longer).
+    causal is bottom-right aligned per sequence; window, scale and the rules
+    for empty rows and NaN are attention()'s. Returns out (total_q, H, D) and,
+    with return_lse, lse (H, total_q) in float32 (float64 for float64).
+    No work is spent on padding: blocks never cross a sequence boundary.
+    """
+    layout = "(total, heads, head_dim)"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x, 3, layout)
+    check_same(("q", "k", "v"), (q, k, v))
+    (_, h, d), (_, hk, dk) = q.shape, k.shape
+    if dk != d:
+        raise ValueError(f"k has head_dim {dk} but q has head_dim {d}: shapes {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)} {layout}, got {tuple(v.shape)}")
+    if h % hk != 0:
+        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk}) for grouped-query attention")
+    num_seqs = cu_seqlens_q.shape[0] - 1 if isinstance(cu_seqlens_q, torch.Tensor) and cu_seqlens_q.dim() else 0
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], num_seqs, q.device, max_seqlen_q, "max_seqlen_q")
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], num_seqs, q.device, max_seqlen_k, "max_seqlen_k")
+    check_scale(scale)
+    _check_window(window)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    backend = _dispatch.resolve_backend("attention_varlen", q.device)
+    if backend == "reference":
+        return attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
+                                          window=window, return_lse=return_lse)
+    segments = _segments(cu_seqlens_q, cu_seqlens_k, causal, window)
+    out, lse = _attention_varlen_fwd(q, k, v, segments, int(max_seqlen_q), int(max_seqlen_k), scale, backend)
     return (out, lse) if return_lse else out
 
 
