@@ -13,6 +13,11 @@ Masks are a band: query i sees key j iff i + band_lo <= j <= i + band_hi
 forward visits only key blocks that touch the band, and runs the blocks
 entirely inside it without any score mask.
 
+Packed variable-length sequences (VARLEN) run the same kernels on batch 1:
+the program's batch index picks a sequence, whose rows (q_start, len_q,
+k_start, len_k, band_lo, band_hi) come from the segments tensor; programs
+past their sequence's length return at once, so no work is spent on padding.
+
 Limits: head_dim <= 256 (padded inside to a power of two, at least 16);
 float16, bfloat16, float32 (float32 dots in IEEE precision unless
 torch.backends.cuda.matmul.allow_tf32 is set); the last dim of q, k, v, dO
@@ -128,6 +133,18 @@ def _max_nan(a, b):
 
 
 @triton.jit
+def _segment(SEG, i_b, NQ, NK, band_lo, band_hi, VARLEN: tl.constexpr):
+    """(batch, q_start, len_q, k_start, len_k, band_lo, band_hi) of batch index i_b: a dense batch element
+    spans both axes; a packed sequence is row i_b of SEG, in batch 0."""
+    if VARLEN:
+        row = SEG + i_b * 6
+        return (0, tl.load(row), tl.load(row + 1).to(tl.int32), tl.load(row + 2), tl.load(row + 3).to(tl.int32),
+                tl.load(row + 4).to(tl.int32), tl.load(row + 5).to(tl.int32))
+    else:
+        return i_b, 0, NQ, 0, NK, band_lo, band_hi
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, skn, svn, offs_m, offs_n, offs_d, start, end,
                NK, D, qk_scale, band_lo, band_hi,
                MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -157,29 +174,32 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, skn, svn, offs_m, offs_n, offs_
 @triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_D", "seq_bucket", "band_kind", "split_len"],
                  prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE,
+def _fwd_kernel(Q, K, V, O, LSE, SEG,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                 sob, soh, sos, son, slb, slh, sls,
                 H, GROUP, NQ, NK, D, qk_scale, band_lo, band_hi, split_len,
                 seq_bucket, band_kind,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
-    """One program: BLOCK_M queries of one (batch, head) against the keys of one split."""
+                DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr = False):
+    """One program: BLOCK_M queries of one (batch or sequence, head) against the keys of one split."""
     tl.static_assert(BLOCK_D >= 16)
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_split = tl.program_id(2)
-    b = (i_bh // H).to(tl.int64)
+    b, q_start, NQ, k_start, NK, band_lo, band_hi = _segment(SEG, (i_bh // H).to(tl.int64), NQ, NK, band_lo,
+                                                             band_hi, VARLEN)
+    if i_m * BLOCK_M >= NQ:
+        return
     h = (i_bh % H).to(tl.int64)
     hk = h // GROUP
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+    q = tl.load(Q + b * sqb + h * sqh + (q_start + offs_m[:, None]) * sqn + offs_d[None, :],
                 mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D), other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
+    k_base = K + b * skb + hk * skh + k_start * skn
+    v_base = V + b * svb + hk * svh + k_start * svn
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -208,10 +228,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
     out = acc / tl.where(seen_any, l_i, 1.0)[:, None]
     lse = tl.where(seen_any, (m_i + tl.math.log2(tl.where(seen_any, l_i, 1.0))) / LOG2E, float("-inf"))
     lse = tl.where(m_i == float("inf"), float("inf"), lse)
-    o_base = O + b * sob + h * soh + i_split * sos
+    o_base = O + b * sob + h * soh + i_split * sos + q_start * son
     tl.store(o_base + offs_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D))
-    tl.store(LSE + b * slb + h * slh + i_split * sls + offs_m, lse, mask=offs_m < NQ)
+    tl.store(LSE + b * slb + h * slh + i_split * sls + q_start + offs_m, lse, mask=offs_m < NQ)
 
 
 @triton.jit
@@ -240,26 +260,33 @@ def _decode_combine_kernel(OP, LSEP, O, LSE, n_splits, NQ, D,
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, LSE, LSE2, sdb, sdh, sdn, H, NQ, NK, D, band_lo, band_hi,
-                           HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, LSE, LSE2, SEG, sob, soh, son, sdb, sdh, sdn,
+                           H, NQ_ALL, NQ, NK, D, band_lo, band_hi,
+                           HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                           VARLEN: tl.constexpr = False):
     """delta = rowsum(dO * O) - dlse, and lse in log2 units (+inf where the
-    band gives a row no key, so that exp2(S - lse2) is 0 there)."""
+    band gives a row no key, so that exp2(S - lse2) is 0 there). Row
+    statistics are (batch, H, NQ_ALL) contiguous."""
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    b = i_bh // H
+    b, q_start, NQ, _, NK, band_lo, band_hi = _segment(SEG, i_bh // H, NQ, NK, band_lo, band_hi, VARLEN)
+    if i_m * BLOCK_M >= NQ:
+        return
     h = i_bh % H
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < NQ) & (offs_d[None, :] < D)
-    o = tl.load(O + (i_bh * NQ + offs_m[:, None]) * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o * do.to(tl.float32), 1)
+    rows = q_start + offs_m
+    o = tl.load(O + b * sob + h * soh + rows[:, None] * son + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    stats = (b * H + h) * NQ_ALL + rows
     if HAS_DLSE:
-        delta -= tl.load(DLSE + i_bh * NQ + offs_m, mask=offs_m < NQ, other=0.0)
-    tl.store(DELTA + i_bh * NQ + offs_m, delta, mask=offs_m < NQ)
-    lse = tl.load(LSE + i_bh * NQ + offs_m, mask=offs_m < NQ, other=0.0)
+        delta -= tl.load(DLSE + stats, mask=offs_m < NQ, other=0.0)
+    tl.store(DELTA + stats, delta, mask=offs_m < NQ)
+    lse = tl.load(LSE + stats, mask=offs_m < NQ, other=0.0)
     empty = tl.maximum(offs_m + band_lo, 0) > tl.minimum(offs_m + band_hi, NK - 1)
-    tl.store(LSE2 + i_bh * NQ + offs_m, tl.where(empty, float("inf"), lse * LOG2E), mask=offs_m < NQ)
+    tl.store(LSE2 + stats, tl.where(empty, float("inf"), lse * LOG2E), mask=offs_m < NQ)
 
 
 @triton.jit
@@ -277,24 +304,27 @@ def _recompute_p_ds(q, k, v, do, lse2, delta, rows, cols, NQ, NK, qk_scale, band
 @triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_D", "seq_bucket", "band_kind"],
                  prune_configs_by={"early_config_prune": _pruner("dkdv")})
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
-                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                     H, HK, GROUP, NQ, NK, D, scale, qk_scale, band_lo, band_hi,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEG,
+                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
+                     H, HK, GROUP, NQ_ALL, NQ, NK, D, scale, qk_scale, band_lo, band_hi,
                      seq_bucket, band_kind,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
-    """One program: dK, dV of BLOCK_N keys of one (batch, kv head), summed over
-    the q heads of its group and every query block that sees them."""
+                     DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr = False):
+    """One program: dK, dV of BLOCK_N keys of one (batch or sequence, kv head),
+    summed over the q heads of its group and every query block that sees
+    them. dK and dV share their strides (sg*)."""
     i_n = tl.program_id(0)
     i_bhk = tl.program_id(1).to(tl.int64)
-    b = i_bhk // HK
+    b, q_start, NQ, k_start, NK, band_lo, band_hi = _segment(SEG, i_bhk // HK, NQ, NK, band_lo, band_hi, VARLEN)
+    if i_n * BLOCK_N >= NK:
+        return
     hk = i_bhk % HK
     cols = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (cols[:, None] < NK) & (offs_d[None, :] < D)
-    k = tl.load(K + b * skb + hk * skh + cols[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + cols[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(K + b * skb + hk * skh + (k_start + cols[:, None]) * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + (k_start + cols[:, None]) * svn + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -304,9 +334,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
     start = tl.maximum(0, col_lo - band_hi) // BLOCK_M * BLOCK_M
     end = tl.maximum(tl.minimum(NQ, col_hi - band_lo + 1), start)
     for h in range(hk * GROUP, hk * GROUP + GROUP):
-        q_base = Q + b * sqb + h * sqh
-        do_base = DO + b * sdb + h * sdh
-        row_base = (b * H + h) * NQ
+        q_base = Q + b * sqb + h * sqh + q_start * sqn
+        do_base = DO + b * sdb + h * sdh + q_start * sdn
+        row_base = (b * H + h) * NQ_ALL + q_start
         for start_m in range(start, end, BLOCK_M):
             rows = start_m + offs_m
             q_mask = (rows[:, None] < NQ) & (offs_d[None, :] < D)
@@ -318,7 +348,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
                                     DOT_PRECISION)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-    out = (i_bhk * NK + cols[:, None]) * D + offs_d[None, :]
+    out = b * sgb + hk * sgh + (k_start + cols[:, None]) * sgn + offs_d[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -326,34 +356,38 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
 @triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_D", "seq_bucket", "band_kind"],
                  prune_configs_by={"early_config_prune": _pruner("dq")})
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
-                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                   H, GROUP, NQ, NK, D, scale, qk_scale, band_lo, band_hi,
+def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEG,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
+                   H, GROUP, NQ_ALL, NQ, NK, D, scale, qk_scale, band_lo, band_hi,
                    seq_bucket, band_kind,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
-    """One program: dQ of BLOCK_M queries of one (batch, head)."""
+                   DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr = False):
+    """One program: dQ (strides sg*) of BLOCK_M queries of one (batch or sequence, head)."""
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    b = i_bh // H
+    b, q_start, NQ, k_start, NK, band_lo, band_hi = _segment(SEG, i_bh // H, NQ, NK, band_lo, band_hi, VARLEN)
+    if i_m * BLOCK_M >= NQ:
+        return
     h = i_bh % H
     hk = h // GROUP
     rows = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q_mask = (rows[:, None] < NQ) & (offs_d[None, :] < D)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :], mask=q_mask, other=0.0)
-    lse2 = tl.load(LSE2 + i_bh * NQ + rows, mask=rows < NQ, other=float("inf"))
-    delta = tl.load(DELTA + i_bh * NQ + rows, mask=rows < NQ, other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + (q_start + rows[:, None]) * sqn + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + (q_start + rows[:, None]) * sdn + offs_d[None, :], mask=q_mask,
+                 other=0.0)
+    stats = (b * H + h) * NQ_ALL + q_start + rows
+    lse2 = tl.load(LSE2 + stats, mask=rows < NQ, other=float("inf"))
+    delta = tl.load(DELTA + stats, mask=rows < NQ, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     row_lo = i_m * BLOCK_M
     row_hi = tl.minimum(row_lo + BLOCK_M, NQ) - 1
     start = tl.maximum(0, row_lo + band_lo) // BLOCK_N * BLOCK_N
     end = tl.maximum(tl.minimum(NK, row_hi + band_hi + 1), start)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
+    k_base = K + b * skb + hk * skh + k_start * skn
+    v_base = V + b * svb + hk * svh + k_start * svn
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         kv_mask = (cols[:, None] < NK) & (offs_d[None, :] < D)
@@ -362,8 +396,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
         _, ds = _recompute_p_ds(q, k, v, do, lse2, delta, rows, cols, NQ, NK, qk_scale, band_lo, band_hi,
                                 DOT_PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    tl.store(DQ + (i_bh * NQ + rows[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=q_mask)
+    tl.store(DQ + b * sgb + h * sgh + (q_start + rows[:, None]) * sgn + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ---------------------------------------------------------------- host side
@@ -436,7 +470,7 @@ def attention_forward(q, k, v, scale: float, band_lo: int, band_hi: int, num_spl
         return triton.cdiv(nq, meta["BLOCK_M"]), b * h, num_splits
 
     _fwd_kernel[grid](
-        q, k, v, o_part, lse_part, *strides3(q), *strides3(k), *strides3(v), *o_strides, *l_strides,
+        q, k, v, o_part, lse_part, None, *strides3(q), *strides3(k), *strides3(v), *o_strides, *l_strides,
         h, h // hk, nq, nk, d, scale * LOG2E.value, band_lo, band_hi, split_len,
         _seq_bucket(max(nq, nk)), band_kind,
         BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype),
@@ -449,33 +483,84 @@ def attention_forward(q, k, v, scale: float, band_lo: int, band_hi: int, num_spl
     return out, lse
 
 
+# Packed sequences (total, heads, D) are launched as (1, heads, total, D) views
+# with one segment per sequence: batch strides never matter (batch 0), and the
+# grid covers the longest sequence's blocks for every sequence.
+_VARLEN_BAND_KIND = -1  # an autotuning key of its own: the bands vary by sequence
+
+
+def _as_batch(x):
+    return x.transpose(0, 1).unsqueeze(0)
+
+
+def attention_varlen_forward(q, k, v, segments, max_seqlen_q: int, max_seqlen_k: int, scale: float):
+    """out (total_q, H, D) in q's dtype and lse (H, total_q) in float32 for
+    packed sequences; segments: int64 (batch, 6) on q's device (see
+    tessel.attention's _segments)."""
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
+    total_q, h, d = q.shape
+    total_k, hk, _ = k.shape
+    out = torch.empty(total_q, h, d, device=q.device, dtype=q.dtype)
+    lse = torch.empty(h, total_q, device=q.device, dtype=torch.float32)
+    qb, kb, vb, ob = (_as_batch(x) for x in (q, k, v, out))
+    _fwd_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), segments.shape[0] * h, 1)](
+        q, k, v, out, lse, segments, *strides3(qb), *strides3(kb), *strides3(vb),
+        ob.stride(0), ob.stride(1), 0, ob.stride(2), 0, lse.stride(0), 0,
+        h, h // hk, total_q, total_k, d, scale * LOG2E.value, 0, 0, max(total_k, 1),
+        _seq_bucket(max(max_seqlen_q, max_seqlen_k)), _VARLEN_BAND_KIND,
+        BLOCK_D=_block_d(q.dtype, d), DOT_PRECISION=dot_precision(q.dtype), VARLEN=True,
+    )
+    return out, lse
+
+
+def _backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, scale, band, segments, batches, rows, keys, tuning_keys):
+    """The three backward kernels on (B, H, N, D) views (dk and dv share
+    strides); lse and dlse are (B, H, Nq) contiguous. Dense: segments None,
+    `batches` the batch, `rows`/`keys` Nq/Nk; packed: one batch of segments,
+    `rows`/`keys` the longest sequence's lengths."""
+    b, h, nq, d = q.shape
+    hk, nk = k.shape[1], k.shape[2]
+    varlen = segments is not None
+    stats = dict(device=q.device, dtype=torch.float32)
+    delta, lse2 = torch.empty(b, h, nq, **stats), torch.empty(b, h, nq, **stats)
+    block_d = _block_d(q.dtype, d)
+    pre_block = 16 if triton_interpreting() else 64
+    _bwd_preprocess_kernel[(triton.cdiv(rows, pre_block), batches * h)](
+        out, dout, dlse.contiguous() if dlse is not None else lse, delta, lse, lse2, segments,
+        *strides3(out), *strides3(dout), h, nq, nq, nk, d, *band,
+        HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_D=block_d, VARLEN=varlen,
+    )
+    common = (*strides3(q), *strides3(k), *strides3(v), *strides3(dout))
+    tuning = dict(BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen)
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(keys, meta["BLOCK_N"]), batches * hk)](
+        q, k, v, dout, lse2, delta, dk, dv, segments, *common, *strides3(dk),
+        h, hk, h // hk, nq, nq, nk, d, scale, scale * LOG2E.value, *band, *tuning_keys, **tuning,
+    )
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), batches * h)](
+        q, k, v, dout, lse2, delta, dq, segments, *common, *strides3(dq),
+        h, h // hk, nq, nq, nk, d, scale, scale * LOG2E.value, *band, *tuning_keys, **tuning,
+    )
+
+
 def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, band_lo: int, band_hi: int):
     """(dq, dk, dv) in the inputs' dtypes; deterministic (no atomics)."""
     q, k, v, dout = (last_dim_contiguous(x) for x in (q, k, v, dout))
-    out, lse = out.contiguous(), lse.contiguous()
-    b, h, nq, d = q.shape
-    hk, nk = k.shape[1], k.shape[2]
-    block_d = _block_d(q.dtype, d)
+    b, _, nq, _ = q.shape
+    nk = k.shape[2]
     keys = (_seq_bucket(max(nq, nk)), _band_kind(band_lo, band_hi))
-    band_lo, band_hi = _clamp_band(band_lo, band_hi, nq, nk)
-    delta = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
-    lse2 = torch.empty_like(delta)
-    pre_block = 16 if triton_interpreting() else 64
-    _bwd_preprocess_kernel[(triton.cdiv(nq, pre_block), b * h)](
-        out, dout, dlse.contiguous() if dlse is not None else lse, delta, lse, lse2, *strides3(dout),
-        h, nq, nk, d, band_lo, band_hi, HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_D=block_d,
-    )
-    dq = torch.empty(b, h, nq, d, device=q.device, dtype=q.dtype)
-    dk = torch.empty(b, hk, nk, d, device=q.device, dtype=k.dtype)
-    dv = torch.empty(b, hk, nk, d, device=q.device, dtype=v.dtype)
-    common = (*strides3(q), *strides3(k), *strides3(v), *strides3(dout))
-    tuning = dict(BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype))
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hk)](
-        q, k, v, dout, lse2, delta, dk, dv, *common,
-        h, hk, h // hk, nq, nk, d, scale, scale * LOG2E.value, band_lo, band_hi, *keys, **tuning,
-    )
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h)](
-        q, k, v, dout, lse2, delta, dq, *common,
-        h, h // hk, nq, nk, d, scale, scale * LOG2E.value, band_lo, band_hi, *keys, **tuning,
-    )
+    dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
+    _backward(dout, q, k, v, last_dim_contiguous(out), lse.contiguous(), dlse, dq, dk, dv, scale,
+              _clamp_band(band_lo, band_hi, nq, nk), None, b, nq, nk, keys)
+    return dq, dk, dv
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, dlse, segments, max_seqlen_q: int, max_seqlen_k: int,
+                              scale: float):
+    """(dq, dk, dv) of packed sequences, (total, heads, D) in the inputs' dtypes."""
+    q, k, v, dout, out = (last_dim_contiguous(x) for x in (q, k, v, dout, out))
+    dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
+    keys = (_seq_bucket(max(max_seqlen_q, max_seqlen_k)), _VARLEN_BAND_KIND)
+    _backward(*(_as_batch(x) for x in (dout, q, k, v, out)), lse.contiguous()[None],
+              None if dlse is None else dlse[None], *(_as_batch(x) for x in (dq, dk, dv)), scale, (0, 0),
+              segments, segments.shape[0], max_seqlen_q, max_seqlen_k, keys)
     return dq, dk, dv

@@ -34,6 +34,14 @@ def samples(backend):
     yield attention._attention_fwd, (q, k, v, 0.25, -3, 2, backend)
     yield attention._attention_bwd, _plain((dout, q, k, v, out, lse, None, 0.25, -3, 2, backend))
     yield attention._attention_bwd, _plain((dout, q, k, v, out, lse, rand(*lse.shape, seed=5), 0.25, -3, 2, backend))
+    pq, pk, pv = rand(9, 4, 16, seed=16, grad=True), rand(12, 2, 16, seed=17, grad=True), rand(12, 2, 16, seed=18,
+                                                                                              grad=True)
+    segments = attention._segments(torch.tensor([0, 4, 4, 9]), torch.tensor([0, 5, 7, 12]), True, (3, None))
+    out, lse = attention._attention_varlen_fwd(pq, pk, pv, segments, 5, 5, 0.25, backend)
+    yield attention._attention_varlen_fwd, (pq, pk, pv, segments, 5, 5, 0.25, backend)
+    for dlse in (None, rand(*lse.shape, seed=19)):
+        yield attention._attention_varlen_bwd, _plain((rand(*out.shape, seed=20), pq, pk, pv, out, lse, dlse,
+                                                       segments, 5, 5, 0.25, backend))
     lk, lv = rand(1, 2, 5, 16, seed=6, grad=True), rand(1, 2, 5, 8, seed=7, grad=True)
     s0 = rand(1, 2, 16, 8, seed=8, grad=True)
     for causal, state0 in ((True, None), (False, s0)):
@@ -55,6 +63,7 @@ def test_every_custom_op_passes_opcheck(backend):
     for op, args in samples(backend):
         torch.library.opcheck(op, args)
         seen.add(op._qualname)
-    assert seen == {f"tessel::{name}" for name in ("attention_fwd", "attention_bwd", "linear_attention_fwd",
+    assert seen == {f"tessel::{name}" for name in ("attention_fwd", "attention_bwd", "attention_varlen_fwd",
+                                                    "attention_varlen_bwd", "linear_attention_fwd",
                                                     "linear_attention_bwd", "looped_fwd", "looped_bwd",
                                                     "compress_orthogonalize_")}, seen
