@@ -1,13 +1,14 @@
 """Attention suite: tessel.attention vs its reference and torch SDPA (each
 fast CUDA backend forced, and flash-attn when installed, on CUDA), forward and
-forward+backward."""
+forward+backward; tessel.attention_varlen on packed sequences vs SDPA on the
+zero-padded batch with a boolean mask and a loop of SDPA calls per sequence."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 import tessel
-from tessel.attention import attention_reference
+from tessel.attention import attention_reference, attention_varlen_reference
 
 from ._harness import Case, forward_backward_call, forward_call
 
@@ -27,6 +28,9 @@ QUICK = [(32, 2, 2, 256, 32), (4, 8, 8, 1024, 64)]
 CUDA_FULL = [(16 * 16384 // n // 16, 16, 16, n, 128) for n in (1024, 2048, 4096, 8192, 16384)]
 # Decode against a KV cache, (B, H, Hkv, Nq, Nk, D): memory-bound, reported in GB/s.
 CUDA_DECODE = [(8, 32, 32, 1, 32768, 128), (8, 32, 8, 1, 32768, 128), (8, 32, 32, 16, 32768, 128)]
+# Packed sequences (count, shortest, longest, H, D), causal: lengths uniform in [shortest, longest].
+VARLEN = (64, 16, 1024, 8, 64)
+VARLEN_QUICK = (16, 16, 512, 8, 64)
 # The reference materialises scores, probabilities and their grads: leave it
 # out of cases where those would pass this many bytes.
 REFERENCE_BYTES = 2 * 2**30
@@ -112,7 +116,56 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
             ))
     if device == "cuda" and not quick:
         out += _decode_cases(dtype, gen)
-    return out
+    return out + _varlen_cases(device, dtype, quick, gen)
+
+
+def _padded(x, cu, longest):
+    """(total, H, D) packed rows -> (batch, H, longest, D), zeros after each sequence."""
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    rows = torch.nn.utils.rnn.pad_sequence(list(x.split(lengths)), batch_first=True)
+    return torch.nn.functional.pad(rows, (0, 0, 0, 0, 0, longest - rows.shape[1])).transpose(1, 2).contiguous()
+
+
+def _varlen_cases(device, dtype, quick, gen) -> list[Case]:
+    """What padding-free training runs: causal attention over packed sequences."""
+    count, shortest, longest, h, d = VARLEN_QUICK if quick else VARLEN
+    lengths = torch.randint(shortest, longest + 1, (count,), generator=torch.Generator().manual_seed(0))
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+    padded_len = int(lengths.max())
+    q, k, v = (torch.randn(int(cu[-1]), h, d, device=device, dtype=dtype, generator=gen) for _ in range(3))
+    grad = torch.randn(q.shape, device=device, dtype=dtype, generator=gen)
+    padded = [_padded(x, cu, padded_len) for x in (q, k, v)]
+    padded_grad = _padded(grad, cu, padded_len)
+    valid = torch.arange(padded_len, device=device)[None, :] < lengths.to(device)[:, None]
+    # Key j is seen by query i of sequence b iff j is a real token and j <= i.
+    mask = valid[:, None, None, :] & torch.ones(padded_len, padded_len, device=device, dtype=torch.bool).tril()
+
+    ours = lambda q, k, v: tessel.attention_varlen(q, k, v, cu, cu, padded_len, padded_len, causal=True)
+    ref = lambda q, k, v: attention_varlen_reference(q, k, v, cu, cu, causal=True)
+    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+
+    def sdpa_loop(q, k, v):
+        return torch.cat([F.scaled_dot_product_attention(*(x[a:e].transpose(0, 1) for x in (q, k, v)),
+                                                         is_causal=True).transpose(0, 1) for a, e in bounds])
+
+    def sdpa_padded(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    name = f"varlen-{count}x{shortest}..{longest}-H{h}-D{d}-causal"
+    flops = 4 * h * d * sum(unmasked_pairs(n, True) for n in lengths.tolist())
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    padded_leaves = [x.clone().requires_grad_() for x in padded]
+    return [
+        Case("attention", name, "fwd", dtype, device, flops,
+             forward_call(ours, (q, k, v)), forward_call(ref, (q, k, v)),
+             {"sdpa_padded": forward_call(sdpa_padded, padded), "sdpa_loop": forward_call(sdpa_loop, (q, k, v))},
+             lambda: _output_error(ours, ref, (q, k, v))),
+        Case("attention", name, "fwd+bwd", dtype, device, 3.5 * flops,
+             forward_backward_call(ours, leaves, grad), forward_backward_call(ref, leaves, grad),
+             {"sdpa_padded": forward_backward_call(sdpa_padded, padded_leaves, padded_grad),
+              "sdpa_loop": forward_backward_call(sdpa_loop, leaves, grad)},
+             lambda: _grad_error(ours, ref, leaves, grad)),
+    ]
 
 
 def _decode_cases(dtype, gen) -> list[Case]:

@@ -62,19 +62,15 @@ def attention_reference(q, k, v, *, causal=False, scale=None, window=None, retur
 def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None, window=None,
                                return_lse=False):
     """Packed sequences by a loop over them, each through attention_reference."""
-    acc = acc_dtype(q.dtype)
-    out = torch.zeros_like(q)
-    lse = torch.full(q.shape[1::-1], -math.inf, dtype=acc, device=q.device)
+    outs, lses = [], []
     for q0, q1, k0, k1 in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(),
                               cu_seqlens_k[:-1].tolist(), cu_seqlens_k[1:].tolist()):
-        if q1 == q0:
-            continue
         # One dense (1, H, n, D) problem per sequence.
         dense = (x[a:e].transpose(0, 1)[None] for x, a, e in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
-        o, l = attention_reference(*dense, causal=causal, scale=scale, window=window, return_lse=True)
-        rows = torch.arange(q0, q1, device=q.device)
-        out = out.index_copy(0, rows, o[0].transpose(0, 1))
-        lse = lse.index_copy(1, rows, l[0])
+        out, lse = attention_reference(*dense, causal=causal, scale=scale, window=window, return_lse=True)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    out, lse = torch.cat(outs), torch.cat(lses, dim=1)
     return (out, lse) if return_lse else out
 
 
