@@ -237,13 +237,25 @@ void looped_backward(const py::array& saved, const py::array& wp, const py::arra
 // q (B, H, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); causal needs Nq = Nk.
 template <typename T>
 tessel::LinearProblem linear_problem(const char* fn, const py::array& q, const py::array& k, const py::array& v,
-                                     double scale, bool causal, int num_threads) {
+                                     double scale, bool causal, const py::object& cu_seqlens, int num_threads) {
   expect<T>(fn, "v", v, {-1, -1, -1, -1}, Layout::LastDim);
   expect_qkv<T>(fn, q, k, v, v.shape(3));
   if (causal && q.shape(2) != k.shape(2)) internal_error(fn, "causal needs as many queries as keys");
-  return tessel::LinearProblem{q.shape(0), q.shape(1), k.shape(1),  q.shape(2),  k.shape(2),  q.shape(3),
-                               v.shape(3), scale,      causal,      strides4(q), strides4(k), strides4(v),
-                               num_threads};
+  tessel::LinearProblem p{q.shape(0), q.shape(1), k.shape(1),  q.shape(2),  k.shape(2),  q.shape(3),
+                          v.shape(3), scale,      causal,      strides4(q), strides4(k), strides4(v),
+                          num_threads};
+  if (!cu_seqlens.is_none()) {
+    const auto cu = cu_seqlens.cast<py::array>();
+    expect<int64_t>(fn, "cu_seqlens", cu, {-1});
+    const auto* bounds = cdata<int64_t>(cu);
+    p.bounds.assign(bounds, bounds + cu.shape(0));
+    if (p.batch != 1 || p.len_q != p.len_k || p.bounds.size() < 2 || p.bounds.front() != 0 ||
+        p.bounds.back() != p.len_q)
+      internal_error(fn, "cu_seqlens must run from 0 to the length of a batch of one, with Nq == Nk");
+    for (size_t s = 1; s < p.bounds.size(); ++s)
+      if (p.bounds[s] < p.bounds[s - 1]) internal_error(fn, "cu_seqlens must not decrease");
+  }
+  return p;
 }
 
 template <typename T>
@@ -256,27 +268,29 @@ T* optional_mutable(const py::object& x) {
   return x.is_none() ? nullptr : static_cast<T*>(x.cast<py::array>().mutable_data());
 }
 
-std::vector<int64_t> state_shape(const py::array& k, const py::array& v) {
-  return {k.shape(0), k.shape(1), k.shape(3), v.shape(3)};
+std::vector<int64_t> state_shape(const tessel::LinearProblem& p) {
+  return {p.batch * p.sequences(), p.kv_heads, p.dim, p.dim_v};
 }
 
 template <typename T>
 void linear_forward_typed(const py::array& q, const py::array& k, const py::array& v, const py::object& state0,
-                          py::array& out, py::array& state_out, double scale, bool causal, int num_threads) {
+                          py::array& out, py::array& state_out, double scale, bool causal,
+                          const py::object& cu_seqlens, int num_threads) {
   constexpr const char* fn = "linear_forward";
-  const auto p = linear_problem<T>(fn, q, k, v, scale, causal, num_threads);
-  expect_optional<T>(fn, "state0", state0, state_shape(k, v));
+  const auto p = linear_problem<T>(fn, q, k, v, scale, causal, cu_seqlens, num_threads);
+  expect_optional<T>(fn, "state0", state0, state_shape(p));
   expect<T>(fn, "out", out, {q.shape(0), q.shape(1), q.shape(2), v.shape(3)}, Layout::Contiguous, true);
-  expect<T>(fn, "state_out", state_out, state_shape(k, v), Layout::Contiguous, true);
+  expect<T>(fn, "state_out", state_out, state_shape(p), Layout::Contiguous, true);
   const T* s0 = optional_data<T>(state0);
   py::gil_scoped_release release;
   tessel::linear_forward_cpu<T>(p, cdata<T>(q), cdata<T>(k), cdata<T>(v), s0, data<T>(out), data<T>(state_out));
 }
 
 void linear_forward(const py::array& q, const py::array& k, const py::array& v, const py::object& state0,
-                    py::array out, py::array state_out, double scale, bool causal, int num_threads) {
+                    py::array out, py::array state_out, double scale, bool causal, const py::object& cu_seqlens,
+                    int num_threads) {
   by_dtype(q, [&](auto t) {
-    linear_forward_typed<decltype(t)>(q, k, v, state0, out, state_out, scale, causal, num_threads);
+    linear_forward_typed<decltype(t)>(q, k, v, state0, out, state_out, scale, causal, cu_seqlens, num_threads);
   });
 }
 
@@ -284,10 +298,10 @@ template <typename T>
 void linear_backward_typed(const py::array& q, const py::array& k, const py::array& v, const py::object& state0,
                            const py::array& state_final, const py::array& dout, const py::object& dstate,
                            py::array& dq, py::array& dk, py::array& dv, const py::object& dstate0, double scale,
-                           bool causal, int num_threads) {
+                           bool causal, const py::object& cu_seqlens, int num_threads) {
   constexpr const char* fn = "linear_backward";
-  const auto p = linear_problem<T>(fn, q, k, v, scale, causal, num_threads);
-  const auto st = state_shape(k, v);
+  const auto p = linear_problem<T>(fn, q, k, v, scale, causal, cu_seqlens, num_threads);
+  const auto st = state_shape(p);
   expect_optional<T>(fn, "state0", state0, st);
   expect<T>(fn, "state_final", state_final, st);
   expect<T>(fn, "dout", dout, {q.shape(0), q.shape(1), q.shape(2), v.shape(3)}, Layout::LastDim);
@@ -308,10 +322,10 @@ void linear_backward_typed(const py::array& q, const py::array& k, const py::arr
 void linear_backward(const py::array& q, const py::array& k, const py::array& v, const py::object& state0,
                      const py::array& state_final, const py::array& dout, const py::object& dstate, py::array dq,
                      py::array dk, py::array dv, const py::object& dstate0, double scale, bool causal,
-                     int num_threads) {
+                     const py::object& cu_seqlens, int num_threads) {
   by_dtype(q, [&](auto t) {
     linear_backward_typed<decltype(t)>(q, k, v, state0, state_final, dout, dstate, dq, dk, dv, dstate0, scale,
-                                       causal, num_threads);
+                                       causal, cu_seqlens, num_threads);
   });
 }
 
@@ -444,10 +458,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dz"), py::arg("dp"), py::arg("dq"), py::arg("loops"), py::arg("key_cols"), py::arg("inv_n"),
         py::arg("every"), py::arg("num_threads"));
   m.def("linear_forward", &linear_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("state0"),
-        py::arg("out"), py::arg("state_out"), py::arg("scale"), py::arg("causal"), py::arg("num_threads"));
+        py::arg("out"), py::arg("state_out"), py::arg("scale"), py::arg("causal"), py::arg("cu_seqlens"),
+        py::arg("num_threads"));
   m.def("linear_backward", &linear_backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("state0"),
         py::arg("state_final"), py::arg("dout"), py::arg("dstate"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
-        py::arg("dstate0"), py::arg("scale"), py::arg("causal"), py::arg("num_threads"));
+        py::arg("dstate0"), py::arg("scale"), py::arg("causal"), py::arg("cu_seqlens"), py::arg("num_threads"));
   m.def("compress_project", &compress_project, py::arg("grads"), py::arg("errors"), py::arg("p"), py::arg("q"),
         py::arg("rank"), py::arg("onto_p"), py::arg("num_threads"));
   m.def("compress_reconstruct", &compress_reconstruct, py::arg("grads"), py::arg("errors"), py::arg("p_out"),

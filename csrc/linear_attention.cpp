@@ -1,6 +1,6 @@
 // Chunked linear attention (causal and non-causal), forward and backward.
 //
-// One task per (batch, kv head), OpenMP over tasks; the q heads of a GQA
+// One task per (batch, sequence, kv head), OpenMP over tasks; the q heads of a GQA
 // group run inside their kv head's task, so the running state S (D x Dv) is
 // built once and stays in cache. A chunk of kChunk tokens costs one masked
 // kChunk x kChunk product (intra-chunk) plus products with the state
@@ -29,6 +29,19 @@ struct Operand {
   Strides4 st;
   const T* rows(int64_t b, int64_t h, int64_t r0) const { return base + b * st.b + h * st.h + r0 * st.n; }
 };
+
+// The rows a task works on: its sequence's queries [q0, q0 + nq) and keys
+// [k0, k0 + nk), and the index of its state in (B * sequences, Hkv).
+struct TaskRows {
+  int64_t q0, nq, k0, nk, state;
+};
+
+inline TaskRows task_rows(const LinearProblem& p, int64_t b, int64_t s, int64_t hk) {
+  const int64_t state = (b * p.sequences() + s) * p.kv_heads + hk;
+  if (p.bounds.empty()) return {0, p.len_q, 0, p.len_k, state};
+  const int64_t start = p.bounds[s], len = p.bounds[s + 1] - start;
+  return {start, len, start, len, state};
+}
 
 // dst[r * ld_dst + c] = factor * src[r * ld_src + c] for r < rows, c < cols.
 template <typename T>
@@ -100,12 +113,13 @@ void load_state(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
     std::fill(dst, dst + rows * ld, T(0));
 }
 
+// q, k, v and out start at the task's first rows (t.q0, t.k0).
 template <typename T>
 void forward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T> v, const T* state0, T* out,
-                  T* state_out, int64_t b, int64_t hk, Work<T>& w) {
+                  T* state_out, int64_t b, int64_t hk, const TaskRows& t, Work<T>& w) {
   const int64_t D = p.dim, Dv = p.dim_v, group = p.heads / p.kv_heads;
   const T scale = static_cast<T>(p.scale);
-  const int64_t state_off = (b * p.kv_heads + hk) * D * Dv;
+  const int64_t state_off = t.state * D * Dv;
   T* S = w.state.data();
   load_state(state0 ? state0 + state_off : nullptr, D, Dv, S, w.dvp);
   auto emit = [&](int64_t h, int64_t r0, int64_t len) {  // out rows = acc1 rows
@@ -117,8 +131,8 @@ void forward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T>
     pack_rows_padded(v.rows(b, hk, r0), len, Dv, v.st.n, w.vR.data(), w.dvp);
   };
   if (!p.causal) {
-    for (int64_t r0 = 0; r0 < p.len_k; r0 += kKeyBlock) {  // S += k^T v over all keys
-      const int64_t len = std::min(kKeyBlock, p.len_k - r0);
+    for (int64_t r0 = 0; r0 < t.nk; r0 += kKeyBlock) {  // S += k^T v over all keys
+      const int64_t len = std::min(kKeyBlock, t.nk - r0);
       pack_transposed_scaled(k.rows(b, hk, r0), len, D, k.st.n, T(1), w.keysT.data(), kKeyBlock);
       pack_rows_padded(v.rows(b, hk, r0), len, Dv, v.st.n, w.valuesR.data(), w.dvp);
       gemm_panels<T, false, kKeyBlock>(D, w.dvp / Work<T>::NR, len, w.keysT.data(), w.valuesR.data(), w.dvp,
@@ -131,16 +145,15 @@ void forward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T>
     scale_inplace(S, D * w.dvp, scale);
     for (int64_t g = 0; g < group; ++g) {
       const int64_t h = hk * group + g;
-      for (int64_t r0 = 0; r0 < p.len_q; r0 += kChunk)  // a chunk of q stays in L1 across the panels
-        gemm_panels<T, false, 0>(std::min(kChunk, p.len_q - r0), w.dvp / Work<T>::NR, D, q.rows(b, h, r0), S,
+      for (int64_t r0 = 0; r0 < t.nq; r0 += kChunk)  // a chunk of q stays in L1 across the panels
+        gemm_panels<T, false, 0>(std::min(kChunk, t.nq - r0), w.dvp / Work<T>::NR, D, q.rows(b, h, r0), S,
                                  w.dvp, Work<T>::NR, out + ((b * p.heads + h) * p.len_q + r0) * Dv, Dv, false,
                                  Triangle::kNone, q.st.n);
     }
     return;
   }
-  const int64_t n_rows = p.len_q;
-  for (int64_t r0 = 0; r0 < n_rows; r0 += kChunk) {
-    const int64_t len = std::min(kChunk, n_rows - r0);
+  for (int64_t r0 = 0; r0 < t.nq; r0 += kChunk) {
+    const int64_t len = std::min(kChunk, t.nq - r0);
     if (p.causal) pack_kv(r0, len);
     for (int64_t g = 0; g < group; ++g) {
       const int64_t h = hk * group + g;
@@ -158,18 +171,20 @@ void forward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T>
   if (state_out) copy_rows(S, w.dvp, D, Dv, T(1), state_out + state_off, Dv);
 }
 
-// The backward of one (batch, kv head): packing helpers and the passes over
-// chunks, as named steps that share the task's operands and work buffers.
+// The backward of one (batch, sequence, kv head): packing helpers and the
+// passes over chunks, as named steps that share the task's operands and work
+// buffers. Operands and gradients start at the task's first rows.
 template <typename T>
 struct BackwardTask {
   const LinearProblem& p;
   Operand<T> q, k, v, dout;
   T *dq, *dk, *dv;
   int64_t b, hk;
+  const TaskRows& t;
   Work<T>& w;
   int64_t D = p.dim, Dv = p.dim_v, group = p.heads / p.kv_heads, dp = w.dp, dvp = w.dvp;
   T scale = static_cast<T>(p.scale);
-  int64_t state_off = (b * p.kv_heads + hk) * D * Dv;
+  int64_t state_off = t.state * D * Dv;
   T* ST = w.stateT.data();  // S^T (Dv x Dp), the state dq reads
   T* dS = w.state.data();   // dS (D x Dvp), the gradient of the state after a chunk
 
@@ -213,8 +228,8 @@ struct BackwardTask {
   // over all queries, then dk = v dS^T, dv = k dS over all keys.
   void non_causal(const T* state_final) {
     load_state_t(state_final);
-    for (int64_t r0 = 0; r0 < p.len_q; r0 += kChunk) {
-      const int64_t len = std::min(kChunk, p.len_q - r0);
+    for (int64_t r0 = 0; r0 < t.nq; r0 += kChunk) {
+      const int64_t len = std::min(kChunk, t.nq - r0);
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g;
         pack_q(h, r0, len);
@@ -224,8 +239,8 @@ struct BackwardTask {
         add_q_do_to_ds(len);
       }
     }
-    for (int64_t r0 = 0; r0 < p.len_k; r0 += kChunk) {
-      const int64_t len = std::min(kChunk, p.len_k - r0);
+    for (int64_t r0 = 0; r0 < t.nk; r0 += kChunk) {
+      const int64_t len = std::min(kChunk, t.nk - r0);
       pack_k(r0, len);
       pack_v(r0, len);
       inter_dk_dv(len);
@@ -236,8 +251,8 @@ struct BackwardTask {
   // Causal, forward over chunks: dq = scale (dO S_before^T + tril(dO v^T) k).
   void causal_dq(const T* state0) {
     load_state_t(state0);
-    for (int64_t r0 = 0; r0 < p.len_q; r0 += kChunk) {
-      const int64_t len = std::min(kChunk, p.len_q - r0);
+    for (int64_t r0 = 0; r0 < t.nq; r0 += kChunk) {
+      const int64_t len = std::min(kChunk, t.nq - r0);
       pack_k(r0, len);
       pack_v(r0, len);
       for (int64_t g = 0; g < group; ++g) {
@@ -256,8 +271,8 @@ struct BackwardTask {
   // Causal, reverse over chunks: dv = triu(k qs^T) dO + k dS, dk = scale
   // triu(v dO^T) q + v dS^T, then dS += qs^T dO.
   void causal_dk_dv() {
-    for (int64_t c = ceil_div(p.len_k, kChunk) - 1; c >= 0; --c) {
-      const int64_t r0 = c * kChunk, len = std::min(kChunk, p.len_k - r0);
+    for (int64_t c = ceil_div(t.nk, kChunk) - 1; c >= 0; --c) {
+      const int64_t r0 = c * kChunk, len = std::min(kChunk, t.nk - r0);
       pack_k(r0, len);
       pack_v(r0, len);
       inter_dk_dv(len);
@@ -281,8 +296,8 @@ struct BackwardTask {
 template <typename T>
 void backward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T> v, const T* state0,
                    const T* state_final, Operand<T> dout, const T* dstate, T* dq, T* dk, T* dv, T* dstate0,
-                   int64_t b, int64_t hk, Work<T>& w) {
-  BackwardTask<T> task{p, q, k, v, dout, dq, dk, dv, b, hk, w};
+                   int64_t b, int64_t hk, const TaskRows& t, Work<T>& w) {
+  BackwardTask<T> task{p, q, k, v, dout, dq, dk, dv, b, hk, t, w};
   load_state(dstate ? dstate + task.state_off : nullptr, task.D, task.Dv, task.dS, task.dvp);
   if (p.causal) {
     task.causal_dq(state0);
@@ -301,10 +316,14 @@ void linear_forward_cpu(const LinearProblem& p, const T* q, const T* k, const T*
 #pragma omp parallel num_threads(p.num_threads)
   {
     Work<T> w(p.dim, p.dim_v);
-#pragma omp for collapse(2) schedule(dynamic)
+#pragma omp for collapse(3) schedule(dynamic)
     for (int64_t b = 0; b < p.batch; ++b)
-      for (int64_t hk = 0; hk < p.kv_heads; ++hk)
-        forward_task<T>(p, {q, p.q}, {k, p.k}, {v, p.v}, state0, out, state_out, b, hk, w);
+      for (int64_t s = 0; s < p.sequences(); ++s)
+        for (int64_t hk = 0; hk < p.kv_heads; ++hk) {
+          const TaskRows t = task_rows(p, b, s, hk);
+          forward_task<T>(p, {q + t.q0 * p.q.n, p.q}, {k + t.k0 * p.k.n, p.k}, {v + t.k0 * p.v.n, p.v}, state0,
+                          out + t.q0 * p.dim_v, state_out, b, hk, t, w);
+        }
   }
 }
 
@@ -315,11 +334,15 @@ void linear_backward_cpu(const LinearProblem& p, const T* q, const T* k, const T
 #pragma omp parallel num_threads(p.num_threads)
   {
     Work<T> w(p.dim, p.dim_v);
-#pragma omp for collapse(2) schedule(dynamic)
+#pragma omp for collapse(3) schedule(dynamic)
     for (int64_t b = 0; b < p.batch; ++b)
-      for (int64_t hk = 0; hk < p.kv_heads; ++hk)
-        backward_task<T>(p, {q, p.q}, {k, p.k}, {v, p.v}, state0, state_final, {dout, dout_strides}, dstate, dq, dk, dv,
-                         dstate0, b, hk, w);
+      for (int64_t s = 0; s < p.sequences(); ++s)
+        for (int64_t hk = 0; hk < p.kv_heads; ++hk) {
+          const TaskRows t = task_rows(p, b, s, hk);
+          backward_task<T>(p, {q + t.q0 * p.q.n, p.q}, {k + t.k0 * p.k.n, p.k}, {v + t.k0 * p.v.n, p.v}, state0,
+                           state_final, {dout + t.q0 * dout_strides.n, dout_strides}, dstate, dq + t.q0 * p.dim,
+                           dk + t.k0 * p.dim, dv + t.k0 * p.dim_v, dstate0, b, hk, t, w);
+        }
   }
 }
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
 
@@ -12,13 +13,19 @@ namespace tessel {
 //   non-causal: o_t = scale * q_t S,    S   = S_0 + sum_s k_s^T v_s
 // q: (B, H, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv), last dims
 // contiguous; q head h reads kv head h / (H / Hkv). Causal needs Nq == Nk.
-// States (S_0, the final S and their gradients): (B, Hkv, D, Dv) contiguous.
+// Packed sequences (`bounds`, flash-linear-attention's cu_seqlens: B = 1,
+// Nq == Nk): sequence s is rows [bounds[s], bounds[s + 1]) with a state of
+// its own. States (S_0, the final S and their gradients): (B * sequences,
+// Hkv, D, Dv) contiguous.
 struct LinearProblem {
   int64_t batch, heads, kv_heads, len_q, len_k, dim, dim_v;
   double scale;
   bool causal;
   Strides4 q, k, v;
   int num_threads;
+  std::vector<int64_t> bounds;  // empty: one sequence per batch element
+
+  int64_t sequences() const { return bounds.empty() ? 1 : static_cast<int64_t>(bounds.size()) - 1; }
 };
 
 // out: (B, H, Nq, Dv) contiguous. state0 may be null (zero). state_out: the

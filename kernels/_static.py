@@ -231,15 +231,20 @@ def _attention(dtype, d):
     out, lse = k.attention_forward(q, kk, v, 0.1, -k.BAND_INF, 0)
     k.attention_forward(q[:, :, :1], kk, v, 0.1, -k.BAND_INF, k.BAND_INF, num_splits=4)  # decode: split-K
     k.attention_backward(torch.randn_like(q), q, kk, v, out, lse, None, 0.1, -k.BAND_INF, 0)
+    # Packed sequences of 200 and 312 tokens, causal: (q_start, len_q, k_start, len_k, band_lo, band_hi).
+    segments = torch.tensor([[0, 200, 0, 200, -201, 0], [200, 312, 200, 312, -313, 0]])
+    q, kk, v = (x[0].transpose(0, 1) for x in (q, kk, v))
+    out, lse = k.attention_varlen_forward(q, kk, v, segments, 312, 312, 0.1)
+    k.attention_varlen_backward(torch.randn_like(q), q, kk, v, out, lse, None, segments, 312, 312, 0.1)
 
 
 def _linear_attention(dtype, d):
     from . import linear_attention as k
 
     q, kk, v = (torch.randn(1, 4, 256, d, dtype=dtype) for _ in range(3))
-    for causal in (True, False):
-        _, state = k.linear_forward(q, kk, v, None, 0.1, causal)
-        k.linear_backward(q, kk, v, None, state, torch.randn_like(q), None, 0.1, causal)
+    for causal, cu_seqlens in ((True, None), (False, None), (True, torch.tensor([0, 100, 256]))):
+        _, state = k.linear_forward(q, kk, v, None, cu_seqlens, 0.1, causal)
+        k.linear_backward(q, kk, v, None, cu_seqlens, state, torch.randn_like(q), None, 0.1, causal)
 
 
 def _looped(dtype, d1):

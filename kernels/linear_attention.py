@@ -13,6 +13,8 @@ the feature maps already applied and s = scale:
   the q heads of its GQA group: dv = triu(k qs^T) dO + k dS, dk = triu(v dO^T)
   qs + v dS^T (a partial sum per value block, added up after), dS += qs^T dO.
   No atomics: deterministic.
+Packed sequences (VARLEN, cu_seqlens, batch 1): the program's batch index
+picks a sequence, whose tokens it walks with its own state.
 Dots take the input dtype with fp32 accumulation; states are fp32 (cast to
 the input dtype as dot operands, as fla does). Dims pad to powers of two, at
 least 16 (the smallest tl.dot).
@@ -80,6 +82,18 @@ def _pruner(kernel: str, dim_key: str):
 
 
 @triton.jit
+def _sequence(CU, i_b, NQ, NK, VARLEN: tl.constexpr):
+    """(batch, first token, NQ, NK) of batch index i_b: a dense batch element, or packed sequence i_b
+    (CU: its cu_seqlens) in batch 0."""
+    if VARLEN:
+        start = tl.load(CU + i_b)
+        n = (tl.load(CU + i_b + 1) - start).to(tl.int32)
+        return 0, start.to(tl.int64), n, n
+    else:
+        return i_b, 0, NQ, NK
+
+
+@triton.jit
 def _intra_chunk(x, a, b, offs_t, DOT_PRECISION: tl.constexpr):
     """tril(x a^T) b, [BT, cols of b]: the part of a causal chunk's result that comes from the chunk
     itself (forward: x = q, a = k, b = v; dq: x = dO, a = v, b = k)."""
@@ -91,21 +105,23 @@ def _intra_chunk(x, a, b, offs_t, DOT_PRECISION: tl.constexpr):
 @triton.autotune(configs=_chunk_configs(), key=_KEY,
                  prune_configs_by={"early_config_prune": _pruner("fwd", "BD")})
 @triton.jit
-def _fwd_kernel(Q, K, V, S0, O, SF, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+def _fwd_kernel(Q, K, V, S0, O, SF, CU, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                 H, G, NQ, NK, D, DV, scale,
                 HAS_S0: tl.constexpr, CAUSAL: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-                BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                BT: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr = False):
     iv, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    i_b, h = bh // H, bh % H
+    out_rows = NQ  # O is (batch, H, NQ, DV) contiguous
+    b, start, NQ, NK = _sequence(CU, i_b, NQ, NK, VARLEN)
     hk = h // G
     HK = H // G
     offs_d = tl.arange(0, BD)
     offs_v = iv * BV + tl.arange(0, BV)
     offs_t = tl.arange(0, BT)
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    state_base = (b * HK + hk) * D * DV
+    q_base = Q + b * sqb + h * sqh + start * sqn
+    k_base = K + b * skb + hk * skh + start * skn
+    v_base = V + b * svb + hk * svh + start * svn
+    state_base = (i_b * HK + hk) * D * DV
     if HAS_S0:
         S = _load_tile(S0 + state_base, offs_d, offs_v, DV, D, DV)
     else:
@@ -126,8 +142,8 @@ def _fwd_kernel(Q, K, V, S0, O, SF, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
             v = _load_tile(v_base, rows, offs_v, svn, NK, DV)
             o += _intra_chunk(q, k, v, offs_t, DOT_PRECISION)
             S += tl.dot(tl.trans(k), v, input_precision=DOT_PRECISION)
-        tl.store(O + (bh * NQ + rows[:, None]) * DV + offs_v[None, :], o.to(O.dtype.element_ty),
-                 mask=(rows[:, None] < NQ) & (offs_v[None, :] < DV))
+        tl.store(O + ((b * H + h) * out_rows + start + rows[:, None]) * DV + offs_v[None, :],
+                 o.to(O.dtype.element_ty), mask=(rows[:, None] < NQ) & (offs_v[None, :] < DV))
     if h % G == 0:
         tl.store(SF + state_base + offs_d[:, None] * DV + offs_v[None, :], S,
                  mask=(offs_d[:, None] < D) & (offs_v[None, :] < DV))
@@ -136,24 +152,26 @@ def _fwd_kernel(Q, K, V, S0, O, SF, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
 @triton.autotune(configs=_chunk_configs(), key=["BK", "BVF", "CAUSAL"],
                  prune_configs_by={"early_config_prune": _pruner("dq", "BVF")})
 @triton.jit
-def _bwd_dq_kernel(K, V, DO, ST0, DQ, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+def _bwd_dq_kernel(K, V, DO, ST0, DQ, CU, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                    H, G, NQ, NK, D, DV, scale,
                    HAS_S0: tl.constexpr, CAUSAL: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
-                   BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   BT: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr = False):
     ik, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    i_b, h = bh // H, bh % H
+    out_rows = NQ  # DQ is (batch, H, NQ, D) contiguous
+    b, start, NQ, NK = _sequence(CU, i_b, NQ, NK, VARLEN)
     hk = h // G
     HK = H // G
     offs_k = ik * BK + tl.arange(0, BK)
     offs_v = tl.arange(0, BVF)
     offs_t = tl.arange(0, BT)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    do_base = DO + b * sdb + h * sdh
+    k_base = K + b * skb + hk * skh + start * skn
+    v_base = V + b * svb + hk * svh + start * svn
+    do_base = DO + b * sdb + h * sdh + start * sdn
     dt = K.dtype.element_ty
     # S^T[:, key block] (Dv x BK): the state before the chunk (causal) or the final state.
     if HAS_S0:
-        ST = tl.load(ST0 + (b * HK + hk) * D * DV + offs_k[None, :] * DV + offs_v[:, None],
+        ST = tl.load(ST0 + (i_b * HK + hk) * D * DV + offs_k[None, :] * DV + offs_v[:, None],
                      mask=(offs_k[None, :] < D) & (offs_v[:, None] < DV), other=0.0)
     else:
         ST = tl.zeros([BVF, BK], dtype=tl.float32)
@@ -166,7 +184,7 @@ def _bwd_dq_kernel(K, V, DO, ST0, DQ, skb, skh, skn, svb, svh, svn, sdb, sdh, sd
             v = _load_tile(v_base, rows, offs_v, svn, NK, DV)
             dq += _intra_chunk(do, v, k, offs_t, DOT_PRECISION)
             ST += tl.dot(tl.trans(v), k, input_precision=DOT_PRECISION)
-        tl.store(DQ + (bh * NQ + rows[:, None]) * D + offs_k[None, :], dq * scale,
+        tl.store(DQ + ((b * H + h) * out_rows + start + rows[:, None]) * D + offs_k[None, :], dq * scale,
                  mask=(rows[:, None] < NQ) & (offs_k[None, :] < D))
 
 
@@ -190,18 +208,21 @@ def _dkdv_chunk(dS, q_base, do_base, sqn, sdn, k, v, rows, offs_t, offs_d, offs_
 @triton.autotune(configs=_chunk_configs(), key=_KEY,
                  prune_configs_by={"early_config_prune": _pruner("dkdv", "BD")})
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DSF, DS0, DKP, DV_, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                     sdb, sdh, sdn, H, G, NQ, NK, D, DV, scale,
+def _bwd_dkdv_kernel(Q, K, V, DO, DSF, DS0, DKP, DV_, CU, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                     sdb, sdh, sdn, H, G, NQ, NK, D, DV, scale, part_rows,
                      HAS_DS: tl.constexpr, CAUSAL: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-                     BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     BT: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr = False):
+    """DV_: (batch, HK, NK, DV); DKP: the value blocks' partial dK, each part_rows rows of D."""
     iv, bhk = tl.program_id(0), tl.program_id(1)
     HK = H // G
-    b, hk = bhk // HK, bhk % HK
+    i_b, hk = bhk // HK, bhk % HK
+    out_rows = NK
+    b, start, NQ, NK = _sequence(CU, i_b, NQ, NK, VARLEN)
     offs_d = tl.arange(0, BD)
     offs_v = iv * BV + tl.arange(0, BV)
     offs_t = tl.arange(0, BT)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
+    k_base = K + b * skb + hk * skh + start * skn
+    v_base = V + b * svb + hk * svh + start * svn
     dt = K.dtype.element_ty
     state_base = bhk * D * DV
     if HAS_DS:
@@ -214,7 +235,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DSF, DS0, DKP, DV_, sqb, sqh, sqn, skb, skh, s
         for g in range(G):
             h = hk * G + g
             for t0 in range(0, NQ, BT):
-                dS, _, _ = _dkdv_chunk(dS, Q + b * sqb + h * sqh, DO + b * sdb + h * sdh, sqn, sdn,
+                dS, _, _ = _dkdv_chunk(dS, Q + b * sqb + h * sqh + start * sqn, DO + b * sdb + h * sdh + start * sdn,
+                                       sqn, sdn,
                                        zero_d.to(dt), zero_v.to(dt), t0 + offs_t, offs_t, offs_d, offs_v,
                                        NQ, D, DV, scale, zero_v, zero_d, False, DOT_PRECISION)
     n_chunks = tl.cdiv(NK, BT)
@@ -230,12 +252,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DSF, DS0, DKP, DV_, sqb, sqh, sqn, skb, skh, s
         if CAUSAL:
             for g in range(G):
                 h = hk * G + g
-                dS, dv, dk = _dkdv_chunk(dS, Q + b * sqb + h * sqh, DO + b * sdb + h * sdh, sqn, sdn, k, v,
+                dS, dv, dk = _dkdv_chunk(dS, Q + b * sqb + h * sqh + start * sqn,
+                                         DO + b * sdb + h * sdh + start * sdn, sqn, sdn, k, v,
                                          rows, offs_t, offs_d, offs_v, NQ, D, DV, scale, dv, dk, True,
                                          DOT_PRECISION)
-        tl.store(DV_ + (bhk * NK + rows[:, None]) * DV + offs_v[None, :], dv,
-                 mask=(rows[:, None] < NK) & (offs_v[None, :] < DV))
-        tl.store(DKP + ((iv * tl.num_programs(1) + bhk) * NK + rows[:, None]) * D + offs_d[None, :], dk,
+        out = (b * HK + hk) * out_rows + start + rows[:, None]
+        tl.store(DV_ + out * DV + offs_v[None, :], dv, mask=(rows[:, None] < NK) & (offs_v[None, :] < DV))
+        tl.store(DKP + (iv * part_rows + out) * D + offs_d[None, :], dk,
                  mask=(rows[:, None] < NK) & (offs_d[None, :] < D))
     tl.store(DS0 + state_base + offs_d[:, None] * DV + offs_v[None, :], dS,
              mask=(offs_d[:, None] < D) & (offs_v[None, :] < DV))
@@ -253,30 +276,38 @@ def _state_block(full_rows: int, cols: int, tile: int = STATE_TILE) -> int:
     return min(pow2_block(cols), max(16, tile // full_rows))
 
 
-def linear_forward(q, k, v, state0, scale: float, causal: bool):
-    """out (B, H, Nq, Dv) in q's dtype and the final state (B, Hkv, D, Dv) fp32."""
+def _states(b: int, cu_seqlens) -> int:
+    """States (and program rows per head): one per batch element, or per packed sequence."""
+    return b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+def linear_forward(q, k, v, state0, cu_seqlens, scale: float, causal: bool):
+    """out (B, H, Nq, Dv) in q's dtype and the final state (states, Hkv, D, Dv)
+    fp32; cu_seqlens (or None): packed sequences in a batch of one."""
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     _check(q.dtype, d, dv)
     q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
+    states = _states(b, cu_seqlens)
     out = torch.empty(b, h, nq, dv, device=q.device, dtype=q.dtype)
-    state = torch.empty(b, hk, d, dv, device=q.device, dtype=torch.float32)
+    state = torch.empty(states, hk, d, dv, device=q.device, dtype=torch.float32)
     s0 = state if state0 is None else state0.float().contiguous()
     bd = pow2_block(d)
     bv = _state_block(bd, dv)
-    grid = (triton.cdiv(dv, bv), b * h)
-    _fwd_kernel[grid](q, k, v, s0, out, state, *strides3(q), *strides3(k), *strides3(v), h, h // hk, nq, nk, d, dv,
-                      scale, HAS_S0=state0 is not None, CAUSAL=causal, BD=bd, BV=bv,
-                      DOT_PRECISION=dot_precision(q.dtype))
+    grid = (triton.cdiv(dv, bv), states * h)
+    _fwd_kernel[grid](q, k, v, s0, out, state, cu_seqlens, *strides3(q), *strides3(k), *strides3(v), h, h // hk,
+                      nq, nk, d, dv, scale, HAS_S0=state0 is not None, CAUSAL=causal, BD=bd, BV=bv,
+                      DOT_PRECISION=dot_precision(q.dtype), VARLEN=cu_seqlens is not None)
     return out, state
 
 
-def linear_backward(q, k, v, state0, state, dout, dstate, scale: float, causal: bool):
-    """dq, dk, dv in fp32 and the gradient of state0 (B, Hkv, D, Dv) fp32.
+def linear_backward(q, k, v, state0, cu_seqlens, state, dout, dstate, scale: float, causal: bool):
+    """dq, dk, dv in fp32 and the gradient of state0 (states, Hkv, D, Dv) fp32.
     state: the forward's final state (the non-causal dq reads it)."""
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     _check(q.dtype, d, dv)
+    states, varlen = _states(b, cu_seqlens), cu_seqlens is not None
     q, k, v, dout = (last_dim_contiguous(x) for x in (q, k, v, dout))
     precision = dot_precision(q.dtype)
     bd, bvf = pow2_block(d), pow2_block(dv)
@@ -286,18 +317,19 @@ def linear_backward(q, k, v, state0, state, dout, dstate, scale: float, causal: 
     has_st = st is not None
     st = st.float().contiguous() if has_st else dq
     bk = _state_block(bvf, d)
-    _bwd_dq_kernel[(triton.cdiv(d, bk), b * h)](
-        k, v, dout, st, dq, *strides3(k), *strides3(v), *strides3(dout), h, h // hk, nq, nk, d, dv, scale,
-        HAS_S0=has_st, CAUSAL=causal, BK=bk, BVF=bvf, DOT_PRECISION=precision)
+    _bwd_dq_kernel[(triton.cdiv(d, bk), states * h)](
+        k, v, dout, st, dq, cu_seqlens, *strides3(k), *strides3(v), *strides3(dout), h, h // hk, nq, nk, d, dv,
+        scale, HAS_S0=has_st, CAUSAL=causal, BK=bk, BVF=bvf, DOT_PRECISION=precision, VARLEN=varlen)
 
     bv = _state_block(bd, dv, DKDV_STATE_TILE)
     n_vb = triton.cdiv(dv, bv)
     dk_parts = torch.empty(n_vb, b, hk, nk, d, device=q.device, dtype=torch.float32)
     dv_ = torch.empty(b, hk, nk, dv, device=q.device, dtype=torch.float32)
-    ds0 = torch.empty(b, hk, d, dv, device=q.device, dtype=torch.float32)
+    ds0 = torch.empty(states, hk, d, dv, device=q.device, dtype=torch.float32)
     dsf = ds0 if dstate is None else dstate.float().contiguous()
-    _bwd_dkdv_kernel[(n_vb, b * hk)](
-        q, k, v, dout, dsf, ds0, dk_parts, dv_, *strides3(q), *strides3(k), *strides3(v), *strides3(dout), h, h // hk,
-        nq, nk, d, dv, scale, HAS_DS=dstate is not None, CAUSAL=causal, BD=bd, BV=bv, DOT_PRECISION=precision)
+    _bwd_dkdv_kernel[(n_vb, states * hk)](
+        q, k, v, dout, dsf, ds0, dk_parts, dv_, cu_seqlens, *strides3(q), *strides3(k), *strides3(v),
+        *strides3(dout), h, h // hk, nq, nk, d, dv, scale, b * hk * nk, HAS_DS=dstate is not None, CAUSAL=causal,
+        BD=bd, BV=bv, DOT_PRECISION=precision, VARLEN=varlen)
     dk = dk_parts[0] if n_vb == 1 else dk_parts.sum(0)
     return dq, dk, dv_, ds0

@@ -135,3 +135,24 @@ def check_scale(scale) -> None:
         return
     if not is_number(scale) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+
+
+def check_cu_seqlens(name: str, cu, total: int, device: torch.device) -> list[int] | None:
+    """cu must be the cumulative lengths of packed sequences (1-D int32 or
+    int64 on `device`, from 0 to `total`, never decreasing). Returns the
+    lengths, or None while torch.compile traces (the values are data then)."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of cumulative sequence lengths, got {type(cu).__name__}")
+    if cu.dim() != 1 or cu.shape[0] < 2 or cu.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be a 1-D int32 tensor (sequences + 1,), got shape {tuple(cu.shape)} "
+                         f"{cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}: use one device")
+    if torch.compiler.is_compiling():
+        return None
+    bounds = cu.tolist()
+    lengths = [e - a for a, e in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != total or min(lengths) < 0:
+        shown = bounds if len(bounds) <= 8 else bounds[:4] + ["..."] + bounds[-2:]
+        raise ValueError(f"{name} must rise from 0 to the packed length {total} without decreasing, got {shown}")
+    return lengths

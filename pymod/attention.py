@@ -300,25 +300,16 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, return_lse=Fals
     return (out, lse) if return_lse else out
 
 
-def _check_cu_seqlens(name, cu, total, num_seqs, device, max_seqlen, max_name):
-    if not isinstance(cu, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of cumulative sequence lengths, got {type(cu).__name__}")
-    if cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be a 1-D int32 tensor (batch + 1,), got shape {tuple(cu.shape)} {cu.dtype}")
-    if cu.device != device:
-        raise ValueError(f"{name} is on {cu.device} but q is on {device}: use one device")
-    if cu.shape[0] != num_seqs + 1:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got {num_seqs + 1} and "
-                         f"{cu.shape[0]}")
+def _check_cu_seqlens(name, cu, total, device, max_seqlen, max_name, like=None):
+    """cu_seqlens and its max_seqlen; `like`: the checked cu_seqlens_q, whose length cu must share."""
     if not _dispatch.is_number(max_seqlen) or int(max_seqlen) != max_seqlen or max_seqlen < 0:
         raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
-    if torch.compiler.is_compiling():
-        return  # the values are data: checked in eager mode only
-    bounds = cu.tolist()
-    lengths = [e - a for a, e in zip(bounds[:-1], bounds[1:])]
-    if bounds[0] != 0 or bounds[-1] != total or min(lengths) < 0:
-        raise ValueError(f"{name} must rise from 0 to the packed length {total} without decreasing, got "
-                         f"{bounds if len(bounds) <= 8 else bounds[:4] + ['...'] + bounds[-2:]}")
+    lengths = _dispatch.check_cu_seqlens(name, cu, total, device)
+    if like is not None and cu.shape[0] != like.shape[0]:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got {like.shape[0]} and "
+                         f"{cu.shape[0]}")
+    if lengths is None:
+        return
     longest = max(lengths)
     if longest > max_seqlen:
         raise ValueError(f"{max_name} is {max_seqlen} but sequence {lengths.index(longest)} has length {longest}")
@@ -368,9 +359,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         raise ValueError(f"v must have k's shape {tuple(k.shape)} {layout}, got {tuple(v.shape)}")
     if h % hk != 0:
         raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk}) for grouped-query attention")
-    num_seqs = cu_seqlens_q.shape[0] - 1 if isinstance(cu_seqlens_q, torch.Tensor) and cu_seqlens_q.dim() else 0
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], num_seqs, q.device, max_seqlen_q, "max_seqlen_q")
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], num_seqs, q.device, max_seqlen_k, "max_seqlen_k")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, "max_seqlen_q")
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, "max_seqlen_k",
+                      like=cu_seqlens_q)
     check_scale(scale)
     _check_window(window)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)

@@ -8,7 +8,9 @@ torch SDPA, phi the feature map, s = scale:
     non-causal: o_t = s phi(q_t) S,     S   = S_0 + sum_u phi(k_u)^T v_u
 
 With normalize=True the output is divided by s phi(q_t) z_t + eps, z_t =
-z_0 + sum_{u <= t} phi(k_u) (all u when non-causal). The kernels run the
+z_0 + sum_{u <= t} phi(k_u) (all u when non-causal). Packed sequences
+(cu_seqlens, flash-linear-attention's convention: batch 1) each run as their
+own problem, with a state of their own. The kernels run the
 chunked algorithm (flash-linear-attention's chunk mode): an intra-chunk masked
 product plus the state carried across chunks, O(N D Dv), never the N x N
 matrix. The state (S, and z when normalizing) has one copy per k/v head
@@ -150,11 +152,21 @@ def check_linear_inputs(q, k, v, causal, feature_map, scale, eps) -> None:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
-def _state_inputs(initial_state, normalize, q, k, v):
-    """(S_0, z_0) as given (z_0 None without normalize), checked."""
+def _check_packed(cu_seqlens, q, k) -> None:
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens packs sequences into a batch of one, got batch {q.shape[0]} "
+                         f"(shape {tuple(q.shape)} {_LAYOUT})")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"cu_seqlens packs q and k alike: they need one length, got {q.shape[2]} and {k.shape[2]}")
+    _dispatch.check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[2], q.device)
+
+
+def _state_inputs(initial_state, normalize, q, k, v, cu_seqlens=None):
+    """(S_0, z_0) as given (z_0 None without normalize), checked: one state
+    per batch element, or per packed sequence."""
     if initial_state is None:
         return None, None
-    b, hk, d, dv = k.shape[0], k.shape[1], k.shape[-1], v.shape[-1]
+    b, hk, d, dv = _state_shape(k, v, cu_seqlens)
     if normalize:
         if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
             raise ValueError("initial_state must be a pair (S, z) with normalize=True (S of shape "
@@ -168,8 +180,8 @@ def _state_inputs(initial_state, normalize, q, k, v):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if tuple(x.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (batch, kv heads, dim"
-                             f"{', dim_v' if len(shape) == 4 else ''}), got {tuple(x.shape)}")
+            raise ValueError(f"{name} must have shape {shape} ({'batch' if cu_seqlens is None else 'sequences'}, "
+                             f"kv heads, dim{', dim_v' if len(shape) == 4 else ''}), got {tuple(x.shape)}")
         if x.dtype not in _dispatch.FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
         if x.device != q.device:
@@ -180,31 +192,42 @@ def _state_inputs(initial_state, normalize, q, k, v):
 # ---------------------------------------------------------------- kernels
 
 
-def _linear_forward_cpp(q, k, v, state0, scale, causal):
+def _state_shape(k, v, cu_seqlens):
+    """(states, Hkv, D, Dv): a state per batch element, or per packed sequence."""
+    states = k.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return states, k.shape[1], k.shape[-1], v.shape[-1]
+
+
+def _bounds_cpp(cu_seqlens):
+    return None if cu_seqlens is None else numpy_view(cu_seqlens.to(torch.int64).contiguous())
+
+
+def _linear_forward_cpp(q, k, v, state0, cu_seqlens, scale, causal):
     work = acc_dtype(q.dtype)
     q, k, v = (last_dim_contiguous(x.to(work)) for x in (q, k, v))
     b, h, nq, _ = q.shape
     out = torch.empty(b, h, nq, v.shape[-1], dtype=work)
-    state = torch.empty(b, k.shape[1], k.shape[-1], v.shape[-1], dtype=work)
+    state = torch.empty(_state_shape(k, v, cu_seqlens), dtype=work)
     s0 = None if state0 is None else numpy_view(state0.to(work).contiguous())
     _dispatch.cpp_module().linear_forward(
         numpy_view(q), numpy_view(k), numpy_view(v), s0, numpy_view(out), numpy_view(state),
-        scale, causal, torch.get_num_threads(),
+        scale, causal, _bounds_cpp(cu_seqlens), torch.get_num_threads(),
     )
     return out, state
 
 
-def _linear_backward_cpp(q, k, v, state0, state, dout, dstate, scale, causal):
+def _linear_backward_cpp(q, k, v, state0, cu_seqlens, state, dout, dstate, scale, causal):
     work = acc_dtype(q.dtype)
     q, k, v, dout = (last_dim_contiguous(x.to(work)) for x in (q, k, v, dout))
     s0 = None if state0 is None else numpy_view(state0.to(work).contiguous())
     state = numpy_view(state.to(work).contiguous())
     ds = None if dstate is None else numpy_view(dstate.to(work).contiguous())
     dq, dk, dv = torch.empty(q.shape, dtype=work), torch.empty(k.shape, dtype=work), torch.empty(v.shape, dtype=work)
-    ds0 = torch.empty(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1], dtype=work)
+    ds0 = torch.empty(_state_shape(k, v, cu_seqlens), dtype=work)
     _dispatch.cpp_module().linear_backward(
         numpy_view(q), numpy_view(k), numpy_view(v), s0, state, numpy_view(dout), ds,
-        numpy_view(dq), numpy_view(dk), numpy_view(dv), numpy_view(ds0), scale, causal, torch.get_num_threads(),
+        numpy_view(dq), numpy_view(dk), numpy_view(dv), numpy_view(ds0), scale, causal, _bounds_cpp(cu_seqlens),
+        torch.get_num_threads(),
     )
     return dq, dk, dv, ds0
 
@@ -216,12 +239,12 @@ def _forward_outputs(result, q, *_):
 
 @kernel_op("linear_attention", "fwd", cpp=_linear_forward_cpp, triton="linear_forward", finish=_forward_outputs)
 def _linear_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state0: torch.Tensor | None, scale: float, causal: bool,
-    backend: str,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state0: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+    scale: float, causal: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, nq, _ = q.shape
     out = q.new_empty(b, h, nq, v.shape[-1])
-    return out, q.new_empty(b, k.shape[1], k.shape[-1], v.shape[-1], dtype=acc_dtype(q.dtype))
+    return out, q.new_empty(_state_shape(k, v, cu_seqlens), dtype=acc_dtype(q.dtype))
 
 
 def _backward_outputs(result, q, k, v, *_):
@@ -232,34 +255,35 @@ def _backward_outputs(result, q, k, v, *_):
 # state: the forward's final state; the non-causal backward reads it as S.
 @kernel_op("linear_attention", "bwd", cpp=_linear_backward_cpp, triton="linear_backward", finish=_backward_outputs)
 def _linear_bwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state0: torch.Tensor | None, state: torch.Tensor,
-    dout: torch.Tensor, dstate: torch.Tensor | None, scale: float, causal: bool, backend: str,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state0: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+    state: torch.Tensor, dout: torch.Tensor, dstate: torch.Tensor | None, scale: float, causal: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    ds0 = q.new_empty(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1], dtype=acc_dtype(q.dtype))
+    ds0 = q.new_empty(_state_shape(k, v, cu_seqlens), dtype=acc_dtype(q.dtype))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), ds0
 
 
 def _linear_setup_context(ctx, inputs, output):
-    q, k, v, state0, scale, causal, backend = inputs
-    ctx.save_for_backward(q, k, v, state0, output[1])
+    q, k, v, state0, cu_seqlens, scale, causal, backend = inputs
+    ctx.save_for_backward(q, k, v, state0, cu_seqlens, output[1])
     ctx.args = (scale, causal, backend)
     ctx.state0_dtype = None if state0 is None else state0.dtype
 
 
 def _linear_backward(ctx, dout, dstate):
-    q, k, v, state0, state = ctx.saved_tensors
-    dq, dk, dv, ds0 = _linear_bwd(q, k, v, state0, state, dout, dstate, *ctx.args)
+    q, k, v, state0, cu_seqlens, state = ctx.saved_tensors
+    dq, dk, dv, ds0 = _linear_bwd(q, k, v, state0, cu_seqlens, state, dout, dstate, *ctx.args)
     ds0 = None if ctx.state0_dtype is None else ds0.to(ctx.state0_dtype)
-    return dq, dk, dv, ds0, None, None, None
+    return dq, dk, dv, ds0, None, None, None, None
 
 
 _linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
-def _linear_attention_with(core, q, k, v, causal, feature_map, normalize, scale, initial_state, return_state, eps):
+def _linear_attention_with(core, q, k, v, causal, feature_map, normalize, scale, initial_state, return_state, eps,
+                           cu_seqlens=None):
     """Feature maps, scale, normalisation and state around `core`, which maps
     (phi(q), phi(k), v, S_0 or None, scale, causal) to (out, final state)."""
-    s0, z0 = _state_inputs(initial_state, normalize, q, k, v)
+    s0, z0 = _state_inputs(initial_state, normalize, q, k, v, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     phi = feature_map_fn(feature_map)
     acc = acc_dtype(q.dtype)
@@ -278,7 +302,7 @@ def _linear_attention_with(core, q, k, v, causal, feature_map, normalize, scale,
 
 
 def linear_attention(q, k, v, *, causal=True, feature_map="identity", normalize=False, scale=None,
-                     initial_state=None, return_state=False, eps=NORMALIZE_EPS):
+                     initial_state=None, return_state=False, eps=NORMALIZE_EPS, cu_seqlens=None):
     """Linear attention, chunked: O(N D Dv) time, O(D Dv) state per head.
 
     q: (B, H, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv), H a multiple of
@@ -291,25 +315,40 @@ def linear_attention(q, k, v, *, causal=True, feature_map="identity", normalize=
     normalize the pair (S, z), z of shape (B, Hkv, D); float32 for half
     inputs, else q's dtype. Feeding the state of one piece into the next gives
     exactly the result on the whole sequence (a decoder steps with Nq = 1).
+    cu_seqlens: packed sequences (flash-linear-attention's convention): B = 1,
+    sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1] of q, k and v (so
+    Nq == Nk), int32 on q's device; each has its own state (reset at every
+    boundary), so initial_state and the returned state hold one per
+    sequence: (sequences, Hkv, D, Dv).
     Returns out (B, H, Nq, Dv), and the final state with return_state.
     Differentiable in q, k, v and initial_state.
     """
     check_linear_inputs(q, k, v, causal, feature_map, scale, eps)
+    if cu_seqlens is not None:
+        _check_packed(cu_seqlens, q, k)
     backend = _dispatch.resolve_backend("linear_attention", q.device)
     if backend == "reference":
-        core = _chunked_core
-    else:
-        def core(fq, fk, v, state0, scale, causal):
-            return _linear_fwd(fq, fk, v, state0, scale, causal, backend)
+        return linear_attention_reference(q, k, v, causal=causal, feature_map=feature_map, normalize=normalize,
+                                          scale=scale, initial_state=initial_state, return_state=return_state,
+                                          eps=eps, cu_seqlens=cu_seqlens)
+
+    def core(fq, fk, v, state0, scale, causal):
+        return _linear_fwd(fq, fk, v, state0, cu_seqlens, scale, causal, backend)
+
     return _linear_attention_with(core, q, k, v, causal, feature_map, normalize, scale, initial_state,
-                                  return_state, eps)
+                                  return_state, eps, cu_seqlens)
 
 
 def linear_attention_reference(q, k, v, *, causal=True, feature_map="identity", normalize=False, scale=None,
-                               initial_state=None, return_state=False, eps=NORMALIZE_EPS, method="chunked"):
+                               initial_state=None, return_state=False, eps=NORMALIZE_EPS, method="chunked",
+                               cu_seqlens=None):
     """linear_attention in plain PyTorch: method "chunked" (batched matmuls,
     what backend "reference" runs), "quadratic" (the masked (Nq, Nk) matrix)
-    or "recurrent" (token by token, linear_attention_recurrent)."""
+    or "recurrent" (token by token, linear_attention_recurrent); packed
+    sequences (cu_seqlens) by a loop over them."""
+    kwargs = dict(causal=causal, feature_map=feature_map, normalize=normalize, scale=scale, eps=eps, method=method)
+    if cu_seqlens is not None:
+        return _by_sequence(q, k, v, cu_seqlens, initial_state, return_state, kwargs)
     if method == "recurrent":
         return linear_attention_recurrent(q, k, v, causal=causal, feature_map=feature_map, normalize=normalize,
                                           scale=scale, initial_state=initial_state, return_state=return_state,
@@ -317,3 +356,34 @@ def linear_attention_reference(q, k, v, *, causal=True, feature_map="identity", 
     core = {"chunked": _chunked_core, "quadratic": _quadratic_core}[method]
     return _linear_attention_with(core, q, k, v, causal, feature_map, normalize, scale, initial_state,
                                   return_state, eps)
+
+
+def _by_sequence(q, k, v, cu_seqlens, initial_state, return_state, kwargs):
+    """The reference on each packed sequence with its own state; an empty
+    sequence passes its state through."""
+    acc, normalize = acc_dtype(q.dtype), kwargs["normalize"]
+    _, hk, d, dv = _state_shape(k, v, cu_seqlens)
+    outs, states = [], []
+    bounds = cu_seqlens.tolist()
+    for i, (a, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if initial_state is None:
+            init = None
+        else:
+            init = tuple(x[i:i + 1] for x in initial_state) if normalize else initial_state[i:i + 1]
+        if e > a:
+            out, state = linear_attention_reference(q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], initial_state=init,
+                                                    return_state=True, **kwargs)
+        else:
+            out = q.new_empty(1, q.shape[1], 0, dv)
+            s0, z0 = (None, None) if init is None else (init if normalize else (init, None))
+            S = q.new_zeros(1, hk, d, dv, dtype=acc) if s0 is None else s0.to(acc)
+            z = q.new_zeros(1, hk, d, dtype=acc) if z0 is None else z0.to(acc)
+            state = (S, z) if normalize else S
+        outs.append(out)
+        states.append(state)
+    out = torch.cat(outs, dim=2)
+    if not return_state:
+        return out
+    if normalize:
+        return out, tuple(torch.cat(part) for part in zip(*states))
+    return out, torch.cat(states)

@@ -131,7 +131,7 @@ def test_scale():
     (dict(cu_seqlens_q=torch.tensor([0, 5, 13], dtype=torch.int32)), ValueError, r"cu_seqlens_q must rise from 0 to "
                                                                                  r"the packed length 14"),
     (dict(cu_seqlens_q=torch.tensor([1, 5, 14], dtype=torch.int32)), ValueError, r"cu_seqlens_q must rise from 0"),
-    (dict(cu_seqlens_k=torch.tensor([0, 10, 5, 15], dtype=torch.int32)), ValueError, r"the same length"),
+    (dict(cu_seqlens_k=torch.tensor([0, 5, 10, 15], dtype=torch.int32)), ValueError, r"the same length"),
     (dict(cu_seqlens_k=torch.tensor([0, 10, 5], dtype=torch.int32)), ValueError, r"without decreasing"),
     (dict(cu_seqlens_q=torch.tensor([0.0, 5.0, 14.0])), ValueError, r"cu_seqlens_q must be a 1-D int32 tensor"),
     (dict(cu_seqlens_q=[0, 5, 14]), TypeError, r"cu_seqlens_q must be a torch.Tensor"),

@@ -225,6 +225,11 @@ def _np(*shape, dtype=np.float32):
     return np.zeros(shape, dtype=dtype)
 
 
+def _segments(*rows):
+    """Attention segments (q_start, len_q, k_start, len_k, band_lo, band_hi); default: one over 3 x 3."""
+    return np.array(rows or [(0, 3, 0, 3, -10, 10)], dtype=np.int64)
+
+
 @pytest.mark.parametrize("call", [
     lambda C: C.compress_project([_np(4, 5)], [_np(4, 5, dtype=np.float64)], _np(8), _np(10), 2, True, 1),
     lambda C: C.compress_project([_np(4, 5)], [None], _np(7), _np(10), 2, True, 1),
@@ -234,15 +239,27 @@ def _np(*shape, dtype=np.float32):
     lambda C: C.orthonormalize(_np(10), np.array([4], dtype=np.int64), np.array([4], dtype=np.int64), 2, 0, 1,
                                0.0, 1),
     lambda C: C.attention_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 5),
-                                  _np(1, 2, 3), 1.0, -10, 10, 1),
+                                  _np(1, 2, 3), 1.0, _segments(), 1),
     lambda C: C.attention_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4, dtype=np.float64), _np(1, 2, 3, 4),
-                                  _np(1, 2, 3, 4), _np(1, 2, 3), 1.0, -10, 10, 1),
+                                  _np(1, 2, 3, 4), _np(1, 2, 3), 1.0, _segments(), 1),
     lambda C: C.attention_forward(_np(1, 3, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 3, 3, 4),
-                                  _np(1, 3, 3), 1.0, -10, 10, 1),
+                                  _np(1, 3, 3), 1.0, _segments(), 1),
+    lambda C: C.attention_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4),
+                                  _np(1, 2, 3), 1.0, _segments((0, 2, 0, 3, 0, 0)), 1),
+    lambda C: C.attention_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4),
+                                  _np(1, 2, 3), 1.0, _segments((0, 2, 0, 2, 0, 0), (1, 1, 2, 1, 0, 0)), 1),
+    lambda C: C.attention_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4),
+                                  _np(1, 2, 3), 1.0, _segments((0, 4, 0, -1, 0, 0)), 1),
     lambda C: C.linear_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 6), None, _np(1, 2, 3, 4),
-                               _np(1, 2, 4, 6), 1.0, True, 1),
+                               _np(1, 2, 4, 6), 1.0, True, None, 1),
     lambda C: C.linear_forward(_np(1, 2, 3, 4), _np(1, 2, 5, 4), _np(1, 2, 5, 6), None, _np(1, 2, 3, 6),
-                               _np(1, 2, 4, 6), 1.0, True, 1),
+                               _np(1, 2, 4, 6), 1.0, True, None, 1),
+    lambda C: C.linear_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 6), None, _np(1, 2, 3, 6),
+                               _np(1, 2, 4, 6), 1.0, True, np.array([0, 2, 3], dtype=np.int64), 1),
+    lambda C: C.linear_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 6), None, _np(1, 2, 3, 6),
+                               _np(2, 2, 4, 6), 1.0, True, np.array([0, 2, 4], dtype=np.int64), 1),
+    lambda C: C.linear_forward(_np(2, 2, 3, 4), _np(2, 2, 3, 4), _np(2, 2, 3, 6), None, _np(2, 2, 3, 6),
+                               _np(2, 2, 4, 6), 1.0, True, np.array([0, 3], dtype=np.int64), 1),
     lambda C: C.looped_forward(_np(2, 3, 5), _np(1, 1, 3, 3), _np(1, 1, 3, 3), _np(2, 3, 5), _np(1, 2, 3, 5),
                                4, 4, 0.25, 1, 1),
     lambda C: C.looped_forward(_np(2, 3, 5), _np(2, 1, 3, 3), _np(2, 1, 3, 3), _np(2, 3, 5), _np(4, 2, 3, 5),
@@ -258,7 +275,7 @@ def test_a_read_only_output_is_refused():
     out.setflags(write=False)
     with pytest.raises(RuntimeError, match="out must be writable"):
         tessel._dispatch.cpp_module().attention_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4), out,
-                                                        _np(1, 2, 3), 1.0, -10, 10, 1)
+                                                        _np(1, 2, 3), 1.0, _segments(), 1)
 
 
 def test_zsgd_compress_advances_and_averages():

@@ -45,10 +45,16 @@ def samples(backend):
     lk, lv = rand(1, 2, 5, 16, seed=6, grad=True), rand(1, 2, 5, 8, seed=7, grad=True)
     s0 = rand(1, 2, 16, 8, seed=8, grad=True)
     for causal, state0 in ((True, None), (False, s0)):
-        yield linear_attention._linear_fwd, (q, lk, lv, state0, 0.5, causal, backend)
-        _, state = linear_attention._linear_fwd(q, lk, lv, state0, 0.5, causal, backend)
-        yield linear_attention._linear_bwd, _plain((q, lk, lv, state0, state, rand(1, 4, 5, 8, seed=9),
+        yield linear_attention._linear_fwd, (q, lk, lv, state0, None, 0.5, causal, backend)
+        _, state = linear_attention._linear_fwd(q, lk, lv, state0, None, 0.5, causal, backend)
+        yield linear_attention._linear_bwd, _plain((q, lk, lv, state0, None, state, rand(1, 4, 5, 8, seed=9),
                                                     rand(1, 2, 16, 8, seed=10), 0.5, causal, backend))
+    cu = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    packed_s0 = rand(3, 2, 16, 8, seed=21, grad=True)
+    yield linear_attention._linear_fwd, (q, lk, lv, packed_s0, cu, 0.5, True, backend)
+    _, state = linear_attention._linear_fwd(q, lk, lv, packed_s0, cu, 0.5, True, backend)
+    yield linear_attention._linear_bwd, _plain((q, lk, lv, packed_s0, cu, state, rand(1, 4, 5, 8, seed=22),
+                                                rand(3, 2, 16, 8, seed=23), 0.5, True, backend))
     Z, P, Q = rand(3, 4, 6, seed=11, grad=True), rand(1, 2, 4, 4, seed=12) * 0.1, rand(1, 2, 4, 4, seed=13) * 0.1
     P.requires_grad_(), Q.requires_grad_()
     yield looped._looped_fwd, (Z, P, Q, 3, 5, 2, backend)
