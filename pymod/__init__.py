@@ -3,6 +3,7 @@ gradient compression, behind a thin PyTorch API."""
 from . import compress, distributed, icl, nn
 from ._dispatch import get_backend, set_backend, using_backend
 from .attention import attention, attention_varlen, patch_sdpa, scaled_dot_product_attention
+from .integrations.torch_sdpa import register_sdpa_provider
 from .linear_attention import linear_attention
 from .looped import looped_linear_attention
 
@@ -17,6 +18,7 @@ __all__ = [
     "looped_linear_attention",
     "nn",
     "patch_sdpa",
+    "register_sdpa_provider",
     "scaled_dot_product_attention",
     "set_backend",
     "using_backend",
