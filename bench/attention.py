@@ -1,8 +1,12 @@
 """Attention suite: tessel.attention vs its reference and torch SDPA (each
 fast CUDA backend forced, and flash-attn when installed, on CUDA), forward and
 forward+backward; tessel.attention_varlen on packed sequences vs SDPA on the
-zero-padded batch with a boolean mask and a loop of SDPA calls per sequence."""
+zero-padded batch with a boolean mask and a loop of SDPA calls per sequence;
+a Hugging Face Llama-style model on a right-padded batch with
+attn_implementation="tessel" vs "sdpa" (when transformers is installed)."""
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +35,9 @@ CUDA_DECODE = [(8, 32, 32, 1, 32768, 128), (8, 32, 8, 1, 32768, 128), (8, 32, 32
 # Packed sequences (count, shortest, longest, H, D), causal: lengths uniform in [shortest, longest].
 VARLEN = (64, 16, 1024, 8, 64)
 VARLEN_QUICK = (16, 16, 512, 8, 64)
+# Hugging Face Llama-style model (layers, width, heads, kv heads, batch, shortest, longest): right-padded batch.
+HF_LLAMA = (4, 512, 8, 2, 8, 64, 512)
+HF_LLAMA_QUICK = (2, 256, 8, 2, 4, 32, 256)
 # The reference materialises scores, probabilities and their grads: leave it
 # out of cases where those would pass this many bytes.
 REFERENCE_BYTES = 2 * 2**30
@@ -116,7 +123,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
             ))
     if device == "cuda" and not quick:
         out += _decode_cases(dtype, gen)
-    return out + _varlen_cases(device, dtype, quick, gen)
+    return out + _varlen_cases(device, dtype, quick, gen) + _huggingface_cases(device, dtype, quick)
 
 
 def _padded(x, cu, longest):
@@ -188,3 +195,53 @@ def _decode_cases(dtype, gen) -> list[Case]:
             bytes=2 * k.numel() * k.element_size(),
         ))
     return out
+
+
+def _huggingface_cases(device, dtype, quick) -> list[Case]:
+    """A whole model's forward and training step (loss over the real tokens,
+    backward) with attn_implementation="tessel" against "sdpa", same weights;
+    the error column is the largest logit difference on real tokens."""
+    try:
+        import transformers
+    except ImportError:
+        return []
+    from tessel.integrations import huggingface
+
+    huggingface.register()
+    layers, width, heads, kv_heads, b, shortest, longest = HF_LLAMA_QUICK if quick else HF_LLAMA
+    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=width, intermediate_size=2 * width,
+                                      num_hidden_layers=layers, num_attention_heads=heads,
+                                      num_key_value_heads=kv_heads, max_position_embeddings=longest)
+    torch.manual_seed(0)
+    models = {"sdpa": transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)}
+    models["tessel"] = copy.deepcopy(models["sdpa"])
+    for impl, model in models.items():
+        model.set_attn_implementation(impl)
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(shortest, longest + 1, (b,), generator=gen)
+    ids = torch.randint(0, config.vocab_size, (b, int(lengths.max())), generator=gen).to(device)
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).to(device=device, dtype=torch.long)
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def forward(model):
+        @torch.no_grad()
+        def run():
+            return model(input_ids=ids, attention_mask=mask).logits
+
+        return run
+
+    def train_step(model):
+        def run():
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+
+        return run
+
+    def error():
+        real = mask.bool()
+        return (forward(models["tessel"])()[real].float() - forward(models["sdpa"])()[real].float()).abs().max().item()
+
+    name = f"hf-llama-L{layers}-W{width}-H{heads}/{kv_heads}-pad{b}x{shortest}..{longest}"
+    return [Case("attention", name, mode, dtype, device, 0.0, make(models["tessel"]), None,
+                 {"hf_sdpa": make(models["sdpa"])}, error)
+            for mode, make in (("fwd", forward), ("train", train_step))]
