@@ -1,4 +1,4 @@
-"""python -m bench attention|linear_attention|looped|compress|science|gpu-static|all [--device cpu|cuda|auto] [--quick] [--json PATH] [--plot PATH] [--wide] [--link 1gbit] [--target sm_90]
+"""python -m bench attention|linear_attention|looped|compress|science|gpu-static|all [--device cpu|cuda|auto] [--quick] [--case REGEX] [--json PATH] [--plot PATH] [--wide] [--link 1gbit] [--target sm_90]
 
 Runs each suite's cases side by side (tessel, reference, peers), prints a
 table, and writes JSON (device, versions, date, rows) and a plot. In --json,
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 
 import torch
 import torch.distributed
@@ -30,6 +31,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--quick", action="store_true", help="a few small cases, short timing")
+    parser.add_argument("--case", metavar="REGEX", help="only the cases whose name matches (re.search)")
     parser.add_argument("--json", metavar="PATH", help="write results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the speedups")
     parser.add_argument("--wide", action="store_true", help="print every column (the JSON has them all)")
@@ -76,8 +78,9 @@ def main(argv=None) -> None:
         if args.link:  # only the training steps over the link: they take minutes
             suite_rows = importlib.import_module("bench._link").rows(args.link, args.quick)
         else:
-            suite_rows = _harness.run_cases(module.cases(device, dtype, args.quick), args.quick)
-        if hasattr(module, "extra_rows") and not args.link:  # rows a suite measures its own way
+            cases = [c for c in module.cases(device, dtype, args.quick) if re.search(args.case or "", c.name)]
+            suite_rows = _harness.run_cases(cases, args.quick)
+        if hasattr(module, "extra_rows") and not (args.link or args.case):  # rows a suite measures its own way
             suite_rows += module.extra_rows(device, dtype, args.quick)
         print(f"\n== {suite} ==")
         print(_harness.format_table(suite_rows, sgemm, args.wide))
