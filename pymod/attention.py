@@ -1,5 +1,6 @@
-"""Softmax attention: `tessel.attention`, torch-compatible SDPA, `patch_sdpa`,
-and the plain PyTorch reference every kernel is checked against.
+"""Softmax attention: `tessel.attention`, `tessel.attention_varlen` (packed
+sequences), torch-compatible SDPA, `patch_sdpa`, and the plain PyTorch
+references every kernel is checked against.
 
 Layout (batch, heads, seq, head_dim) as torch SDPA. Masks are a band: query i
 (bottom-right aligned, offset Nk - Nq, as FlashAttention-2) sees key j iff
@@ -9,6 +10,9 @@ Rows that see no key give zeros and lse = -inf.
 Flow: attention() checks inputs -> resolve_backend -> custom op
 tessel::attention_fwd (autograd via tessel::attention_bwd) -> tessel._C on CPU,
 tessel.kernels.attention on CUDA. The reference backend skips the op.
+attention_varlen() takes the same road through tessel::attention_varlen_fwd /
+_bwd: the kernels see packed sequences as a batch of one whose sequence axis
+holds one segment per sequence (_segments), each with its own band.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from ._ops import acc_dtype, kernel_op, numpy_view
 from .kernels._common import BAND_INF, last_dim_contiguous
 
 _LAYOUT = "(batch, heads, seq, head_dim)"
+_PACKED_LAYOUT = "(total, heads, head_dim)"
 _torch_sdpa = F.scaled_dot_product_attention
 
 
@@ -102,17 +107,21 @@ def _check_window(window) -> None:
             raise ValueError(f"window {side} size must be a non-negative int or None, got {size!r}")
 
 
-def check_attention_inputs(q, k, v) -> None:
+def check_attention_inputs(q, k, v, packed=False) -> None:
+    """q, k, v of one attention problem: (batch, heads, seq, head_dim), or
+    packed sequences (total, heads, head_dim)."""
+    layout = _PACKED_LAYOUT if packed else _LAYOUT
     for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, x, 4, _LAYOUT)
+        check_tensor(name, x, 3 if packed else 4, layout)
     check_same(("q", "k", "v"), (q, k, v))
-    (b, h, _, d), (bk, hk, _, dk) = q.shape, k.shape
-    if bk != b:
-        raise ValueError(f"k has batch {bk} but q has batch {b}: shapes {tuple(q.shape)} and {tuple(k.shape)}")
+    h, hk, d, dk = q.shape[1], k.shape[1], q.shape[-1], k.shape[-1]
+    if not packed and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]}: shapes {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
     if dk != d:
         raise ValueError(f"k has head_dim {dk} but q has head_dim {d}: shapes {tuple(q.shape)} and {tuple(k.shape)}")
     if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)} {_LAYOUT}, got {tuple(v.shape)}")
+        raise ValueError(f"v must have k's shape {tuple(k.shape)} {layout}, got {tuple(v.shape)}")
     if h % hk != 0:
         raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk}) for grouped-query attention")
 
@@ -348,23 +357,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     with return_lse, lse (H, total_q) in float32 (float64 for float64).
     No work is spent on padding: blocks never cross a sequence boundary.
     """
-    layout = "(total, heads, head_dim)"
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, x, 3, layout)
-    check_same(("q", "k", "v"), (q, k, v))
-    (_, h, d), (_, hk, dk) = q.shape, k.shape
-    if dk != d:
-        raise ValueError(f"k has head_dim {dk} but q has head_dim {d}: shapes {tuple(q.shape)} and {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)} {layout}, got {tuple(v.shape)}")
-    if h % hk != 0:
-        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk}) for grouped-query attention")
+    check_attention_inputs(q, k, v, packed=True)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, "max_seqlen_q")
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, "max_seqlen_k",
                       like=cu_seqlens_q)
     check_scale(scale)
     _check_window(window)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backend = _dispatch.resolve_backend("attention_varlen", q.device)
     if backend == "reference":
         return attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
