@@ -209,7 +209,8 @@ def _huggingface_cases(device, dtype, quick) -> list[Case]:
 
     huggingface.register()
     layers, width, heads, kv_heads, b, shortest, longest = HF_LLAMA_QUICK if quick else HF_LLAMA
-    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=width, intermediate_size=2 * width,
+    # Llama-7B's MLP ratio (11008 / 4096 = 43 / 16).
+    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=width, intermediate_size=width * 43 // 16,
                                       num_hidden_layers=layers, num_attention_heads=heads,
                                       num_key_value_heads=kv_heads, max_position_embeddings=longest)
     torch.manual_seed(0)
