@@ -1,28 +1,46 @@
 """Builds tessel: the Python package (pymod -> tessel, kernels -> tessel.kernels)
-and its C++ extension tessel._C (pybind11, numpy buffers, no torch headers).
+and its C++ kernels, once per SIMD level: tessel._C_sse (x86-64-v2: SSE4.2),
+tessel._C_avx2 (x86-64-v3: AVX2 + FMA) and tessel._C_avx512 (x86-64-v4:
+AVX-512) on x86-64; tessel._C_neon (the compiler's default) on aarch64. At
+import tessel picks the highest level the CPU supports (TESSEL_CPU_LEVEL forces
+a lower one), so one build runs on any CPU of its architecture.
 
 Build with `pip install --no-build-isolation .` so the build sees the torch and
-numpy already installed instead of resolving its own.
+numpy already installed instead of resolving its own. TESSEL_CPU_LEVELS=avx2
+(comma-separated) builds only those levels, for quick development builds.
 """
 import os
+import platform
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
 
-# -march=native tunes for (and enables the SIMD of) the CPU that builds; the
-# kernels pick AVX-512, AVX2 or SSE at compile time from what that enables.
-# TESSEL_MARCH overrides it, e.g. TESSEL_MARCH=x86-64-v3 for a portable AVX2 build.
-march = os.environ.get("TESSEL_MARCH", "native")
+# level -> -march (None: the compiler's default for the architecture)
+if platform.machine().lower() in ("x86_64", "amd64"):
+    LEVELS = {"sse": "x86-64-v2", "avx2": "x86-64-v3", "avx512": "x86-64-v4"}
+elif platform.machine().lower() in ("aarch64", "arm64"):
+    LEVELS = {"neon": None}
+else:
+    LEVELS = {"generic": None}
+wanted = os.environ.get("TESSEL_CPU_LEVELS")
+if wanted:
+    LEVELS = {level: LEVELS[level] for level in wanted.split(",")}
 
-ext = Pybind11Extension(
-    "tessel._C",
-    sources=["csrc/bindings.cpp", "csrc/attention.cpp", "csrc/linear_attention.cpp", "csrc/looped.cpp",
-             "csrc/compress.cpp"],
-    include_dirs=["csrc"],
-    cxx_std=17,
-    extra_compile_args=["-O3", f"-march={march}", "-fopenmp", "-ffp-contract=fast"],
-    extra_link_args=["-fopenmp"],
-)
+
+def extension(level: str, march: str | None) -> Pybind11Extension:
+    return Pybind11Extension(
+        f"tessel._C_{level}",
+        sources=["csrc/bindings.cpp", "csrc/attention.cpp", "csrc/linear_attention.cpp", "csrc/looped.cpp",
+                 "csrc/compress.cpp"],
+        include_dirs=["csrc"],
+        define_macros=[("TESSEL_MODULE", f"_C_{level}"), ("TESSEL_LEVEL", f'"{level}"')],
+        cxx_std=17,
+        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast"] + ([f"-march={march}"] if march else []),
+        extra_link_args=["-fopenmp"],
+    )
+
+
+ParallelCompile("TESSEL_BUILD_JOBS", default=0).install()  # the sources of a level compile in parallel
 
 setup(
     name="tessel",
@@ -31,7 +49,7 @@ setup(
     python_requires=">=3.10",
     packages=["tessel", "tessel.integrations", "tessel.kernels"],
     package_dir={"tessel": "pymod", "tessel.integrations": "pymod/integrations", "tessel.kernels": "kernels"},
-    ext_modules=[ext],
+    ext_modules=[extension(level, march) for level, march in LEVELS.items()],
     cmdclass={"build_ext": build_ext},
     install_requires=["torch>=2.11", "numpy"],
     extras_require={"triton": ["triton==3.6.0"], "bench": ["tqdm", "matplotlib"]},

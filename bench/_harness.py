@@ -148,9 +148,10 @@ def environment(device: str) -> dict:
         "tessel": _version("tessel"),
     }
     if device == "cpu":
-        from tessel import _C
+        import tessel
 
-        info["simd_bits"] = 8 * _C.simd_bytes
+        cpu = tessel.cpu_info()
+        info.update(cpu_level=cpu["level"], simd_bits=cpu["simd_bits"])
     return info
 
 

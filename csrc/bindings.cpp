@@ -1,4 +1,5 @@
-// The one Python module, tessel._C: converts numpy buffers and calls kernels.
+// The Python module of the C++ kernels, built once per SIMD level as tessel._C_<level>
+// (setup.py): converts numpy buffers and calls kernels.
 // User input was validated in Python (pymod/_dispatch.py). What is checked
 // here are internal invariants: every array a kernel reads or writes has the
 // dtype, rank, shape and layout that kernel assumes, so a wrong caller gets a
@@ -25,7 +26,7 @@ using tessel::Strides4;
 namespace {
 
 [[noreturn]] void internal_error(const char* binding, const std::string& what) {
-  throw std::runtime_error(std::string("tessel._C.") + binding + ": internal check failed: " + what);
+  throw std::runtime_error(std::string("tessel._C_" TESSEL_LEVEL ".") + binding + ": internal check failed: " + what);
 }
 
 std::string shape_of(const py::array& x) {
@@ -441,11 +442,34 @@ void orthonormalize(py::array buf, const py::array& offsets, const py::array& le
   });
 }
 
+// The SIMD levels this CPU runs, lowest first (x86-64-v2, v3 and v4 by their features).
+std::vector<std::string> cpu_levels() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  std::vector<std::string> levels;
+  const bool v2 = __builtin_cpu_supports("sse4.2") && __builtin_cpu_supports("popcnt");
+  const bool v3 = v2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                  __builtin_cpu_supports("bmi2");
+  const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                  __builtin_cpu_supports("avx512vl");
+  if (v2) levels.push_back("sse");
+  if (v3) levels.push_back("avx2");
+  if (v4) levels.push_back("avx512");
+  return levels;
+#else
+  return {TESSEL_LEVEL};
+#endif
+}
+
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "tessel CPU kernels (C++17, OpenMP, SIMD)";
+// One module per SIMD level (setup.py): TESSEL_MODULE is its name, e.g. _C_avx2.
+PYBIND11_MODULE(TESSEL_MODULE, m) {
+  m.doc() = "tessel CPU kernels (C++17, OpenMP, SIMD) for one SIMD level";
+  m.attr("level") = TESSEL_LEVEL;
   m.attr("simd_bytes") = tessel::kVecBytes;
+  m.def("cpu_levels", &cpu_levels);
   m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("scale"), py::arg("segments"), py::arg("num_threads"));
   m.def("attention_backward", &attention_backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),

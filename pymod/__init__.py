@@ -1,7 +1,7 @@
 """tessel: compiled kernels for attention, linear-attention loops and low-rank
 gradient compression, behind a thin PyTorch API."""
 from . import compress, distributed, icl, nn
-from ._dispatch import get_backend, set_backend, using_backend
+from ._dispatch import cpu_info, get_backend, set_backend, using_backend
 from .attention import attention, attention_varlen, patch_sdpa, scaled_dot_product_attention
 from .integrations.torch_sdpa import register_sdpa_provider
 from .linear_attention import linear_attention
@@ -11,6 +11,7 @@ __all__ = [
     "attention",
     "attention_varlen",
     "compress",
+    "cpu_info",
     "distributed",
     "get_backend",
     "icl",

@@ -1,5 +1,5 @@
 """The passes of low-rank compression over a group of gradient matrices, and
-Gram-Schmidt, on each backend: plain PyTorch (the reference), tessel._C (one
+Gram-Schmidt, on each backend: plain PyTorch (the reference), tessel._C_<level> (one
 call per pass for the whole group) and tessel.kernels.compress (Triton).
 
 A group holds matrices grads[i] (n_i, m_i), contiguous work tensors that
@@ -84,7 +84,7 @@ class ReferenceOps:
 
 
 class CppOps:
-    """tessel._C: one call per pass for the whole group."""
+    """tessel._C_<level>: one call per pass for the whole group."""
 
     @staticmethod
     def _arrays(group: Group):

@@ -3,7 +3,9 @@
 Each public op validates its inputs here once, then asks `resolve_backend`
 which implementation serves its tensors:
 
-- "cpp": tessel._C, C++ kernels for CPU tensors (float32, float64);
+- "cpp": tessel._C_<level>, C++ kernels for CPU tensors (float32, float64), at
+  the highest SIMD level this CPU supports (cpu_info(); TESSEL_CPU_LEVEL forces
+  a lower one);
 - "triton": tessel.kernels, Triton kernels for CUDA tensors, or for CPU
   tensors when TRITON_INTERPRET=1 (how the GPU kernels are tested without one);
 - "reference": the plain PyTorch reference beside each op, on any device.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import math
 import numbers
 import os
@@ -83,10 +86,51 @@ def resolve_backend(op: str, device: torch.device) -> str:
     return name
 
 
-def cpp_module() -> ModuleType:
-    from . import _C
+# SIMD levels of the C++ kernels, lowest first (setup.py builds one module, tessel._C_<level>, per level).
+CPU_LEVELS = ("sse", "avx2", "avx512", "neon", "generic")
+_cpu_module: ModuleType | None = None
 
-    return _C
+
+def cpu_info() -> dict:
+    """The C++ kernels' SIMD: "level" in use, the levels this CPU "supports"
+    and those "built" into this install, and the vector width in bits."""
+    module = cpp_module()
+    return {"level": module.level, "supported": list(module.cpu_levels()), "built": _built_levels(),
+            "simd_bits": 8 * module.simd_bytes}
+
+
+def _built_levels() -> list[str]:
+    return [level for level in CPU_LEVELS if importlib.util.find_spec(f"tessel._C_{level}") is not None]
+
+
+def cpp_module() -> ModuleType:
+    """tessel._C_<level>: the highest level both built and supported by this
+    CPU, or TESSEL_CPU_LEVEL's (chosen at the first call)."""
+    global _cpu_module
+    if _cpu_module is None:
+        _cpu_module = _load_cpu_level(os.environ.get("TESSEL_CPU_LEVEL"))
+    return _cpu_module
+
+
+def _load_cpu_level(forced: str | None) -> ModuleType:
+    built = _built_levels()
+    if not built:
+        raise ImportError("tessel's C++ kernels are not built (no tessel._C_<level> module): "
+                          "pip install --no-build-isolation -e .")
+    # The lowest level runs on any CPU of its architecture: ask it what this one supports.
+    supported = list(importlib.import_module(f"tessel._C_{built[0]}").cpu_levels())
+    usable = [level for level in built if level in supported]
+    if forced is None:
+        if not usable:
+            raise RuntimeError(f"this CPU supports SIMD levels {supported}; tessel was built for {built}")
+        return importlib.import_module(f"tessel._C_{usable[-1]}")
+    if forced not in CPU_LEVELS:
+        raise ValueError(f"TESSEL_CPU_LEVEL must be one of {CPU_LEVELS}, got {forced!r}")
+    if forced not in supported:
+        raise RuntimeError(f"TESSEL_CPU_LEVEL={forced}: this CPU supports only {supported}")
+    if forced not in built:
+        raise RuntimeError(f"TESSEL_CPU_LEVEL={forced}: this install was built for {built} only")
+    return importlib.import_module(f"tessel._C_{forced}")
 
 
 def triton_module(family: str) -> ModuleType:

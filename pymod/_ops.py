@@ -16,7 +16,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def numpy_view(x: torch.Tensor):
-    """Zero-copy numpy view of a CPU tensor (what tessel._C's bindings take)."""
+    """Zero-copy numpy view of a CPU tensor (what the C++ kernels' bindings take)."""
     return x.detach().numpy()
 
 

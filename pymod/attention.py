@@ -8,7 +8,7 @@ i + off - left <= j <= i + off + right; `causal` sets right = min(right, 0).
 Rows that see no key give zeros and lse = -inf.
 
 Flow: attention() checks inputs -> resolve_backend -> custom op
-tessel::attention_fwd (autograd via tessel::attention_bwd) -> tessel._C on CPU,
+tessel::attention_fwd (autograd via tessel::attention_bwd) -> tessel._C_<level> on CPU,
 tessel.kernels.attention on CUDA. The reference backend skips the op.
 attention_varlen() takes the same road through tessel::attention_varlen_fwd /
 _bwd: the kernels see packed sequences as a batch of one whose sequence axis
@@ -130,7 +130,7 @@ def check_attention_inputs(q, k, v, packed=False) -> None:
 
 
 def _one_segment(q, k, lo, hi):
-    """tessel._C's segments for a dense batch: one, spanning both axes."""
+    """The C++ kernels' segments for a dense batch: one, spanning both axes."""
     return np.array([[0, q.shape[2], 0, k.shape[2], lo, hi]], dtype=np.int64)
 
 

@@ -1,0 +1,92 @@
+"""One build, every SIMD level: the C++ kernels are built once per level
+(tessel._C_sse / _avx2 / _avx512 on x86-64) and the highest one this CPU
+supports is used unless TESSEL_CPU_LEVEL forces a lower one. Each level this
+machine runs passes the kernels' cases against their references, and a
+level's module holds no instruction of a higher one."""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+from conftest import error_vs
+
+import tessel
+from tessel import _dispatch
+from tessel.attention import attention_reference, attention_varlen_reference
+from tessel.linear_attention import linear_attention_reference
+
+SUPPORTED = [level for level in _dispatch._built_levels()
+             if level in _dispatch.cpp_module().cpu_levels()]
+VECTOR_BITS = {"sse": 128, "avx2": 256, "avx512": 512}
+# Registers a level's code must not touch: ymm (AVX) below avx2, zmm (AVX-512) below avx512.
+FORBIDDEN = {"sse": r"%[yz]mm", "avx2": r"%zmm"}
+
+
+@pytest.fixture
+def force_level(monkeypatch):
+    def force(level):
+        monkeypatch.setenv("TESSEL_CPU_LEVEL", level)
+        monkeypatch.setattr(_dispatch, "_cpu_module", None)
+
+    yield force
+    _dispatch._cpu_module = None  # the next test chooses again, without the variable
+
+
+def test_the_highest_supported_level_is_the_default():
+    assert tessel.cpu_info()["level"] == SUPPORTED[-1]
+    assert set(tessel.cpu_info()["built"]) >= set(SUPPORTED)
+
+
+@pytest.mark.parametrize("level", SUPPORTED)
+def test_every_level_matches_the_references(level, force_level):
+    force_level(level)
+    info = tessel.cpu_info()
+    assert info["level"] == level and info["simd_bits"] == VECTOR_BITS.get(level, info["simd_bits"])
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        q = torch.randn(2, 4, 37, 24, generator=gen, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(2, 2, 45, 24, generator=gen, dtype=dtype, requires_grad=True) for _ in range(2))
+        for kw in (dict(causal=True), dict(window=(7, 3))):
+            out = tessel.attention(q, k, v, **kw)
+            grads = torch.autograd.grad(out.sum(), (q, k, v))
+            ref = attention_reference(q, k, v, **kw)
+            ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            assert error_vs(out, ref) <= tol
+            assert all(error_vs(g, r) <= 10 * tol for g, r in zip(grads, ref_grads))
+    packed = [x.detach()[0].transpose(0, 1).float() for x in (q, k, v)]
+    cu_q, cu_k = torch.tensor([0, 10, 10, 37], dtype=torch.int32), torch.tensor([0, 20, 21, 45], dtype=torch.int32)
+    out = tessel.attention_varlen(*packed, cu_q, cu_k, 27, 24, causal=True)
+    assert error_vs(out, attention_varlen_reference(*packed, cu_q, cu_k, causal=True)) <= 1e-5
+    lq, lk, lv = (torch.randn(1, 2, 70, 16, generator=gen) for _ in range(3))
+    assert error_vs(tessel.linear_attention(lq, lk, lv), linear_attention_reference(lq, lk, lv)) <= 1e-4
+    m = torch.randn(50, 4, generator=gen, dtype=torch.float64)
+    tessel.compress.orthogonalize_(m)
+    assert error_vs(m.T @ m, torch.eye(4, dtype=torch.float64)) <= 1e-6  # eps = 1e-8 in the norms
+
+
+def test_forcing_a_level_the_cpu_lacks_or_that_does_not_exist(force_level, monkeypatch):
+    force_level("mmx")
+    with pytest.raises(ValueError, match=r"TESSEL_CPU_LEVEL must be one of"):
+        tessel.cpu_info()
+    lowest = _dispatch._built_levels()[0]
+    module = __import__(f"tessel._C_{lowest}", fromlist=["cpu_levels"])
+    monkeypatch.setattr(module, "cpu_levels", lambda: [lowest])
+    higher = next((level for level in ("avx2", "avx512") if level != lowest), None)
+    force_level(higher)
+    with pytest.raises(RuntimeError, match=rf"TESSEL_CPU_LEVEL={higher}: this CPU supports only \['{lowest}'\]"):
+        tessel.cpu_info()
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump is not installed")
+@pytest.mark.parametrize("level", sorted(FORBIDDEN))
+def test_a_level_uses_no_wider_registers(level):
+    spec = __import__("importlib.util").util.find_spec(f"tessel._C_{level}")
+    if spec is None:
+        pytest.skip(f"tessel._C_{level} is not built here")
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", spec.origin], capture_output=True, text=True,
+                          check=True).stdout
+    wider = [line for line in text.splitlines() if re.search(FORBIDDEN[level], line)]
+    assert not wider, f"{os.path.basename(spec.origin)} uses wider registers: {wider[:3]}"
