@@ -3,6 +3,8 @@
 supports is used unless TESSEL_CPU_LEVEL forces a lower one. Each level this
 machine runs passes the kernels' cases against their references, and a
 level's module holds no instruction of a higher one."""
+import importlib
+import importlib.util
 import os
 import re
 import shutil
@@ -72,7 +74,7 @@ def test_forcing_a_level_the_cpu_lacks_or_that_does_not_exist(force_level, monke
     with pytest.raises(ValueError, match=r"TESSEL_CPU_LEVEL must be one of"):
         tessel.cpu_info()
     lowest = _dispatch._built_levels()[0]
-    module = __import__(f"tessel._C_{lowest}", fromlist=["cpu_levels"])
+    module = importlib.import_module(f"tessel._C_{lowest}")
     monkeypatch.setattr(module, "cpu_levels", lambda: [lowest])
     higher = next((level for level in ("avx2", "avx512") if level != lowest), None)
     force_level(higher)
@@ -83,7 +85,7 @@ def test_forcing_a_level_the_cpu_lacks_or_that_does_not_exist(force_level, monke
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump is not installed")
 @pytest.mark.parametrize("level", sorted(FORBIDDEN))
 def test_a_level_uses_no_wider_registers(level):
-    spec = __import__("importlib.util").util.find_spec(f"tessel._C_{level}")
+    spec = importlib.util.find_spec(f"tessel._C_{level}")
     if spec is None:
         pytest.skip(f"tessel._C_{level} is not built here")
     text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", spec.origin], capture_output=True, text=True,
