@@ -188,7 +188,7 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PanelHeads
 
   const int64_t row0 = (b * p.heads + h) * p.len_q + seg.q_start + q0;
   for (int64_t r = 0; r < mq; ++r) {
-    T* orow = out + (row0 + r) * D;
+    T* orow = out + b * p.o.b + h * p.o.h + (seg.q_start + q0 + r) * p.o.n;
     // Empty by the band, never by the sum: NaN and inf scores propagate as in the reference.
     int64_t first, last;
     row_key_range(seg, q0 + r, &first, &last);
@@ -274,7 +274,7 @@ QueryPack<T> pack_queries(const AttentionProblem& p, const T* q, const T* out, c
         }
         for (int64_t i = 0; i < seg.len_q; ++i) {
           const int64_t row = bh * Nq + seg.q_start + i;
-          const T* o = out + row * D;
+          const T* o = out + b * p.o.b + h * p.o.h + (seg.q_start + i) * p.o.n;
           const T* g = gh + i * ds.n;
           T dot = 0;
           for (int64_t d = 0; d < D; ++d) dot += o[d] * g[d];
@@ -361,11 +361,11 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const
     }
   }
 
-  const int64_t row0 = kv_head * p.len_k + seg.k_start + k0;
+  const int64_t row0 = b * p.g.b + hk * p.g.h + (seg.k_start + k0) * p.g.n;
   for (int64_t r = 0; r < nk; ++r) {
     for (int64_t d = 0; d < D; ++d) {
-      dk[(row0 + r) * D + d] = dK[r * Dp + d];
-      dv[(row0 + r) * D + d] = dV[r * Dp + d];
+      dk[row0 + r * p.g.n + d] = dK[r * Dp + d];
+      dv[row0 + r * p.g.n + d] = dV[r * Dp + d];
     }
   }
 }
@@ -413,10 +413,12 @@ void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, c
   const int64_t dq_rows = p.batch * p.heads * p.len_q;
 #pragma omp parallel for num_threads(p.num_threads)
   for (int64_t r = 0; r < dq_rows; ++r) {
+    const int64_t b = r / (p.heads * p.len_q), h = r / p.len_q % p.heads, n = r % p.len_q;
+    T* row = dq + b * p.o.b + h * p.o.h + n * p.o.n;
     for (int64_t d = 0; d < D; ++d) {
       T acc = 0;
       for (int64_t s = 0; s < nsplit; ++s) acc += dq_acc[s * dq_size + r * Dp + d];
-      dq[r * D + d] = acc;
+      row[d] = acc;
     }
   }
 }

@@ -25,16 +25,17 @@ struct AttentionProblem {
   std::vector<Segment> segments;  // disjoint, in order, covering both axes
   Strides4 q, k, v;
   int num_threads;
+  Strides4 o{}, g{};  // out and dq (B, H, Nq, D); dk and dv (B, Hkv, Nk, D)
 };
 
-// out: (B, H, Nq, D) contiguous; lse: (B, H, Nq) contiguous, natural log,
-// -inf for rows without keys (their out rows are zero).
+// out: (B, H, Nq, D) with strides p.o; lse: (B, H, Nq) contiguous, natural
+// log, -inf for rows without keys (their out rows are zero).
 template <typename T>
 void attention_forward_cpu(const AttentionProblem& p, const T* q, const T* k, const T* v, T* out, T* lse);
 
-// dout, out: (B, H, Nq, D) with strides `dout_strides` and contiguous.
-// dlse (nullable): gradient flowing into lse. dq: (B, H, Nq, D), dk, dv:
-// (B, Hkv, Nk, D), all contiguous, fully overwritten.
+// dout, out: (B, H, Nq, D) with strides `dout_strides` and p.o. dlse
+// (nullable): gradient flowing into lse. dq: (B, H, Nq, D) with strides p.o,
+// dk, dv: (B, Hkv, Nk, D) with strides p.g, fully overwritten.
 template <typename T>
 void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, const T* v, const T* out,
                             const T* dout, Strides4 dout_strides, const T* lse, const T* dlse, T* dq, T* dk,

@@ -132,9 +132,10 @@ void attention_forward_typed(const py::array& q, const py::array& k, const py::a
                              py::array& lse, double scale, const py::array& segments, int num_threads) {
   constexpr const char* fn = "attention_forward";
   expect_qkv<T>(fn, q, k, v);
-  expect<T>(fn, "out", out, {q.shape(0), q.shape(1), q.shape(2), q.shape(3)}, Layout::Contiguous, true);
+  expect<T>(fn, "out", out, {q.shape(0), q.shape(1), q.shape(2), q.shape(3)}, Layout::LastDim, true);
   expect<T>(fn, "lse", lse, {q.shape(0), q.shape(1), q.shape(2)}, Layout::Contiguous, true);
-  const AttentionProblem p = attention_problem(fn, q, k, v, scale, segments, num_threads);
+  AttentionProblem p = attention_problem(fn, q, k, v, scale, segments, num_threads);
+  p.o = strides4(out);
   py::gil_scoped_release release;
   tessel::attention_forward_cpu<T>(p, cdata<T>(q), cdata<T>(k), cdata<T>(v), data<T>(out), data<T>(lse));
 }
@@ -156,14 +157,20 @@ void attention_backward_typed(const py::array& q, const py::array& k, const py::
   const std::vector<int64_t> q_shape{q.shape(0), q.shape(1), q.shape(2), q.shape(3)};
   const std::vector<int64_t> k_shape{k.shape(0), k.shape(1), k.shape(2), k.shape(3)};
   const std::vector<int64_t> row_shape{q.shape(0), q.shape(1), q.shape(2)};
-  expect<T>(fn, "out", out, q_shape);
+  expect<T>(fn, "out", out, q_shape, Layout::LastDim);
   expect<T>(fn, "dout", dout, q_shape, Layout::LastDim);
   expect<T>(fn, "lse", lse, row_shape);
   expect_optional<T>(fn, "dlse", dlse, row_shape);
-  expect<T>(fn, "dq", dq, q_shape, Layout::Contiguous, true);
-  expect<T>(fn, "dk", dk, k_shape, Layout::Contiguous, true);
-  expect<T>(fn, "dv", dv, k_shape, Layout::Contiguous, true);
-  const AttentionProblem p = attention_problem(fn, q, k, v, scale, segments, num_threads);
+  expect<T>(fn, "dq", dq, q_shape, Layout::LastDim, true);
+  expect<T>(fn, "dk", dk, k_shape, Layout::LastDim, true);
+  expect<T>(fn, "dv", dv, k_shape, Layout::LastDim, true);
+  if (dq.strides(0) != out.strides(0) || dq.strides(1) != out.strides(1) || dq.strides(2) != out.strides(2))
+    internal_error(fn, "dq must have out's strides");
+  if (dk.strides(0) != dv.strides(0) || dk.strides(1) != dv.strides(1) || dk.strides(2) != dv.strides(2))
+    internal_error(fn, "dk and dv must share strides");
+  AttentionProblem p = attention_problem(fn, q, k, v, scale, segments, num_threads);
+  p.o = strides4(out);
+  p.g = strides4(dk);
   const Strides4 ds = strides4(dout);
   const T* dlse_ptr = dlse.is_none() ? nullptr : cdata<T>(dlse.cast<py::array>());
   py::gil_scoped_release release;

@@ -135,40 +135,42 @@ def _one_segment(q, k, lo, hi):
 
 
 def _forward_cpp(q, k, v, scale, lo, hi):
-    return _segments_forward_cpp(q, k, v, scale, _one_segment(q, k, lo, hi))
+    out = torch.empty(q.shape, dtype=acc_dtype(q.dtype))
+    return out, _segments_forward_cpp(q, k, v, scale, _one_segment(q, k, lo, hi), out)
 
 
-def _segments_forward_cpp(q, k, v, scale, segments):
+def _segments_forward_cpp(q, k, v, scale, segments, out):
+    """Writes out ((B, H, Nq, D) in the work dtype, any strides with a
+    contiguous last dim); returns lse."""
     work = acc_dtype(q.dtype)
     q, k, v = (last_dim_contiguous(x.to(work)) for x in (q, k, v))
-    b, h, nq, d = q.shape
-    out = torch.empty(b, h, nq, d, dtype=work)
-    lse = torch.empty(b, h, nq, dtype=work)
+    lse = torch.empty(q.shape[:-1], dtype=work)
     _dispatch.cpp_module().attention_forward(
         numpy_view(q), numpy_view(k), numpy_view(v), numpy_view(out), numpy_view(lse),
         scale, segments, torch.get_num_threads(),
     )
-    return out, lse
+    return lse
 
 
 def _backward_cpp(dout, q, k, v, out, lse, dlse, scale, lo, hi):
-    return _segments_backward_cpp(dout, q, k, v, out, lse, dlse, scale, _one_segment(q, k, lo, hi))
+    grads = tuple(torch.empty(x.shape, dtype=acc_dtype(q.dtype)) for x in (q, k, v))
+    _segments_backward_cpp(dout, q, k, v, out, lse, dlse, scale, _one_segment(q, k, lo, hi), *grads)
+    return grads
 
 
-def _segments_backward_cpp(dout, q, k, v, out, lse, dlse, scale, segments):
+def _segments_backward_cpp(dout, q, k, v, out, lse, dlse, scale, segments, dq, dk, dv):
+    """Writes dq, dk, dv (the work dtype; dk and dv with one layout)."""
     work = acc_dtype(q.dtype)
     q, k, v, dout = (last_dim_contiguous(x.to(work)) for x in (q, k, v, dout))
-    out = out.to(work).contiguous()
+    out = out.to(work)
+    if out.stride() != dq.stride():  # the kernel reads out in dq's layout
+        out = torch.empty_strided(dq.shape, dq.stride(), dtype=work).copy_(out)
     lse = lse.to(work).contiguous()
     dlse = None if dlse is None else numpy_view(dlse.to(work).contiguous())
-    dq = torch.empty(q.shape, dtype=work)
-    dk = torch.empty(k.shape, dtype=work)
-    dv = torch.empty(v.shape, dtype=work)
     _dispatch.cpp_module().attention_backward(
         numpy_view(q), numpy_view(k), numpy_view(v), numpy_view(out), numpy_view(dout), numpy_view(lse), dlse,
         numpy_view(dq), numpy_view(dk), numpy_view(dv), scale, segments, torch.get_num_threads(),
     )
-    return dq, dk, dv
 
 
 def _forward_outputs(result, q, *_):
@@ -221,15 +223,16 @@ def _as_batch(x):
 
 
 def _varlen_forward_cpp(q, k, v, segments, max_seqlen_q, max_seqlen_k, scale):
-    out, lse = _segments_forward_cpp(*map(_as_batch, (q, k, v)), scale, numpy_view(segments))
-    return out[0].transpose(0, 1), lse[0]
+    out = torch.empty(q.shape, dtype=acc_dtype(q.dtype))  # written in the packed layout
+    lse = _segments_forward_cpp(*map(_as_batch, (q, k, v)), scale, numpy_view(segments), _as_batch(out))
+    return out, lse[0]
 
 
 def _varlen_backward_cpp(dout, q, k, v, out, lse, dlse, segments, max_seqlen_q, max_seqlen_k, scale):
-    dlse = None if dlse is None else dlse[None]
-    grads = _segments_backward_cpp(*map(_as_batch, (dout, q, k, v, out)), lse[None], dlse, scale,
-                                   numpy_view(segments))
-    return tuple(g[0].transpose(0, 1) for g in grads)
+    grads = tuple(torch.empty(x.shape, dtype=acc_dtype(q.dtype)) for x in (q, k, v))
+    _segments_backward_cpp(*map(_as_batch, (dout, q, k, v, out)), lse[None], None if dlse is None else dlse[None],
+                           scale, numpy_view(segments), *map(_as_batch, grads))
+    return grads
 
 
 def _varlen_forward_outputs(result, q, *_):
