@@ -32,6 +32,7 @@ QUICK = [(32, 2, 2, 256, 32), (4, 8, 8, 1024, 64)]
 CUDA_FULL = [(16 * 16384 // n // 16, 16, 16, n, 128) for n in (1024, 2048, 4096, 8192, 16384)]
 # Decode against a KV cache, (B, H, Hkv, Nq, Nk, D): memory-bound, reported in GB/s.
 CUDA_DECODE = [(8, 32, 32, 1, 32768, 128), (8, 32, 8, 1, 32768, 128), (8, 32, 32, 16, 32768, 128)]
+CPU_DECODE = [(1, 32, 8, 1, 32768, 128), (1, 8, 8, 1, 65536, 128), (1, 32, 8, 4, 32768, 128)]
 # Packed sequences (count, shortest, longest, H, D), causal: lengths uniform in [shortest, longest].
 VARLEN = (64, 16, 1024, 8, 64)
 VARLEN_QUICK = (16, 16, 512, 8, 64)
@@ -121,8 +122,8 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
                 {p: forward_backward_call(f, leaves, grad) for p, f in peers.items()},
                 (lambda o=ours, r=ref, lv=leaves, g=grad: _grad_error(o, r, lv, g)) if with_ref else None,
             ))
-    if device == "cuda" and not quick:
-        out += _decode_cases(dtype, gen)
+    if not quick:
+        out += _decode_cases(device, dtype, gen)
     return out + _varlen_cases(device, dtype, quick, gen) + _huggingface_cases(device, dtype, quick)
 
 
@@ -175,20 +176,20 @@ def _varlen_cases(device, dtype, quick, gen) -> list[Case]:
     ]
 
 
-def _decode_cases(dtype, gen) -> list[Case]:
+def _decode_cases(device, dtype, gen) -> list[Case]:
     """Few queries against a long KV cache: the split-K path. Its floor is
     reading K and V once."""
     out = []
-    for b, h, hk, nq, nk, d in CUDA_DECODE:
-        q = torch.randn(b, h, nq, d, device="cuda", dtype=dtype, generator=gen)
-        k, v = (torch.randn(b, hk, nk, d, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
+    for b, h, hk, nq, nk, d in CUDA_DECODE if device == "cuda" else CPU_DECODE:
+        q = torch.randn(b, h, nq, d, device=device, dtype=dtype, generator=gen)
+        k, v = (torch.randn(b, hk, nk, d, device=device, dtype=dtype, generator=gen) for _ in range(2))
         name = f"decode-B{b}-H{h}" + (f"/{hk}" if hk != h else "") + f"-Nq{nq}-Nk{nk}-D{d}"
         # Non-causal: torch's is_causal is top-left aligned, which is not decoding.
         ours = lambda q, k, v: tessel.attention(q, k, v)
         ref = lambda q, k, v: attention_reference(q, k, v)
-        peers = peer_fns("cuda", False, hk != h)
+        peers = peer_fns(device, False, hk != h)
         out.append(Case(
-            "attention", name, "fwd", dtype, "cuda", 4 * b * h * nq * nk * d,
+            "attention", name, "fwd", dtype, device, 4 * b * h * nq * nk * d,
             forward_call(ours, (q, k, v)), forward_call(ref, (q, k, v)),
             {p: forward_call(f, (q, k, v)) for p, f in peers.items()},
             (lambda o=ours, r=ref, x=(q, k, v): _output_error(o, r, x)),

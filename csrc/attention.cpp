@@ -204,10 +204,144 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PanelHeads
   }
 }
 
+// Decode: a few queries against a long KV cache. The GEMM path would pack
+// all of K (a copy as large as the cache) for micro-tiles mostly empty of
+// rows; instead each task reads its keys in place, scores every query row of
+// a GQA group by dot products, and keeps the online softmax of its split of
+// the keys; the splits (enough tasks for every thread even when B x Hkv is
+// small) are merged by their (max, sum) afterwards.
+constexpr int64_t kDecodeMaxRows = 16;      // query rows of a GQA group (heads per kv head x queries)
+constexpr int64_t kDecodeMinKeys = 1024;     // below, the GEMM path is as fast
+constexpr int64_t kDecodeMinElems = 1 << 20;  // K elements of a head from which reading K and V dominates
+constexpr int64_t kDecodeBlock = 64;         // keys scored per online-softmax step
+
+// One or two rows leave the GEMM micro-tiles nearly empty; up to 16 rows the
+// dot products pay off once K and V no longer fit in cache (measured, bench
+// decode rows).
+inline bool use_decode(const AttentionProblem& p) {
+  if (p.segments.size() != 1 || p.segments[0].len_k < kDecodeMinKeys) return false;
+  const int64_t rows = p.heads / p.kv_heads * p.segments[0].len_q;
+  return rows <= 2 || (rows <= kDecodeMaxRows && p.segments[0].len_k * p.head_dim >= kDecodeMinElems);
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  using S = Simd<T>;
+  typename S::vec acc{};
+  int64_t i = 0;
+  for (; i + S::width <= n; i += S::width) acc += S::load(a + i) * S::load(b + i);
+  T sum = S::hsum(acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+template <typename T>
+inline void axpy(T a, const T* x, T* y, int64_t n) {
+  using S = Simd<T>;
+  int64_t i = 0;
+  for (; i + S::width <= n; i += S::width) S::store(y + i, S::load(y + i) + S::splat(a) * S::load(x + i));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// The partial softmax state of every (batch, kv head, split) and query row of its group.
+template <typename T>
+struct DecodeParts {
+  int64_t rows, splits;
+  Buffer<T> m, l, o;  // [bhk][split][row], and o [..][row][D]
+};
+
+template <typename T>
+void decode_split(const AttentionProblem& p, const T* q, const T* k, const T* v, int64_t b, int64_t hk,
+                  int64_t k_lo, int64_t k_hi, T* m, T* l, T* o) {
+  const Segment& seg = p.segments[0];
+  const int64_t D = p.head_dim, nq = seg.len_q, group = p.heads / p.kv_heads, rows = group * nq;
+  const T sc = T(p.scale * kLog2e), neg_inf = -std::numeric_limits<T>::infinity();
+  std::vector<T> qs(rows * D), s(rows * kDecodeBlock);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* qr = q + b * p.q.b + (hk * group + r / nq) * p.q.h + (seg.q_start + r % nq) * p.q.n;
+    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = qr[d] * sc;
+  }
+  std::fill(m, m + rows, neg_inf);
+  std::fill(l, l + rows, T(0));
+  std::fill(o, o + rows * D, T(0));
+  const T* kb = k + b * p.k.b + hk * p.k.h + seg.k_start * p.k.n;
+  const T* vb = v + b * p.v.b + hk * p.v.h + seg.k_start * p.v.n;
+  for (int64_t j0 = k_lo; j0 < k_hi; j0 += kDecodeBlock) {
+    const int64_t n = std::min(kDecodeBlock, k_hi - j0);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t r = 0; r < rows; ++r) s[r * kDecodeBlock + j] = dot(qs.data() + r * D, kb + (j0 + j) * p.k.n, D);
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t a, e;
+      row_block_cols(seg, r % nq, j0, n, &a, &e);
+      if (a >= e) continue;
+      T* srow = s.data() + r * kDecodeBlock;
+      const T m_new = max_nan(m[r], row_max(srow + a, e - a));
+      const T sum = exp2_shifted_sum(srow + a, e - a, m_new);
+      if (m[r] != neg_inf && m[r] != m_new) {
+        const T alpha = std::exp2(m[r] - m_new);
+        scale_inplace(o + r * D, D, alpha);
+        l[r] *= alpha;
+      }
+      l[r] += sum;
+      m[r] = m_new;
+      for (int64_t j = a; j < e; ++j) axpy(srow[j], vb + (j0 + j) * p.v.n, o + r * D, D);
+    }
+  }
+}
+
+template <typename T>
+void decode_forward(const AttentionProblem& p, const T* q, const T* k, const T* v, T* out, T* lse) {
+  const Segment& seg = p.segments[0];
+  const int64_t D = p.head_dim, nq = seg.len_q, group = p.heads / p.kv_heads, rows = group * nq;
+  const int64_t tasks = p.batch * p.kv_heads;
+  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * p.num_threads, tasks), 1, seg.len_k / kDecodeBlock);
+  const int64_t split_len = round_up(ceil_div(seg.len_k, splits), kDecodeBlock);
+  DecodeParts<T> parts{rows, splits, Buffer<T>(tasks * splits * rows), Buffer<T>(tasks * splits * rows),
+                       Buffer<T>(tasks * splits * rows * D)};
+#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(p.num_threads)
+  for (int64_t t = 0; t < tasks; ++t)
+    for (int64_t sp = 0; sp < splits; ++sp) {
+      const int64_t part = t * splits + sp;
+      decode_split(p, q, k, v, t / p.kv_heads, t % p.kv_heads, sp * split_len,
+                   std::min(seg.len_k, (sp + 1) * split_len), parts.m.data() + part * rows,
+                   parts.l.data() + part * rows, parts.o.data() + part * rows * D);
+    }
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+#pragma omp parallel for collapse(2) num_threads(p.num_threads)
+  for (int64_t t = 0; t < tasks; ++t)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = t / p.kv_heads, h = t % p.kv_heads * group + r / nq, i = r % nq;
+      T* orow = out + b * p.o.b + h * p.o.h + (seg.q_start + i) * p.o.n;
+      T* lrow = lse + (b * p.heads + h) * p.len_q + seg.q_start + i;
+      int64_t first, last;
+      row_key_range(seg, i, &first, &last);
+      if (first > last) {  // empty by the band
+        std::fill(orow, orow + D, T(0));
+        *lrow = neg_inf;
+        continue;
+      }
+      T top = neg_inf;
+      for (int64_t sp = 0; sp < splits; ++sp) top = max_nan(top, parts.m[(t * splits + sp) * rows + r]);
+      std::fill(orow, orow + D, T(0));
+      T total = 0;
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const int64_t at = (t * splits + sp) * rows + r;
+        if (parts.m[at] == neg_inf) continue;  // no key of this split
+        const T w = std::exp2(parts.m[at] - top);
+        total += parts.l[at] * w;
+        axpy(w, parts.o.data() + at * D, orow, D);
+      }
+      scale_inplace(orow, D, T(1) / total);
+      // As torch's logsumexp: +inf where a score is +inf (the output is NaN there).
+      *lrow = top == -neg_inf ? top : T((top + std::log2(total)) * kLn2);
+    }
+}
+
 }  // namespace
 
 template <typename T>
 void attention_forward_cpu(const AttentionProblem& p, const T* q, const T* k, const T* v, T* out, T* lse) {
+  if (use_decode(p)) return decode_forward(p, q, k, v, out, lse);
   const PanelHeads<T> kp(p, k, p.k);
   const RowOperand<T> vr(p, v, p.v, p.kv_heads, p.len_k);
   const std::vector<QueryBlock> blocks = query_blocks(p, kFwdBlockQ);

@@ -60,6 +60,27 @@ def test_query_and_key_lengths_differ(nq, nk, causal):
     check_against_reference(*make_qkv(2, 2, 1, nq, nk, 32), causal=causal)
 
 
+# Decode shapes (a few query rows per kv head against a long cache) take the C++ kernel's split-key path:
+# 1-2 rows from 1024 keys on, up to 16 rows when a head's K holds 2^20 elements.
+@pytest.mark.parametrize("h,hk,nq,nk,d", [(4, 2, 1, 1500, 64), (2, 2, 2, 4099, 24), (8, 2, 3, 8209, 128),
+                                          (4, 4, 16, 8209, 128)])
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(window=(700, 0)), dict(window=(3, None))],
+                         ids=["full", "causal", "window", "short-window"])
+def test_decode_against_a_long_kv_cache(h, hk, nq, nk, d, kw):
+    check_against_reference(*make_qkv(2, h, hk, nq, nk, d), grads=False, **kw)
+
+
+def test_decode_float64_and_nan_rules():
+    q, k, v = make_qkv(1, 4, 2, 1, 3000, 32, dtype=torch.float64)
+    out, lse = tessel.attention(q, k, v, window=(10, 0), return_lse=True)
+    ref, ref_lse = attention_reference(q, k, v, window=(10, 0), return_lse=True)
+    assert error_vs(out, ref) <= 1e-12 and error_vs(lse, ref_lse) <= 1e-12
+    k[0, 1, 2990] = float("nan")  # seen by the q heads of kv head 1, by none of kv head 0's
+    out, lse = tessel.attention(q, k, v, window=(10, 0), return_lse=True)
+    assert torch.isnan(out[0, 2:]).all() and torch.isnan(lse[0, 2:]).all()
+    assert torch.isfinite(out[0, :2]).all() and error_vs(out[0, :2], ref[0, :2]) <= 1e-12
+
+
 @pytest.mark.parametrize("window", [(0, 0), (3, 5), (None, 0), (16, None), (100, 100), (0, None)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_sliding_window(window, causal):
