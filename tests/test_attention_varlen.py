@@ -141,7 +141,8 @@ def test_scale():
     (dict(q=torch.randn(1, 14, 4, 16)), ValueError, r"q must have 3 dims \(total, heads, head_dim\)"),
     (dict(v=torch.randn(15, 2, 8)), ValueError, r"v must have k's shape"),
     (dict(q=torch.randn(0, 4, 16)), ValueError, r"q must not be empty"),
-    (dict(q=torch.randn(14, 4, 16, dtype=torch.float64)), TypeError, r"has dtype torch.float32 but q has torch.float64"),
+    (dict(q=torch.randn(14, 4, 16, dtype=torch.float64)), TypeError,
+     r"has dtype torch.float32 but q has torch.float64"),
     (dict(window=(1,)), ValueError, r"window must be None or a pair"),
 ])
 def test_bad_input(case, error, match):
