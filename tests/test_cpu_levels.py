@@ -1,15 +1,15 @@
 """One build, every SIMD level: the C++ kernels are built once per level
 (tessel._C_sse / _avx2 / _avx512 on x86-64) and the highest one this CPU
 supports is used unless TESSEL_CPU_LEVEL forces a lower one. Each level this
-machine runs passes the kernels' cases against their references, and a
-level's module holds no instruction of a higher one."""
+machine runs passes the kernels' cases against their references (and the
+whole CPU attention suite from the wheel: test_wheel.py), and a level's
+module holds no instruction of a higher one."""
 import importlib
 import importlib.util
 import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -68,18 +68,6 @@ def test_every_level_matches_the_references(level, force_level):
     m = torch.randn(50, 4, generator=gen, dtype=torch.float64)
     tessel.compress.orthogonalize_(m)
     assert error_vs(m.T @ m, torch.eye(4, dtype=torch.float64)) <= 1e-6  # eps = 1e-8 in the norms
-
-
-@pytest.mark.parametrize("level", SUPPORTED[:-1])
-def test_the_attention_suite_passes_at_lower_levels(level):
-    """The CPU attention tests (dense and packed) at each level below the default, which the rest of the suite
-    runs: in a subprocess, since the level is chosen once per process."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-k", "not triton", "-p", "no:cacheprovider",
-                           os.path.join(here, "test_attention.py"), os.path.join(here, "test_attention_varlen.py")],
-                          env={**os.environ, "TESSEL_CPU_LEVEL": level}, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:]
 
 
 def test_forcing_a_level_the_cpu_lacks_or_that_does_not_exist(force_level, monkeypatch):
