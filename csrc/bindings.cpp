@@ -109,11 +109,12 @@ std::vector<tessel::Segment> attention_segments(const char* fn, const py::array&
 
 AttentionProblem attention_problem(const char* fn, const py::array& q, const py::array& k, const py::array& v,
                                    double scale, const py::array& segments, int num_threads) {
+  const double flops = 4.0 * q.shape(0) * q.shape(1) * q.shape(2) * k.shape(2) * q.shape(3);
   return AttentionProblem{q.shape(0),  q.shape(1),  k.shape(1),
                           q.shape(2),  k.shape(2),  q.shape(3),
                           scale,       attention_segments(fn, segments, q.shape(2), k.shape(2)),
                           strides4(q), strides4(k), strides4(v),
-                          num_threads};
+                          tessel::threads_for(flops, num_threads)};
 }
 
 // q (B, H, Nq, D), k and v (B, Hkv, Nk, D) with H a multiple of Hkv.
@@ -249,9 +250,10 @@ tessel::LinearProblem linear_problem(const char* fn, const py::array& q, const p
   expect<T>(fn, "v", v, {-1, -1, -1, -1}, Layout::LastDim);
   expect_qkv<T>(fn, q, k, v, v.shape(3));
   if (causal && q.shape(2) != k.shape(2)) internal_error(fn, "causal needs as many queries as keys");
+  const double flops = 4.0 * q.shape(0) * q.shape(1) * std::max(q.shape(2), k.shape(2)) * q.shape(3) * v.shape(3);
   tessel::LinearProblem p{q.shape(0), q.shape(1), k.shape(1),  q.shape(2),  k.shape(2),  q.shape(3),
                           v.shape(3), scale,      causal,      strides4(q), strides4(k), strides4(v),
-                          num_threads};
+                          tessel::threads_for(flops, num_threads)};
   if (!cu_seqlens.is_none()) {
     const auto cu = cu_seqlens.cast<py::array>();
     expect<int64_t>(fn, "cu_seqlens", cu, {-1});

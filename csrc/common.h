@@ -70,6 +70,11 @@ struct Strides4 {
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 
+// Entering and leaving an OpenMP region costs microseconds: a problem of
+// fewer floating-point operations than this runs on the calling thread.
+constexpr double kSerialFlops = 1 << 20;
+inline int threads_for(double flops, int threads) { return flops < kSerialFlops ? 1 : threads; }
+
 // C tile (R x panel) (+)= A (R x kc) * B (kc x panel).
 // A element (r, p) is a[r * lda + p], or a[p * lda + r] when ATrans.
 // B row p is the contiguous panel b[p * ldb, p * ldb + panel).
