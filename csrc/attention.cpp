@@ -123,6 +123,29 @@ struct RowOperand {
   const T* row(int64_t b, int64_t h, int64_t i) const { return base + b * stride_b + h * stride_h + i * ld; }
 };
 
+// One online-softmax step of a row: its visible scores s[0, n) (exp2 units)
+// become exp2(s - m_new) in place, and the running max m, sum l and output
+// o (o_len values) are rescaled to m_new.
+template <typename T>
+inline void online_softmax_step(T* s, int64_t n, T& m, T& l, T* o, int64_t o_len) {
+  const T m_new = max_nan(m, row_max(s, n));
+  const T sum = exp2_shifted_sum(s, n, m_new);
+  if (m != -std::numeric_limits<T>::infinity() && m != m_new) {
+    const T alpha = std::exp2(m - m_new);
+    scale_inplace(o, o_len, alpha);
+    l *= alpha;
+  }
+  l += sum;
+  m = m_new;
+}
+
+// A row's lse (natural log) from its max m (exp2 units) and sum l: +inf, as
+// torch's logsumexp, where a score is +inf (the output is NaN there).
+template <typename T>
+inline T row_lse(T m, T l) {
+  return m == std::numeric_limits<T>::infinity() ? m : T((m + std::log2(l)) * kLn2);
+}
+
 template <typename T>
 struct ForwardScratch {
   std::vector<T> qt, s, o, m, l;
@@ -170,15 +193,7 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PanelHeads
       }
       std::fill(srow, srow + a, T(0));
       std::fill(srow + e, srow + ncols, T(0));
-      const T m_new = max_nan(m[r], row_max(srow + a, e - a));
-      const T row_sum_p = exp2_shifted_sum(srow + a, e - a, m_new);
-      if (m[r] != neg_inf && m[r] != m_new) {
-        const T alpha = std::exp2(m[r] - m_new);
-        scale_inplace(O + r * Dp, Dp, alpha);
-        l[r] *= alpha;
-      }
-      l[r] += row_sum_p;
-      m[r] = m_new;
+      online_softmax_step(srow + a, e - a, m[r], l[r], O + r * Dp, Dp);
     }
     // O += P V over the block's real keys: [mq, nvalid] @ [nvalid, Dp]
     const int64_t nvalid = std::min(ncols, seg.len_k - k0);
@@ -195,8 +210,7 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PanelHeads
     if (first <= last) {
       const T inv = T(1) / l[r];
       for (int64_t d = 0; d < D; ++d) orow[d] = O[r * Dp + d] * inv;
-      // As torch's logsumexp: +inf where a score is +inf (the output is NaN there).
-      lse[row0 + r] = m[r] == -neg_inf ? m[r] : T((m[r] + std::log2(l[r])) * kLn2);
+      lse[row0 + r] = row_lse(m[r], l[r]);
     } else {
       std::fill(orow, orow + D, T(0));
       lse[row0 + r] = neg_inf;
@@ -275,15 +289,7 @@ void decode_split(const AttentionProblem& p, const T* q, const T* k, const T* v,
       row_block_cols(seg, r % nq, j0, n, &a, &e);
       if (a >= e) continue;
       T* srow = s.data() + r * kDecodeBlock;
-      const T m_new = max_nan(m[r], row_max(srow + a, e - a));
-      const T sum = exp2_shifted_sum(srow + a, e - a, m_new);
-      if (m[r] != neg_inf && m[r] != m_new) {
-        const T alpha = std::exp2(m[r] - m_new);
-        scale_inplace(o + r * D, D, alpha);
-        l[r] *= alpha;
-      }
-      l[r] += sum;
-      m[r] = m_new;
+      online_softmax_step(srow + a, e - a, m[r], l[r], o + r * D, D);
       for (int64_t j = a; j < e; ++j) axpy(srow[j], vb + (j0 + j) * p.v.n, o + r * D, D);
     }
   }
@@ -332,8 +338,7 @@ void decode_forward(const AttentionProblem& p, const T* q, const T* k, const T* 
         axpy(w, parts.o.data() + at * D, orow, D);
       }
       scale_inplace(orow, D, T(1) / total);
-      // As torch's logsumexp: +inf where a score is +inf (the output is NaN there).
-      *lrow = top == -neg_inf ? top : T((top + std::log2(total)) * kLn2);
+      *lrow = row_lse(top, total);
     }
 }
 

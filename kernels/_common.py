@@ -40,6 +40,12 @@ def strides3(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def packed_as_batch(x: torch.Tensor) -> torch.Tensor:
+    """Packed sequences (total, heads, D) as the (1, heads, total, D) view the
+    attention kernels take (one segment per sequence)."""
+    return x.transpose(0, 1).unsqueeze(0)
+
+
 def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     """The tensor itself when its last dim has stride 1 (any other strides are
     fine for the kernels), else a contiguous copy."""

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import (BAND_INF, DTYPES, dot_precision, fma_dots, last_dim_contiguous, least_bad, measured_at,
-                      pow2_block, strides3, triton_interpreting)
+                      packed_as_batch, pow2_block, strides3, triton_interpreting)
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 MAX_HEAD_DIM = 256
@@ -491,10 +491,6 @@ def attention_forward(q, k, v, scale: float, band_lo: int, band_hi: int, num_spl
 _VARLEN_BAND_KIND = -1  # an autotuning key of its own: the bands vary by sequence
 
 
-def _as_batch(x):
-    return x.transpose(0, 1).unsqueeze(0)
-
-
 def attention_varlen_forward(q, k, v, segments, max_seqlen_q: int, max_seqlen_k: int, scale: float):
     """out (total_q, H, D) in q's dtype and lse (H, total_q) in float32 for
     packed sequences; segments: int64 (batch, 6) on q's device (see
@@ -504,7 +500,7 @@ def attention_varlen_forward(q, k, v, segments, max_seqlen_q: int, max_seqlen_k:
     total_k, hk, _ = k.shape
     out = torch.empty(total_q, h, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(h, total_q, device=q.device, dtype=torch.float32)
-    qb, kb, vb, ob = (_as_batch(x) for x in (q, k, v, out))
+    qb, kb, vb, ob = (packed_as_batch(x) for x in (q, k, v, out))
     _fwd_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), segments.shape[0] * h, 1)](
         q, k, v, out, lse, segments, *strides3(qb), *strides3(kb), *strides3(vb),
         ob.stride(0), ob.stride(1), 0, ob.stride(2), 0, lse.stride(0), 0,
@@ -563,7 +559,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, dlse, segments, max_seqle
     q, k, v, dout, out = (last_dim_contiguous(x) for x in (q, k, v, dout, out))
     dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
     keys = (_seq_bucket(max(max_seqlen_q, max_seqlen_k)), _VARLEN_BAND_KIND)
-    _backward(*(_as_batch(x) for x in (dout, q, k, v, out)), lse.contiguous()[None],
-              None if dlse is None else dlse[None], *(_as_batch(x) for x in (dq, dk, dv)), scale, (0, 0),
+    _backward(*(packed_as_batch(x) for x in (dout, q, k, v, out)), lse.contiguous()[None],
+              None if dlse is None else dlse[None], *(packed_as_batch(x) for x in (dq, dk, dv)), scale, (0, 0),
               segments, segments.shape[0], max_seqlen_q, max_seqlen_k, keys)
     return dq, dk, dv

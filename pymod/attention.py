@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from . import _dispatch
 from ._dispatch import check_same, check_scale, check_tensor
 from ._ops import acc_dtype, kernel_op, numpy_view
-from .kernels._common import BAND_INF, last_dim_contiguous
+from .kernels._common import BAND_INF, last_dim_contiguous, packed_as_batch
 
 _LAYOUT = "(batch, heads, seq, head_dim)"
 _PACKED_LAYOUT = "(total, heads, head_dim)"
@@ -45,9 +45,20 @@ def attention_reference(q, k, v, *, causal=False, scale=None, window=None, retur
     k = k.to(acc).repeat_interleave(group, dim=1)
     v = v.to(acc).repeat_interleave(group, dim=1)
     scores = (q.to(acc) @ k.transpose(-1, -2)) * scale
-    i = torch.arange(nq, device=q.device)[:, None] + (nk - nq)
-    j = torch.arange(nk, device=q.device)[None, :]
-    allowed = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+    allowed = band_mask(nq, nk, causal, window, q.device)
+    scores = scores.masked_fill(~allowed, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    seen = allowed.any(dim=-1)
+    probs = torch.where(seen[:, None], torch.exp(scores - lse[..., None]), 0.0)
+    out = (probs @ v).to(q.dtype)
+    return (out, lse.to(acc)) if return_lse else out
+
+
+def band_mask(nq: int, nk: int, causal: bool, window, device) -> torch.Tensor:
+    """(Nq, Nk) bool: which keys each query sees (the band of the module docstring)."""
+    i = torch.arange(nq, device=device)[:, None] + (nk - nq)
+    j = torch.arange(nk, device=device)[None, :]
+    allowed = torch.ones(nq, nk, dtype=torch.bool, device=device)
     if causal:
         allowed &= j <= i
     if window is not None:
@@ -56,12 +67,7 @@ def attention_reference(q, k, v, *, causal=False, scale=None, window=None, retur
             allowed &= j >= i - min(int(left), nq + nk)
         if right is not None:
             allowed &= j <= i + min(int(right), nq + nk)
-    scores = scores.masked_fill(~allowed, -math.inf)
-    lse = torch.logsumexp(scores, dim=-1)
-    seen = allowed.any(dim=-1)
-    probs = torch.where(seen[:, None], torch.exp(scores - lse[..., None]), 0.0)
-    out = (probs @ v).to(q.dtype)
-    return (out, lse.to(acc)) if return_lse else out
+    return allowed
 
 
 def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None, window=None,
@@ -216,22 +222,18 @@ def _backward(ctx, dout, dlse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-# Packed sequences (total, heads, D) are the kernels' (1, heads, total, D)
-# with one segment per sequence (see _segments).
-def _as_batch(x):
-    return x.transpose(0, 1).unsqueeze(0)
-
-
 def _varlen_forward_cpp(q, k, v, segments, max_seqlen_q, max_seqlen_k, scale):
     out = torch.empty(q.shape, dtype=acc_dtype(q.dtype))  # written in the packed layout
-    lse = _segments_forward_cpp(*map(_as_batch, (q, k, v)), scale, numpy_view(segments), _as_batch(out))
+    lse = _segments_forward_cpp(*map(packed_as_batch, (q, k, v)), scale, numpy_view(segments),
+                                packed_as_batch(out))
     return out, lse[0]
 
 
 def _varlen_backward_cpp(dout, q, k, v, out, lse, dlse, segments, max_seqlen_q, max_seqlen_k, scale):
     grads = tuple(torch.empty(x.shape, dtype=acc_dtype(q.dtype)) for x in (q, k, v))
-    _segments_backward_cpp(*map(_as_batch, (dout, q, k, v, out)), lse[None], None if dlse is None else dlse[None],
-                           scale, numpy_view(segments), *map(_as_batch, grads))
+    dlse = None if dlse is None else dlse[None]
+    _segments_backward_cpp(*map(packed_as_batch, (dout, q, k, v, out)), lse[None], dlse, scale, numpy_view(segments),
+                           *map(packed_as_batch, grads))
     return grads
 
 

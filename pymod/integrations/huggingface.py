@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..attention import attention, attention_varlen
+from ..attention import attention, attention_varlen, band_mask
 
 NAME = "tessel"
 
@@ -111,18 +111,9 @@ def _padded(query, key, value, padding, args):
 
 def _sdpa(query, key, value, mask, dropout, args):
     """torch's SDPA with the same pattern as a boolean mask: for dropout, or a prepared 4-D mask."""
-    sq, sk = query.shape[2], key.shape[2]
+    sk = key.shape[2]
     if mask is None or mask.dim() == 2:
-        i = torch.arange(sq, device=query.device)[:, None] + (sk - sq)
-        j = torch.arange(sk, device=query.device)[None, :]
-        pattern = torch.ones(sq, sk, dtype=torch.bool, device=query.device)
-        if args["causal"]:
-            pattern &= j <= i
-        if args["window"] is not None:
-            left, right = args["window"]
-            pattern &= j >= i - left
-            if right is not None:
-                pattern &= j <= i + right
+        pattern = band_mask(query.shape[2], sk, args["causal"], args["window"], query.device)
         mask = pattern if mask is None else pattern & mask[:, None, None, -sk:].to(torch.bool)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=args["scale"],
                                          enable_gqa=key.shape[1] != query.shape[1])
