@@ -3,7 +3,9 @@ and its C++ kernels, once per SIMD level: tessel._C_sse (x86-64-v2: SSE4.2),
 tessel._C_avx2 (x86-64-v3: AVX2 + FMA) and tessel._C_avx512 (x86-64-v4:
 AVX-512) on x86-64; tessel._C_neon (the compiler's default) on aarch64. At
 import tessel picks the highest level the CPU supports (TESSEL_CPU_LEVEL forces
-a lower one), so one build runs on any CPU of its architecture.
+a lower one), so one build runs on any CPU of its architecture. tessel._C_ops,
+built once against the installed torch, registers the attention ops in torch's
+dispatcher and calls the chosen level's kernels (csrc/kernel_table.h).
 
 Build with `pip install --no-build-isolation .` so the build sees the torch and
 numpy already installed instead of resolving its own. TESSEL_CPU_LEVELS=avx2
@@ -12,8 +14,10 @@ numpy already installed instead of resolving its own. TESSEL_CPU_LEVELS=avx2
 import os
 import platform
 
+import torch
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
+from torch.utils.cpp_extension import CppExtension
 
 # level -> -march (None: the compiler's default for the architecture)
 if platform.machine().lower() in ("x86_64", "amd64"):
@@ -40,6 +44,16 @@ def extension(level: str, march: str | None) -> Pybind11Extension:
     )
 
 
+def torch_ops() -> CppExtension:
+    return CppExtension(
+        "tessel._C_ops",
+        sources=["csrc/ops.cpp"],
+        include_dirs=["csrc"],
+        define_macros=[("_GLIBCXX_USE_CXX11_ABI", str(int(torch.compiled_with_cxx11_abi())))],
+        extra_compile_args=["-O2", "-std=c++17"],
+    )
+
+
 ParallelCompile("TESSEL_BUILD_JOBS", default=0).install()  # the sources of a level compile in parallel
 
 setup(
@@ -49,7 +63,7 @@ setup(
     python_requires=">=3.10",
     packages=["tessel", "tessel.integrations", "tessel.kernels"],
     package_dir={"tessel": "pymod", "tessel.integrations": "pymod/integrations", "tessel.kernels": "kernels"},
-    ext_modules=[extension(level, march) for level, march in LEVELS.items()],
+    ext_modules=[extension(level, march) for level, march in LEVELS.items()] + [torch_ops()],
     cmdclass={"build_ext": build_ext},
     install_requires=["torch>=2.11", "numpy"],
     extras_require={"triton": ["triton==3.6.0"], "bench": ["tqdm", "matplotlib"]},

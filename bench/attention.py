@@ -16,8 +16,12 @@ from tessel.attention import attention_reference, attention_varlen_reference
 
 from ._harness import Case, forward_backward_call, forward_call
 
-# (B, H, Hkv, N, D): small research transformers, then LLM-like shapes.
+# (B, H, Hkv, N, D): a tiny call (what a call costs beyond its arithmetic), the Markov study's models, small
+# research transformers, then LLM-like shapes.
 FULL = [
+    (1, 1, 1, 1, 8),
+    (32, 1, 1, 64, 16),
+    (16, 1, 1, 128, 8),
     (32, 2, 2, 256, 32),
     (64, 1, 1, 128, 16),
     (16, 8, 8, 512, 64),
@@ -27,7 +31,7 @@ FULL = [
     (1, 32, 8, 2048, 128),
     (1, 8, 8, 16384, 64),
 ]
-QUICK = [(32, 2, 2, 256, 32), (4, 8, 8, 1024, 64)]
+QUICK = [(1, 1, 1, 1, 8), (32, 2, 2, 256, 32), (4, 8, 8, 1024, 64)]
 # H100 goal shapes: D=128, B*H*N = 16k*16.
 CUDA_FULL = [(16 * 16384 // n // 16, 16, 16, n, 128) for n in (1024, 2048, 4096, 8192, 16384)]
 # Decode against a KV cache, (B, H, Hkv, Nq, Nk, D): memory-bound, reported in GB/s.

@@ -70,14 +70,16 @@ struct PanelHeads {
         head_dim(p.head_dim),
         panels(p.batch * p.kv_heads * rows_padded * head_dim) {
     const int64_t nseg = static_cast<int64_t>(p.segments.size());
-#pragma omp parallel for collapse(3) num_threads(p.num_threads)
-    for (int64_t b = 0; b < p.batch; ++b)
-      for (int64_t hk = 0; hk < p.kv_heads; ++hk)
-        for (int64_t s = 0; s < nseg; ++s) {
-          const Segment& seg = p.segments[s];
-          pack_transposed_panels(x + b * st.b + hk * st.h + seg.k_start * st.n, seg.len_k, head_dim, st.n,
-                                 panels.data() + offset(b * p.kv_heads + hk, s, 0));
-        }
+    parallel_region(p.num_threads, [&] {
+#pragma omp for collapse(3)
+      for (int64_t b = 0; b < p.batch; ++b)
+        for (int64_t hk = 0; hk < p.kv_heads; ++hk)
+          for (int64_t s = 0; s < nseg; ++s) {
+            const Segment& seg = p.segments[s];
+            pack_transposed_panels(x + b * st.b + hk * st.h + seg.k_start * st.n, seg.len_k, head_dim, st.n,
+                                   panels.data() + offset(b * p.kv_heads + hk, s, 0));
+          }
+    });
   }
   int64_t offset(int64_t head, int64_t seg, int64_t key0) const {
     return (head * rows_padded + seg_start[seg] + key0) * head_dim;
@@ -111,10 +113,12 @@ struct RowOperand {
     const int64_t D = p.head_dim, Dp = round_up(D, Simd<T>::panel);
     if (Dp == D) return;
     padded = Buffer<T>(p.batch * heads * n * Dp);
-#pragma omp parallel for collapse(2) num_threads(p.num_threads)
-    for (int64_t b = 0; b < p.batch; ++b)
-      for (int64_t h = 0; h < heads; ++h)
-        pack_rows_padded(x + b * st.b + h * st.h, n, D, st.n, padded.data() + (b * heads + h) * n * Dp, Dp);
+    parallel_region(p.num_threads, [&] {
+#pragma omp for collapse(2)
+      for (int64_t b = 0; b < p.batch; ++b)
+        for (int64_t h = 0; h < heads; ++h)
+          pack_rows_padded(x + b * st.b + h * st.h, n, D, st.n, padded.data() + (b * heads + h) * n * Dp, Dp);
+    });
     base = padded.data();
     stride_b = heads * n * Dp;
     stride_h = n * Dp;
@@ -148,7 +152,7 @@ inline T row_lse(T m, T l) {
 
 template <typename T>
 struct ForwardScratch {
-  std::vector<T> qt, s, o, m, l;
+  Buffer<T> qt, s, o, m, l;
 };
 
 template <typename T>
@@ -165,12 +169,12 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PanelHeads
   const T neg_inf = -std::numeric_limits<T>::infinity();
 
   // Q^T * scale * log2(e): S comes out of the matmul in exp2's units.
-  T* Qt = scratch(ws.qt, D * kFwdBlockQ);
+  T* Qt = ws.qt.grow(D * kFwdBlockQ);
   pack_transposed_scaled(qb, mq, D, p.q.n, sc, Qt, kFwdBlockQ);
-  T* S = scratch(ws.s, kFwdBlockQ * kFwdBlockK);
-  T* O = scratch(ws.o, kFwdBlockQ * Dp);
-  T* m = scratch(ws.m, kFwdBlockQ);
-  T* l = scratch(ws.l, kFwdBlockQ);
+  T* S = ws.s.grow(kFwdBlockQ * kFwdBlockK);
+  T* O = ws.o.grow(kFwdBlockQ * Dp);
+  T* m = ws.m.grow(kFwdBlockQ);
+  T* l = ws.l.grow(kFwdBlockQ);
   std::fill(O, O + mq * Dp, T(0));
   std::fill(m, m + mq, neg_inf);
   std::fill(l, l + mq, T(0));
@@ -304,42 +308,46 @@ void decode_forward(const AttentionProblem& p, const T* q, const T* k, const T* 
   const int64_t split_len = round_up(ceil_div(seg.len_k, splits), kDecodeBlock);
   DecodeParts<T> parts{rows, splits, Buffer<T>(tasks * splits * rows), Buffer<T>(tasks * splits * rows),
                        Buffer<T>(tasks * splits * rows * D)};
-#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(p.num_threads)
-  for (int64_t t = 0; t < tasks; ++t)
-    for (int64_t sp = 0; sp < splits; ++sp) {
-      const int64_t part = t * splits + sp;
-      decode_split(p, q, k, v, t / p.kv_heads, t % p.kv_heads, sp * split_len,
-                   std::min(seg.len_k, (sp + 1) * split_len), parts.m.data() + part * rows,
-                   parts.l.data() + part * rows, parts.o.data() + part * rows * D);
-    }
-  const T neg_inf = -std::numeric_limits<T>::infinity();
-#pragma omp parallel for collapse(2) num_threads(p.num_threads)
-  for (int64_t t = 0; t < tasks; ++t)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t b = t / p.kv_heads, h = t % p.kv_heads * group + r / nq, i = r % nq;
-      T* orow = out + b * p.o.b + h * p.o.h + (seg.q_start + i) * p.o.n;
-      T* lrow = lse + (b * p.heads + h) * p.len_q + seg.q_start + i;
-      int64_t first, last;
-      row_key_range(seg, i, &first, &last);
-      if (first > last) {  // empty by the band
-        std::fill(orow, orow + D, T(0));
-        *lrow = neg_inf;
-        continue;
-      }
-      T top = neg_inf;
-      for (int64_t sp = 0; sp < splits; ++sp) top = max_nan(top, parts.m[(t * splits + sp) * rows + r]);
-      std::fill(orow, orow + D, T(0));
-      T total = 0;
+  parallel_region(p.num_threads, [&] {
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t t = 0; t < tasks; ++t)
       for (int64_t sp = 0; sp < splits; ++sp) {
-        const int64_t at = (t * splits + sp) * rows + r;
-        if (parts.m[at] == neg_inf) continue;  // no key of this split
-        const T w = std::exp2(parts.m[at] - top);
-        total += parts.l[at] * w;
-        axpy(w, parts.o.data() + at * D, orow, D);
+        const int64_t part = t * splits + sp;
+        decode_split(p, q, k, v, t / p.kv_heads, t % p.kv_heads, sp * split_len,
+                     std::min(seg.len_k, (sp + 1) * split_len), parts.m.data() + part * rows,
+                     parts.l.data() + part * rows, parts.o.data() + part * rows * D);
       }
-      scale_inplace(orow, D, T(1) / total);
-      *lrow = row_lse(top, total);
-    }
+  });
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  parallel_region(p.num_threads, [&] {
+#pragma omp for collapse(2)
+    for (int64_t t = 0; t < tasks; ++t)
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t b = t / p.kv_heads, h = t % p.kv_heads * group + r / nq, i = r % nq;
+        T* orow = out + b * p.o.b + h * p.o.h + (seg.q_start + i) * p.o.n;
+        T* lrow = lse + (b * p.heads + h) * p.len_q + seg.q_start + i;
+        int64_t first, last;
+        row_key_range(seg, i, &first, &last);
+        if (first > last) {  // empty by the band
+          std::fill(orow, orow + D, T(0));
+          *lrow = neg_inf;
+          continue;
+        }
+        T top = neg_inf;
+        for (int64_t sp = 0; sp < splits; ++sp) top = max_nan(top, parts.m[(t * splits + sp) * rows + r]);
+        std::fill(orow, orow + D, T(0));
+        T total = 0;
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const int64_t at = (t * splits + sp) * rows + r;
+          if (parts.m[at] == neg_inf) continue;  // no key of this split
+          const T w = std::exp2(parts.m[at] - top);
+          total += parts.l[at] * w;
+          axpy(w, parts.o.data() + at * D, orow, D);
+        }
+        scale_inplace(orow, D, T(1) / total);
+        *lrow = row_lse(top, total);
+      }
+  });
 }
 
 }  // namespace
@@ -351,21 +359,20 @@ void attention_forward_cpu(const AttentionProblem& p, const T* q, const T* k, co
   const RowOperand<T> vr(p, v, p.v, p.kv_heads, p.len_k);
   const std::vector<QueryBlock> blocks = query_blocks(p, kFwdBlockQ);
   const int64_t nblocks = static_cast<int64_t>(blocks.size());
-#pragma omp parallel num_threads(p.num_threads)
-  {
+  parallel_region(p.num_threads, [&] {
     ForwardScratch<T> ws;
 #pragma omp for collapse(3) schedule(dynamic)
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t h = 0; h < p.heads; ++h)
         for (int64_t i = 0; i < nblocks; ++i) forward_query_block(p, q, kp, vr, b, h, blocks[i], out, lse, ws);
-  }
+  });
 }
 
 namespace {
 
 template <typename T>
 struct BackwardScratch {
-  std::vector<T> s, dp, dk, dv;
+  Buffer<T> s, dp, dk, dv;
 };
 
 // Per q head: Q and dO as transposed tiles of kBwdBlockQ rows (A operands;
@@ -397,34 +404,36 @@ QueryPack<T> pack_queries(const AttentionProblem& p, const T* q, const T* out, c
   qp.doutt = Buffer<T>(heads * qp.seg_tile.back() * D * kBwdBlockQ);
   qp.lse2 = Buffer<T>(heads * Nq);
   qp.delta = Buffer<T>(heads * Nq);
-#pragma omp parallel for collapse(3) num_threads(p.num_threads)
-  for (int64_t b = 0; b < p.batch; ++b)
-    for (int64_t h = 0; h < p.heads; ++h)
-      for (int64_t s = 0; s < nseg; ++s) {
-        const Segment& seg = p.segments[s];
-        const int64_t bh = b * p.heads + h;
-        const T* qh = q + b * p.q.b + h * p.q.h + seg.q_start * p.q.n;
-        const T* gh = dout + b * ds.b + h * ds.h + seg.q_start * ds.n;
-        for (int64_t q0 = 0; q0 < seg.len_q; q0 += kBwdBlockQ) {
-          const int64_t rows = std::min(kBwdBlockQ, seg.len_q - q0);
-          pack_transposed_scaled(qh + q0 * p.q.n, rows, D, p.q.n, sc, qp.qt.data() + qp.tile(bh, s, q0), kBwdBlockQ);
-          pack_transposed_scaled(gh + q0 * ds.n, rows, D, ds.n, T(1), qp.doutt.data() + qp.tile(bh, s, q0),
-                                 kBwdBlockQ);
+  parallel_region(p.num_threads, [&] {
+#pragma omp for collapse(3)
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t h = 0; h < p.heads; ++h)
+        for (int64_t s = 0; s < nseg; ++s) {
+          const Segment& seg = p.segments[s];
+          const int64_t bh = b * p.heads + h;
+          const T* qh = q + b * p.q.b + h * p.q.h + seg.q_start * p.q.n;
+          const T* gh = dout + b * ds.b + h * ds.h + seg.q_start * ds.n;
+          for (int64_t q0 = 0; q0 < seg.len_q; q0 += kBwdBlockQ) {
+            const int64_t rows = std::min(kBwdBlockQ, seg.len_q - q0);
+            pack_transposed_scaled(qh + q0 * p.q.n, rows, D, p.q.n, sc, qp.qt.data() + qp.tile(bh, s, q0), kBwdBlockQ);
+            pack_transposed_scaled(gh + q0 * ds.n, rows, D, ds.n, T(1), qp.doutt.data() + qp.tile(bh, s, q0),
+                                   kBwdBlockQ);
+          }
+          for (int64_t i = 0; i < seg.len_q; ++i) {
+            const int64_t row = bh * Nq + seg.q_start + i;
+            const T* o = out + b * p.o.b + h * p.o.h + (seg.q_start + i) * p.o.n;
+            const T* g = gh + i * ds.n;
+            T dot = 0;
+            for (int64_t d = 0; d < D; ++d) dot += o[d] * g[d];
+            qp.delta[row] = dot - (dlse ? dlse[row] : T(0));
+            // A row without keys (by the band, not by its lse: a NaN or inf row must stay NaN) has
+            // P = 0: +inf makes exp2 give 0.
+            int64_t first, last;
+            row_key_range(seg, i, &first, &last);
+            qp.lse2[row] = first > last ? std::numeric_limits<T>::infinity() : T(lse[row] * kLog2e);
+          }
         }
-        for (int64_t i = 0; i < seg.len_q; ++i) {
-          const int64_t row = bh * Nq + seg.q_start + i;
-          const T* o = out + b * p.o.b + h * p.o.h + (seg.q_start + i) * p.o.n;
-          const T* g = gh + i * ds.n;
-          T dot = 0;
-          for (int64_t d = 0; d < D; ++d) dot += o[d] * g[d];
-          qp.delta[row] = dot - (dlse ? dlse[row] : T(0));
-          // A row without keys (by the band, not by its lse: a NaN or inf row must stay NaN) has
-          // P = 0: +inf makes exp2 give 0.
-          int64_t first, last;
-          row_key_range(seg, i, &first, &last);
-          qp.lse2[row] = first > last ? std::numeric_limits<T>::infinity() : T(lse[row] * kLog2e);
-        }
-      }
+  });
   return qp;
 }
 
@@ -449,10 +458,10 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const
   const int64_t group = p.heads / p.kv_heads, kv_head = b * p.kv_heads + hk;
   const T scale = T(p.scale);
 
-  T* P = scratch(ws.s, kBwdBlockQ * kBwdBlockK);
-  T* dS = scratch(ws.dp, kBwdBlockQ * kBwdBlockK);
-  T* dK = scratch(ws.dk, kBwdBlockK * Dp);
-  T* dV = scratch(ws.dv, kBwdBlockK * Dp);
+  T* P = ws.s.grow(kBwdBlockQ * kBwdBlockK);
+  T* dS = ws.dp.grow(kBwdBlockQ * kBwdBlockK);
+  T* dK = ws.dk.grow(kBwdBlockK * Dp);
+  T* dV = ws.dv.grow(kBwdBlockK * Dp);
   std::fill(dK, dK + ncols * Dp, T(0));
   std::fill(dV, dV + ncols * Dp, T(0));
 
@@ -532,12 +541,13 @@ void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, c
   const int64_t D = p.head_dim, Dp = round_up(D, Simd<T>::panel);
   const int64_t dq_size = p.batch * p.heads * p.len_q * Dp;
   Buffer<T> dq_acc(nsplit * dq_size);
-#pragma omp parallel for num_threads(p.num_threads)
-  for (int64_t s = 0; s < nsplit * p.batch * p.heads; ++s)
-    std::fill(dq_acc.data() + s * p.len_q * Dp, dq_acc.data() + (s + 1) * p.len_q * Dp, T(0));
+  parallel_region(p.num_threads, [&] {
+#pragma omp for
+    for (int64_t s = 0; s < nsplit * p.batch * p.heads; ++s)
+      std::fill(dq_acc.data() + s * p.len_q * Dp, dq_acc.data() + (s + 1) * p.len_q * Dp, T(0));
+  });
 
-#pragma omp parallel num_threads(p.num_threads)
-  {
+  parallel_region(p.num_threads, [&] {
     BackwardScratch<T> ws;
 #pragma omp for collapse(4) schedule(dynamic)
     for (int64_t split = 0; split < nsplit; ++split)
@@ -547,19 +557,21 @@ void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, c
             // Interleaved key blocks balance causal masks across splits.
             for (int64_t k0 = split * kBwdBlockK; k0 < p.segments[s].len_k; k0 += nsplit * kBwdBlockK)
               backward_key_block(p, qp, kp, vp, rows, b, hk, s, k0, dq_acc.data() + split * dq_size, dk, dv, ws);
-  }
+  });
 
   const int64_t dq_rows = p.batch * p.heads * p.len_q;
-#pragma omp parallel for num_threads(p.num_threads)
-  for (int64_t r = 0; r < dq_rows; ++r) {
-    const int64_t b = r / (p.heads * p.len_q), h = r / p.len_q % p.heads, n = r % p.len_q;
-    T* row = dq + b * p.o.b + h * p.o.h + n * p.o.n;
-    for (int64_t d = 0; d < D; ++d) {
-      T acc = 0;
-      for (int64_t s = 0; s < nsplit; ++s) acc += dq_acc[s * dq_size + r * Dp + d];
-      row[d] = acc;
+  parallel_region(p.num_threads, [&] {
+#pragma omp for
+    for (int64_t r = 0; r < dq_rows; ++r) {
+      const int64_t b = r / (p.heads * p.len_q), h = r / p.len_q % p.heads, n = r % p.len_q;
+      T* row = dq + b * p.o.b + h * p.o.h + n * p.o.n;
+      for (int64_t d = 0; d < D; ++d) {
+        T acc = 0;
+        for (int64_t s = 0; s < nsplit; ++s) acc += dq_acc[s * dq_size + r * Dp + d];
+        row[d] = acc;
+      }
     }
-  }
+  });
 }
 
 template void attention_forward_cpu<float>(const AttentionProblem&, const float*, const float*, const float*,

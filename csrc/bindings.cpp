@@ -1,5 +1,6 @@
 // The Python module of the C++ kernels, built once per SIMD level as tessel._C_<level>
-// (setup.py): converts numpy buffers and calls kernels.
+// (setup.py): converts numpy buffers and calls kernels, and hands the attention
+// kernels to tessel._C_ops (torch's ops) as a KernelTable (kernel_table.h).
 // User input was validated in Python (pymod/_dispatch.py). What is checked
 // here are internal invariants: every array a kernel reads or writes has the
 // dtype, rank, shape and layout that kernel assumes, so a wrong caller gets a
@@ -16,6 +17,7 @@
 #include "attention.h"
 #include "common.h"
 #include "compress.h"
+#include "kernel_table.h"
 #include "linear_attention.h"
 #include "looped.h"
 
@@ -86,37 +88,6 @@ auto by_dtype(const py::array& x, Fn&& fn) {
   return fn(float{});
 }
 
-// segments: int64 (S, 6), rows (q_start, len_q, k_start, len_k, band_lo,
-// band_hi), consecutive and covering both sequence axes exactly (the kernels
-// write every output row through them and read nothing outside them).
-std::vector<tessel::Segment> attention_segments(const char* fn, const py::array& segments, int64_t len_q,
-                                                int64_t len_k) {
-  expect<int64_t>(fn, "segments", segments, {-1, 6});
-  const auto* rows = cdata<int64_t>(segments);
-  std::vector<tessel::Segment> out(segments.shape(0));
-  int64_t q_end = 0, k_end = 0;
-  for (size_t s = 0; s < out.size(); ++s) {
-    const int64_t* r = rows + 6 * s;
-    out[s] = {r[0], r[1], r[2], r[3], r[4], r[5]};
-    if (r[0] != q_end || r[2] != k_end || r[1] < 0 || r[3] < 0)
-      internal_error(fn, "segment " + std::to_string(s) + " does not continue the previous one");
-    q_end += r[1];
-    k_end += r[3];
-  }
-  if (q_end != len_q || k_end != len_k) internal_error(fn, "segments do not cover the sequence axes");
-  return out;
-}
-
-AttentionProblem attention_problem(const char* fn, const py::array& q, const py::array& k, const py::array& v,
-                                   double scale, const py::array& segments, int num_threads) {
-  const double flops = 4.0 * q.shape(0) * q.shape(1) * q.shape(2) * k.shape(2) * q.shape(3);
-  return AttentionProblem{q.shape(0),  q.shape(1),  k.shape(1),
-                          q.shape(2),  k.shape(2),  q.shape(3),
-                          scale,       attention_segments(fn, segments, q.shape(2), k.shape(2)),
-                          strides4(q), strides4(k), strides4(v),
-                          tessel::threads_for(flops, num_threads)};
-}
-
 // q (B, H, Nq, D), k and v (B, Hkv, Nk, D) with H a multiple of Hkv.
 template <typename T>
 void expect_qkv(const char* fn, const py::array& q, const py::array& k, const py::array& v, int64_t dim_v = -2) {
@@ -126,65 +97,6 @@ void expect_qkv(const char* fn, const py::array& q, const py::array& k, const py
   if (k.shape(1) < 1 || q.shape(1) % k.shape(1) != 0)
     internal_error(fn, "q heads " + std::to_string(q.shape(1)) + " are not a multiple of k heads " +
                            std::to_string(k.shape(1)));
-}
-
-template <typename T>
-void attention_forward_typed(const py::array& q, const py::array& k, const py::array& v, py::array& out,
-                             py::array& lse, double scale, const py::array& segments, int num_threads) {
-  constexpr const char* fn = "attention_forward";
-  expect_qkv<T>(fn, q, k, v);
-  expect<T>(fn, "out", out, {q.shape(0), q.shape(1), q.shape(2), q.shape(3)}, Layout::LastDim, true);
-  expect<T>(fn, "lse", lse, {q.shape(0), q.shape(1), q.shape(2)}, Layout::Contiguous, true);
-  AttentionProblem p = attention_problem(fn, q, k, v, scale, segments, num_threads);
-  p.o = strides4(out);
-  py::gil_scoped_release release;
-  tessel::attention_forward_cpu<T>(p, cdata<T>(q), cdata<T>(k), cdata<T>(v), data<T>(out), data<T>(lse));
-}
-
-void attention_forward(const py::array& q, const py::array& k, const py::array& v, py::array out, py::array lse,
-                       double scale, const py::array& segments, int num_threads) {
-  by_dtype(q, [&](auto t) {
-    attention_forward_typed<decltype(t)>(q, k, v, out, lse, scale, segments, num_threads);
-  });
-}
-
-template <typename T>
-void attention_backward_typed(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
-                              const py::array& dout, const py::array& lse, const py::object& dlse, py::array& dq,
-                              py::array& dk, py::array& dv, double scale, const py::array& segments,
-                              int num_threads) {
-  constexpr const char* fn = "attention_backward";
-  expect_qkv<T>(fn, q, k, v);
-  const std::vector<int64_t> q_shape{q.shape(0), q.shape(1), q.shape(2), q.shape(3)};
-  const std::vector<int64_t> k_shape{k.shape(0), k.shape(1), k.shape(2), k.shape(3)};
-  const std::vector<int64_t> row_shape{q.shape(0), q.shape(1), q.shape(2)};
-  expect<T>(fn, "out", out, q_shape, Layout::LastDim);
-  expect<T>(fn, "dout", dout, q_shape, Layout::LastDim);
-  expect<T>(fn, "lse", lse, row_shape);
-  expect_optional<T>(fn, "dlse", dlse, row_shape);
-  expect<T>(fn, "dq", dq, q_shape, Layout::LastDim, true);
-  expect<T>(fn, "dk", dk, k_shape, Layout::LastDim, true);
-  expect<T>(fn, "dv", dv, k_shape, Layout::LastDim, true);
-  if (dq.strides(0) != out.strides(0) || dq.strides(1) != out.strides(1) || dq.strides(2) != out.strides(2))
-    internal_error(fn, "dq must have out's strides");
-  if (dk.strides(0) != dv.strides(0) || dk.strides(1) != dv.strides(1) || dk.strides(2) != dv.strides(2))
-    internal_error(fn, "dk and dv must share strides");
-  AttentionProblem p = attention_problem(fn, q, k, v, scale, segments, num_threads);
-  p.o = strides4(out);
-  p.g = strides4(dk);
-  const Strides4 ds = strides4(dout);
-  const T* dlse_ptr = dlse.is_none() ? nullptr : cdata<T>(dlse.cast<py::array>());
-  py::gil_scoped_release release;
-  tessel::attention_backward_cpu<T>(p, cdata<T>(q), cdata<T>(k), cdata<T>(v), cdata<T>(out), cdata<T>(dout), ds,
-                                    cdata<T>(lse), dlse_ptr, data<T>(dq), data<T>(dk), data<T>(dv));
-}
-
-void attention_backward(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
-                        const py::array& dout, const py::array& lse, const py::object& dlse, py::array dq,
-                        py::array dk, py::array dv, double scale, const py::array& segments, int num_threads) {
-  by_dtype(q, [&](auto t) {
-    attention_backward_typed<decltype(t)>(q, k, v, out, dout, lse, dlse, dq, dk, dv, scale, segments, num_threads);
-  });
 }
 
 // z (B, dim, cols); weights (1 or loops, heads, dim, dim); checkpoints (ceil(loops / every), B, dim, cols).
@@ -451,6 +363,43 @@ void orthonormalize(py::array buf, const py::array& offsets, const py::array& le
   });
 }
 
+// The kernel table tessel._C_ops calls through (kernel_table.h): the same
+// kernels as the bindings above, reached from at::Tensor without numpy.
+tessel::Strides4 strides_of(const int64_t* s) { return {s[0], s[1], s[2]}; }
+
+AttentionProblem problem_of(const tessel::AttentionCall& c) {
+  std::vector<tessel::Segment> segments(c.num_segments);
+  for (int64_t s = 0; s < c.num_segments; ++s) {
+    const int64_t* r = c.segments + 6 * s;
+    segments[s] = {r[0], r[1], r[2], r[3], r[4], r[5]};
+  }
+  const double flops = 4.0 * c.batch * c.heads * c.len_q * c.len_k * c.head_dim;
+  AttentionProblem p{c.batch,          c.heads,          c.kv_heads,      c.len_q,
+                     c.len_k,          c.head_dim,       c.scale,         std::move(segments),
+                     strides_of(c.q),  strides_of(c.k),  strides_of(c.v), tessel::threads_for(flops, c.num_threads)};
+  p.o = strides_of(c.o);
+  p.g = strides_of(c.g);
+  return p;
+}
+
+template <typename T>
+void table_attention_forward(const tessel::AttentionCall* c, const T* q, const T* k, const T* v, T* out, T* lse) {
+  tessel::attention_forward_cpu<T>(problem_of(*c), q, k, v, out, lse);
+}
+
+template <typename T>
+void table_attention_backward(const tessel::AttentionCall* c, const T* q, const T* k, const T* v, const T* out,
+                              const T* dout, const T* lse, const T* dlse, T* dq, T* dk, T* dv) {
+  tessel::attention_backward_cpu<T>(problem_of(*c), q, k, v, out, dout, strides_of(c->dout), lse, dlse, dq, dk, dv);
+}
+
+const tessel::KernelTable kKernelTable{
+    tessel::kKernelTableVersion,
+    TESSEL_LEVEL,
+    {&table_attention_forward<float>, &table_attention_backward<float>},
+    {&table_attention_forward<double>, &table_attention_backward<double>},
+};
+
 // The SIMD levels this CPU runs, lowest first (x86-64-v2, v3 and v4 by their features).
 std::vector<std::string> cpu_levels() {
 #if defined(__x86_64__)
@@ -479,11 +428,7 @@ PYBIND11_MODULE(TESSEL_MODULE, m) {
   m.attr("level") = TESSEL_LEVEL;
   m.attr("simd_bytes") = tessel::kVecBytes;
   m.def("cpu_levels", &cpu_levels);
-  m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
-        py::arg("lse"), py::arg("scale"), py::arg("segments"), py::arg("num_threads"));
-  m.def("attention_backward", &attention_backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
-        py::arg("dout"), py::arg("lse"), py::arg("dlse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
-        py::arg("scale"), py::arg("segments"), py::arg("num_threads"));
+  m.def("kernel_table", [] { return py::capsule(&kKernelTable, "tessel.KernelTable"); });
   m.def("looped_forward", &looped_forward, py::arg("z"), py::arg("p"), py::arg("q"), py::arg("out"),
         py::arg("saved"), py::arg("loops"), py::arg("key_cols"), py::arg("inv_n"), py::arg("every"),
         py::arg("num_threads"));

@@ -75,6 +75,16 @@ inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 constexpr double kSerialFlops = 1 << 20;
 inline int threads_for(double flops, int threads) { return flops < kSerialFlops ? 1 : threads; }
 
+// body() on `threads` OpenMP threads, its `#pragma omp for` loops shared among them; with one thread,
+// body() on the calling thread without entering OpenMP at all (libgomp's region start and end cost
+// four futex calls even then: most of a tiny call). Orphaned `omp for` loops run serially outside a region.
+template <typename Body>
+void parallel_region(int threads, Body&& body) {
+  if (threads <= 1) return body();
+#pragma omp parallel num_threads(threads)
+  body();
+}
+
 // C tile (R x panel) (+)= A (R x kc) * B (kc x panel).
 // A element (r, p) is a[r * lda + p], or a[p * lda + r] when ATrans.
 // B row p is the contiguous panel b[p * ldb, p * ldb + panel).
@@ -307,6 +317,12 @@ class Buffer {
   T* data() { return data_.get(); }
   const T* data() const { return data_.get(); }
   size_t size() const { return size_; }
+  // At least n elements, their contents undefined: thread-private scratch that grows on demand and is reused
+  // across blocks without the pass over memory that zeroing would cost.
+  T* grow(size_t n) {
+    if (size_ < n) *this = Buffer(n);
+    return data();
+  }
   T& operator[](size_t i) { return data_[i]; }
   const T& operator[](size_t i) const { return data_[i]; }
 

@@ -313,8 +313,7 @@ void backward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T
 template <typename T>
 void linear_forward_cpu(const LinearProblem& p, const T* q, const T* k, const T* v, const T* state0, T* out,
                         T* state_out) {
-#pragma omp parallel num_threads(p.num_threads)
-  {
+  parallel_region(p.num_threads, [&] {
     Work<T> w(p.dim, p.dim_v);
 #pragma omp for collapse(3) schedule(dynamic)
     for (int64_t b = 0; b < p.batch; ++b)
@@ -324,15 +323,14 @@ void linear_forward_cpu(const LinearProblem& p, const T* q, const T* k, const T*
           forward_task<T>(p, {q + t.q0 * p.q.n, p.q}, {k + t.k0 * p.k.n, p.k}, {v + t.k0 * p.v.n, p.v}, state0,
                           out + t.q0 * p.dim_v, state_out, b, hk, t, w);
         }
-  }
+  });
 }
 
 template <typename T>
 void linear_backward_cpu(const LinearProblem& p, const T* q, const T* k, const T* v, const T* state0,
                          const T* state_final, const T* dout, Strides4 dout_strides, const T* dstate, T* dq, T* dk,
                          T* dv, T* dstate0) {
-#pragma omp parallel num_threads(p.num_threads)
-  {
+  parallel_region(p.num_threads, [&] {
     Work<T> w(p.dim, p.dim_v);
 #pragma omp for collapse(3) schedule(dynamic)
     for (int64_t b = 0; b < p.batch; ++b)
@@ -343,7 +341,7 @@ void linear_backward_cpu(const LinearProblem& p, const T* q, const T* k, const T
                            state_final, {dout + t.q0 * dout_strides.n, dout_strides}, dstate, dq + t.q0 * p.dim,
                            dk + t.k0 * p.dim, dv + t.k0 * p.dim_v, dstate0, b, hk, t, w);
         }
-  }
+  });
 }
 
 template void linear_forward_cpu<float>(const LinearProblem&, const float*, const float*, const float*, const float*,

@@ -54,11 +54,20 @@ def using_backend(name: str):
         _chosen = previous
 
 
+# TESSEL_BACKEND is read at every call (a test or a notebook may set it at any time), straight from os.environ's
+# dict of encoded names: os.environ.get costs ~0.8 us when the name is unset (it raises and catches KeyError),
+# a tenth of a tiny attention call.
+_ENV_KEY = os.environ.encodekey("TESSEL_BACKEND")
+
+
 def get_backend() -> str:
     """The backend in force: set_backend's choice, else TESSEL_BACKEND, else "auto"."""
     if _chosen is not None:
         return _chosen
-    name = os.environ.get("TESSEL_BACKEND", "auto")
+    raw = os.environ._data.get(_ENV_KEY)
+    if raw is None:
+        return "auto"
+    name = os.environ.decodevalue(raw)
     if name not in BACKENDS:
         raise ValueError(f"TESSEL_BACKEND must be one of {BACKENDS}, got {name!r}")
     return name
@@ -69,20 +78,24 @@ def resolve_backend(op: str, device: torch.device) -> str:
     name = get_backend()
     if name == "reference":
         return name
+    kind = device.type
     if name == "auto":
-        if device.type == "cpu":
-            return "cpp"
-        if device.type == "cuda":
-            return "triton"
-        raise RuntimeError(f"tessel.{op}: no kernel for {device.type} tensors (CPU and CUDA are served)")
-    if name == "cpp" and device.type != "cpu":
-        raise RuntimeError(f"tessel.{op}: backend 'cpp' serves CPU tensors only, got a {device.type} tensor")
-    if name == "triton" and device.type == "cpu" and not triton_interpreting():
+        if kind == "cpu":
+            name = "cpp"
+        elif kind == "cuda":
+            name = "triton"
+        else:
+            raise RuntimeError(f"tessel.{op}: no kernel for {kind} tensors (CPU and CUDA are served)")
+    elif name == "cpp" and kind != "cpu":
+        raise RuntimeError(f"tessel.{op}: backend 'cpp' serves CPU tensors only, got a {kind} tensor")
+    elif name == "triton" and kind == "cpu" and not triton_interpreting():
         raise RuntimeError(
             f"tessel.{op}: backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)"
         )
-    if name == "triton" and device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"tessel.{op}: backend 'triton' serves CUDA tensors, got a {device.type} tensor")
+    elif name == "triton" and kind not in ("cpu", "cuda"):
+        raise RuntimeError(f"tessel.{op}: backend 'triton' serves CUDA tensors, got a {kind} tensor")
+    if name == "cpp" and _cpu_module is None:
+        cpp_module()  # choose the SIMD level now: the C++ ops run its kernels
     return name
 
 
@@ -108,7 +121,11 @@ def cpp_module() -> ModuleType:
     CPU, or TESSEL_CPU_LEVEL's (chosen at the first call)."""
     global _cpu_module
     if _cpu_module is None:
-        _cpu_module = _load_cpu_level(os.environ.get("TESSEL_CPU_LEVEL"))
+        module = _load_cpu_level(os.environ.get("TESSEL_CPU_LEVEL"))
+        from . import _C_ops  # the attention ops run the same level's kernels
+
+        _C_ops.set_kernel_table(module.kernel_table())
+        _cpu_module = module
     return _cpu_module
 
 
@@ -162,11 +179,13 @@ def check_tensor(name: str, x, ndim: int, layout: str) -> None:
 def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
     """All tensors on one device with one dtype."""
     first = tensors[0]
-    for name, x in zip(names[1:], tensors[1:]):
-        if x.device != first.device:
-            raise ValueError(f"{name} is on {x.device} but {names[0]} is on {first.device}: use one device")
-        if x.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but {names[0]} has {first.dtype}: use one dtype")
+    device, dtype = first.device, first.dtype
+    for i in range(1, len(tensors)):
+        x = tensors[i]
+        if x.device != device:
+            raise ValueError(f"{names[i]} is on {x.device} but {names[0]} is on {device}: use one device")
+        if x.dtype != dtype:
+            raise TypeError(f"{names[i]} has dtype {x.dtype} but {names[0]} has {dtype}: use one dtype")
 
 
 def is_number(x) -> bool:

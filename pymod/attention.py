@@ -7,9 +7,10 @@ Layout (batch, heads, seq, head_dim) as torch SDPA. Masks are a band: query i
 i + off - left <= j <= i + off + right; `causal` sets right = min(right, 0).
 Rows that see no key give zeros and lse = -inf.
 
-Flow: attention() checks inputs -> resolve_backend -> custom op
-tessel::attention_fwd (autograd via tessel::attention_bwd) -> tessel._C_<level> on CPU,
-tessel.kernels.attention on CUDA. The reference backend skips the op.
+Flow: attention() checks inputs -> resolve_backend -> op tessel::attention_fwd
+(registered in C++ by tessel._C_ops, with its autograd through
+tessel::attention_bwd) -> tessel._C_<level> on CPU, tessel.kernels.attention
+on CUDA. The reference backend skips the op.
 attention_varlen() takes the same road through tessel::attention_varlen_fwd /
 _bwd: the kernels see packed sequences as a batch of one whose sequence axis
 holds one segment per sequence (_segments), each with its own band.
@@ -23,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _dispatch
+from . import _C_ops, _dispatch
 from ._dispatch import check_same, check_scale, check_tensor
-from ._ops import acc_dtype, kernel_op, numpy_view
-from .kernels._common import BAND_INF, last_dim_contiguous, packed_as_batch
+from ._ops import acc_dtype
+from .kernels._common import BAND_INF
 
 _LAYOUT = "(batch, heads, seq, head_dim)"
 _PACKED_LAYOUT = "(total, heads, head_dim)"
@@ -117,170 +118,83 @@ def check_attention_inputs(q, k, v, packed=False) -> None:
     """q, k, v of one attention problem: (batch, heads, seq, head_dim), or
     packed sequences (total, heads, head_dim)."""
     layout = _PACKED_LAYOUT if packed else _LAYOUT
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, x, 3 if packed else 4, layout)
+    ndim = 3 if packed else 4
+    check_tensor("q", q, ndim, layout)
+    check_tensor("k", k, ndim, layout)
+    check_tensor("v", v, ndim, layout)
     check_same(("q", "k", "v"), (q, k, v))
-    h, hk, d, dk = q.shape[1], k.shape[1], q.shape[-1], k.shape[-1]
-    if not packed and k.shape[0] != q.shape[0]:
-        raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]}: shapes {tuple(q.shape)} and "
-                         f"{tuple(k.shape)}")
+    qs, ks = q.shape, k.shape
+    h, hk, d, dk = qs[1], ks[1], qs[-1], ks[-1]
+    if not packed and ks[0] != qs[0]:
+        raise ValueError(f"k has batch {ks[0]} but q has batch {qs[0]}: shapes {tuple(qs)} and {tuple(ks)}")
     if dk != d:
-        raise ValueError(f"k has head_dim {dk} but q has head_dim {d}: shapes {tuple(q.shape)} and {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)} {layout}, got {tuple(v.shape)}")
+        raise ValueError(f"k has head_dim {dk} but q has head_dim {d}: shapes {tuple(qs)} and {tuple(ks)}")
+    if v.shape != ks:
+        raise ValueError(f"v must have k's shape {tuple(ks)} {layout}, got {tuple(v.shape)}")
     if h % hk != 0:
         raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk}) for grouped-query attention")
 
 
-# ---------------------------------------------------------------- kernels
+# ---------------------------------------------------------------- the ops
+
+# Defined in C++ (csrc/ops.cpp, tessel._C_ops): schema, CPU kernels through tessel._C_<level>, autograd. Here:
+# their fakes for torch.compile, and the Triton kernels their backend "triton" runs.
+_attention_fwd = torch.ops.tessel.attention_fwd.default
+_attention_bwd = torch.ops.tessel.attention_bwd.default
+_attention_varlen_fwd = torch.ops.tessel.attention_varlen_fwd.default
+_attention_varlen_bwd = torch.ops.tessel.attention_varlen_bwd.default
 
 
-def _one_segment(q, k, lo, hi):
-    """The C++ kernels' segments for a dense batch: one, spanning both axes."""
-    return np.array([[0, q.shape[2], 0, k.shape[2], lo, hi]], dtype=np.int64)
+def _empty_like(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _forward_cpp(q, k, v, scale, lo, hi):
-    out = torch.empty(q.shape, dtype=acc_dtype(q.dtype))
-    return out, _segments_forward_cpp(q, k, v, scale, _one_segment(q, k, lo, hi), out)
+@torch.library.register_fake("tessel::attention_fwd")
+def _attention_fwd_fake(q, k, v, scale, band_lo, band_hi, backend):
+    return _empty_like(q), q.new_empty(q.shape[:-1], dtype=acc_dtype(q.dtype))
 
 
-def _segments_forward_cpp(q, k, v, scale, segments, out):
-    """Writes out ((B, H, Nq, D) in the work dtype, any strides with a
-    contiguous last dim); returns lse."""
-    work = acc_dtype(q.dtype)
-    q, k, v = (last_dim_contiguous(x.to(work)) for x in (q, k, v))
-    lse = torch.empty(q.shape[:-1], dtype=work)
-    _dispatch.cpp_module().attention_forward(
-        numpy_view(q), numpy_view(k), numpy_view(v), numpy_view(out), numpy_view(lse),
-        scale, segments, torch.get_num_threads(),
-    )
-    return lse
+@torch.library.register_fake("tessel::attention_bwd")
+def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, scale, band_lo, band_hi, backend):
+    return _empty_like(q), _empty_like(k), _empty_like(v)
 
 
-def _backward_cpp(dout, q, k, v, out, lse, dlse, scale, lo, hi):
-    grads = tuple(torch.empty(x.shape, dtype=acc_dtype(q.dtype)) for x in (q, k, v))
-    _segments_backward_cpp(dout, q, k, v, out, lse, dlse, scale, _one_segment(q, k, lo, hi), *grads)
-    return grads
+@torch.library.register_fake("tessel::attention_varlen_fwd")
+def _attention_varlen_fwd_fake(q, k, v, segments, max_seqlen_q, max_seqlen_k, scale, backend):
+    return _empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=acc_dtype(q.dtype))
 
 
-def _segments_backward_cpp(dout, q, k, v, out, lse, dlse, scale, segments, dq, dk, dv):
-    """Writes dq, dk, dv (the work dtype; dk and dv with one layout)."""
-    work = acc_dtype(q.dtype)
-    q, k, v, dout = (last_dim_contiguous(x.to(work)) for x in (q, k, v, dout))
-    out = out.to(work)
-    if out.stride() != dq.stride():  # the kernel reads out in dq's layout
-        out = torch.empty_strided(dq.shape, dq.stride(), dtype=work).copy_(out)
-    lse = lse.to(work).contiguous()
-    dlse = None if dlse is None else numpy_view(dlse.to(work).contiguous())
-    _dispatch.cpp_module().attention_backward(
-        numpy_view(q), numpy_view(k), numpy_view(v), numpy_view(out), numpy_view(dout), numpy_view(lse), dlse,
-        numpy_view(dq), numpy_view(dk), numpy_view(dv), scale, segments, torch.get_num_threads(),
-    )
+@torch.library.register_fake("tessel::attention_varlen_bwd")
+def _attention_varlen_bwd_fake(dout, q, k, v, out, lse, dlse, segments, max_seqlen_q, max_seqlen_k, scale, backend):
+    return _empty_like(q), _empty_like(k), _empty_like(v)
 
 
-def _forward_outputs(result, q, *_):
-    out, lse = result
+def _triton(name):
+    return getattr(_dispatch.triton_module("attention"), name)
+
+
+def _triton_forward(q, k, v, scale, band_lo, band_hi):
+    out, lse = _triton("attention_forward")(q, k, v, scale, band_lo, band_hi)
     return out.to(q.dtype), lse.to(acc_dtype(q.dtype))
 
 
-@kernel_op("attention", "fwd", cpp=_forward_cpp, triton="attention_forward", finish=_forward_outputs)
-def _attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, band_lo: int, band_hi: int, backend: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        q.shape[:-1], dtype=acc_dtype(q.dtype)
-    )
-
-
-def _backward_outputs(result, dout, q, k, v, *_):
-    dq, dk, dv = result
+def _triton_backward(dout, q, k, v, out, lse, dlse, scale, band_lo, band_hi):
+    dq, dk, dv = _triton("attention_backward")(dout, q, k, v, out, lse, dlse, scale, band_lo, band_hi)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-@kernel_op("attention", "bwd", cpp=_backward_cpp, triton="attention_backward", finish=_backward_outputs)
-def _attention_bwd(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    dlse: torch.Tensor | None, scale: float, band_lo: int, band_hi: int, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, scale, band_lo, band_hi, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = (scale, band_lo, band_hi, backend)
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args)
-    return dq, dk, dv, None, None, None, None
-
-
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _varlen_forward_cpp(q, k, v, segments, max_seqlen_q, max_seqlen_k, scale):
-    out = torch.empty(q.shape, dtype=acc_dtype(q.dtype))  # written in the packed layout
-    lse = _segments_forward_cpp(*map(packed_as_batch, (q, k, v)), scale, numpy_view(segments),
-                                packed_as_batch(out))
-    return out, lse[0]
-
-
-def _varlen_backward_cpp(dout, q, k, v, out, lse, dlse, segments, max_seqlen_q, max_seqlen_k, scale):
-    grads = tuple(torch.empty(x.shape, dtype=acc_dtype(q.dtype)) for x in (q, k, v))
-    dlse = None if dlse is None else dlse[None]
-    _segments_backward_cpp(*map(packed_as_batch, (dout, q, k, v, out)), lse[None], dlse, scale, numpy_view(segments),
-                           *map(packed_as_batch, grads))
-    return grads
-
-
-def _varlen_forward_outputs(result, q, *_):
-    out, lse = result
+def _triton_varlen_forward(q, k, v, segments, max_seqlen_q, max_seqlen_k, scale):
+    out, lse = _triton("attention_varlen_forward")(q, k, v, segments, max_seqlen_q, max_seqlen_k, scale)
     return out.to(q.dtype).contiguous(), lse.to(acc_dtype(q.dtype)).contiguous()
 
 
-@kernel_op("attention", "varlen_fwd", cpp=_varlen_forward_cpp, triton="attention_varlen_forward",
-           finish=_varlen_forward_outputs)
-def _attention_varlen_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor, max_seqlen_q: int,
-    max_seqlen_k: int, scale: float, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        (q.shape[1], q.shape[0]), dtype=acc_dtype(q.dtype)
-    )
+def _triton_varlen_backward(dout, q, k, v, out, lse, dlse, segments, max_seqlen_q, max_seqlen_k, scale):
+    grads = _triton("attention_varlen_backward")(dout, q, k, v, out, lse, dlse, segments, max_seqlen_q,
+                                                  max_seqlen_k, scale)
+    return tuple(g.to(x.dtype).contiguous() for g, x in zip(grads, (q, k, v)))
 
 
-def _varlen_backward_outputs(result, dout, q, k, v, *_):
-    return tuple(g.to(x.dtype).contiguous() for g, x in zip(result, (q, k, v)))
-
-
-@kernel_op("attention", "varlen_bwd", cpp=_varlen_backward_cpp, triton="attention_varlen_backward",
-           finish=_varlen_backward_outputs)
-def _attention_varlen_bwd(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    dlse: torch.Tensor | None, segments: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
-
-
-def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, segments, *args = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, segments)
-    ctx.args = args
-
-
-def _varlen_backward(ctx, dout, dlse):
-    q, k, v, out, lse, segments = ctx.saved_tensors
-    dq, dk, dv = _attention_varlen_bwd(dout, q, k, v, out, lse, dlse, segments, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
-
-
-_attention_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+_C_ops.set_triton_kernels(_triton_forward, _triton_backward, _triton_varlen_forward, _triton_varlen_backward)
 
 
 # ---------------------------------------------------------------- public API
@@ -310,7 +224,10 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, return_lse=Fals
     if backend == "reference":
         return attention_reference(q, k, v, causal=causal, scale=scale, window=window, return_lse=return_lse)
     lo, hi = _band(q.shape[-2], k.shape[-2], causal, window)
-    out, lse = _attention_fwd(q, k, v, scale, lo, hi, backend)
+    # Eagerly the op is called from C++ (_C_ops.attention_fwd: a few microseconds less than torch.ops' parsing);
+    # torch.compile traces torch.ops.
+    forward = _attention_fwd if torch.compiler.is_compiling() else _C_ops.attention_fwd
+    out, lse = forward(q, k, v, scale, lo, hi, backend)
     return (out, lse) if return_lse else out
 
 

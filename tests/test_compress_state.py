@@ -225,11 +225,6 @@ def _np(*shape, dtype=np.float32):
     return np.zeros(shape, dtype=dtype)
 
 
-def _segments(*rows):
-    """Attention segments (q_start, len_q, k_start, len_k, band_lo, band_hi); default: one over 3 x 3."""
-    return np.array(rows or [(0, 3, 0, 3, -10, 10)], dtype=np.int64)
-
-
 @pytest.mark.parametrize("call", [
     lambda C: C.compress_project([_np(4, 5)], [_np(4, 5, dtype=np.float64)], _np(8), _np(10), 2, True, 1),
     lambda C: C.compress_project([_np(4, 5)], [None], _np(7), _np(10), 2, True, 1),
@@ -238,18 +233,6 @@ def _segments(*rows):
     lambda C: C.compress_reconstruct([_np(4, 5)], [None], _np(8), _np(10), _np(8), _np(10), _np(1), 2, 1),
     lambda C: C.orthonormalize(_np(10), np.array([4], dtype=np.int64), np.array([4], dtype=np.int64), 2, 0, 1,
                                0.0, 1),
-    lambda C: C.attention_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 5),
-                                  _np(1, 2, 3), 1.0, _segments(), 1),
-    lambda C: C.attention_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4, dtype=np.float64), _np(1, 2, 3, 4),
-                                  _np(1, 2, 3, 4), _np(1, 2, 3), 1.0, _segments(), 1),
-    lambda C: C.attention_forward(_np(1, 3, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 3, 3, 4),
-                                  _np(1, 3, 3), 1.0, _segments(), 1),
-    lambda C: C.attention_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4),
-                                  _np(1, 2, 3), 1.0, _segments((0, 2, 0, 3, 0, 0)), 1),
-    lambda C: C.attention_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4),
-                                  _np(1, 2, 3), 1.0, _segments((0, 2, 0, 2, 0, 0), (1, 1, 2, 1, 0, 0)), 1),
-    lambda C: C.attention_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4),
-                                  _np(1, 2, 3), 1.0, _segments((0, 4, 0, -1, 0, 0)), 1),
     lambda C: C.linear_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 6), None, _np(1, 2, 3, 4),
                                _np(1, 2, 4, 6), 1.0, True, None, 1),
     lambda C: C.linear_forward(_np(1, 2, 3, 4), _np(1, 2, 5, 4), _np(1, 2, 5, 6), None, _np(1, 2, 3, 6),
@@ -271,11 +254,44 @@ def test_cpp_bindings_raise_on_buffers_that_do_not_fit(call):
 
 
 def test_a_read_only_output_is_refused():
-    out = _np(1, 2, 3, 4)
+    out = _np(1, 2, 3, 6)
     out.setflags(write=False)
     with pytest.raises(RuntimeError, match="out must be writable"):
-        tessel._dispatch.cpp_module().attention_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 4), out,
-                                                        _np(1, 2, 3), 1.0, _segments(), 1)
+        tessel._dispatch.cpp_module().linear_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 6), None, out,
+                                                     _np(1, 2, 4, 6), 1.0, True, None, 1)
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.zeros(shape, dtype=dtype)
+
+
+def _segments(*rows):
+    """Attention segments (q_start, len_q, k_start, len_k, band_lo, band_hi); default: one over 3 x 3."""
+    return torch.tensor(rows or [(0, 3, 0, 3, -10, 10)], dtype=torch.int64)
+
+
+_ops = torch.ops.tessel
+
+
+@pytest.mark.parametrize("call", [
+    lambda: _ops.attention_fwd(_t(1, 2, 3, 4), _t(1, 2, 3, 4, dtype=torch.float64), _t(1, 2, 3, 4), 1.0, -9, 9,
+                               "cpp"),
+    lambda: _ops.attention_fwd(_t(1, 3, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 4), 1.0, -9, 9, "cpp"),
+    lambda: _ops.attention_fwd(_t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 5), 1.0, -9, 9, "cpp"),
+    lambda: _ops.attention_fwd(_t(2, 3, 4), _t(2, 3, 4), _t(2, 3, 4), 1.0, -9, 9, "cpp"),
+    lambda: _ops.attention_bwd(_t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 4),
+                               _t(1, 2, 2), None, 1.0, -9, 9, "cpp"),
+    lambda: _ops.attention_varlen_fwd(_t(3, 2, 4), _t(3, 2, 4), _t(3, 2, 4), _segments((0, 2, 0, 3, 0, 0)), 3, 3,
+                                      1.0, "cpp"),
+    lambda: _ops.attention_varlen_fwd(_t(3, 2, 4), _t(3, 2, 4), _t(3, 2, 4),
+                                      _segments((0, 2, 0, 2, 0, 0), (1, 1, 2, 1, 0, 0)), 3, 3, 1.0, "cpp"),
+    lambda: _ops.attention_varlen_fwd(_t(3, 2, 4), _t(3, 2, 4), _t(3, 2, 4), _segments((0, 4, 0, -1, 0, 0)), 4, 4,
+                                      1.0, "cpp"),
+    lambda: _ops.attention_varlen_fwd(_t(3, 2, 4), _t(3, 2, 4), _t(3, 2, 4), _segments().int(), 3, 3, 1.0, "cpp"),
+])
+def test_cpp_ops_raise_on_tensors_that_do_not_fit(call):
+    with pytest.raises(RuntimeError, match="internal check failed"):
+        call()
 
 
 def test_zsgd_compress_advances_and_averages():

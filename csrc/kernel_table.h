@@ -1,0 +1,43 @@
+// The C ABI between a SIMD level's module, tessel._C_<level> (which fills a
+// KernelTable), and tessel._C_ops (torch's ops, built once without -march,
+// which calls through it). Plain data and function pointers only: no C++
+// library type crosses the two shared objects, so neither can run code that
+// the other compiled for another instruction set.
+#pragma once
+
+#include <cstdint>
+
+namespace tessel {
+
+// Bumped whenever a struct below changes: _C_ops refuses a table of another version.
+constexpr uint32_t kKernelTableVersion = 1;
+
+// One attention problem, as AttentionProblem (attention.h) holds it.
+struct AttentionCall {
+  int64_t batch, heads, kv_heads, len_q, len_k, head_dim;
+  double scale;
+  const int64_t* segments;  // num_segments rows of Segment's six fields
+  int64_t num_segments;
+  // Element strides (batch, head, row) of operands whose last dim is contiguous: q, k, v; out, dq and the
+  // backward's out; dk and dv; dout.
+  int64_t q[3], k[3], v[3], o[3], g[3], dout[3];
+  int num_threads;
+};
+
+template <typename T>
+struct AttentionKernels {
+  // out (B, H, Nq, D) with strides o; lse (B, H, Nq) contiguous.
+  void (*forward)(const AttentionCall* call, const T* q, const T* k, const T* v, T* out, T* lse);
+  // dlse may be null; dq with strides o, dk and dv with strides g.
+  void (*backward)(const AttentionCall* call, const T* q, const T* k, const T* v, const T* out, const T* dout,
+                   const T* lse, const T* dlse, T* dq, T* dk, T* dv);
+};
+
+struct KernelTable {
+  uint32_t version;
+  const char* level;
+  AttentionKernels<float> attention_f32;
+  AttentionKernels<double> attention_f64;
+};
+
+}  // namespace tessel
