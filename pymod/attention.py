@@ -197,6 +197,13 @@ def _triton_varlen_backward(dout, q, k, v, out, lse, dlse, segments, max_seqlen_
 _C_ops.set_triton_kernels(_triton_forward, _triton_backward, _triton_varlen_forward, _triton_varlen_backward)
 
 
+def _forward(q, k, v, scale, band_lo, band_hi, backend):
+    """tessel::attention_fwd: eagerly called from C++ (_C_ops.attention_fwd, through the same dispatcher, a few
+    microseconds less than torch.ops' argument parsing); torch.compile traces torch.ops."""
+    forward = _attention_fwd if torch.compiler.is_compiling() else _C_ops.attention_fwd
+    return forward(q, k, v, scale, band_lo, band_hi, backend)
+
+
 # ---------------------------------------------------------------- public API
 
 
@@ -224,10 +231,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, return_lse=Fals
     if backend == "reference":
         return attention_reference(q, k, v, causal=causal, scale=scale, window=window, return_lse=return_lse)
     lo, hi = _band(q.shape[-2], k.shape[-2], causal, window)
-    # Eagerly the op is called from C++ (_C_ops.attention_fwd: a few microseconds less than torch.ops' parsing);
-    # torch.compile traces torch.ops.
-    forward = _attention_fwd if torch.compiler.is_compiling() else _C_ops.attention_fwd
-    out, lse = forward(q, k, v, scale, lo, hi, backend)
+    out, lse = _forward(q, k, v, scale, lo, hi, backend)
     return (out, lse) if return_lse else out
 
 
@@ -349,7 +353,7 @@ def scaled_dot_product_attention(
     check_scale(scale)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     backend = _dispatch.resolve_backend("scaled_dot_product_attention", query.device)
-    out, _ = _attention_fwd(query, key, value, scale, band[0], band[1], backend)
+    out, _ = _forward(query, key, value, scale, band[0], band[1], backend)
     return out
 
 

@@ -59,6 +59,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def _project(self, query, key, value):
         e, h = self.embed_dim, self.num_heads
+
+        def heads(y):
+            return y.view(y.shape[0], y.shape[1], h, e // h).transpose(1, 2)
+
+        if self._qkv_same_embed_dim and query is key and key is value:
+            # Self-attention: one matmul against the packed weight, as torch's module does.
+            return [heads(y) for y in F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)]
         if self._qkv_same_embed_dim:
             w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         else:
@@ -66,11 +73,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         b_q = b_k = b_v = None
         if self.in_proj_bias is not None:
             b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        heads = []
-        for x, w, bias in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)):
-            y = F.linear(x, w, bias)
-            heads.append(y.view(y.shape[0], y.shape[1], h, e // h).transpose(1, 2))
-        return heads
+        return [heads(F.linear(x, w, bias)) for x, w, bias in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v))]
 
 
 class LinearAttention(torch.nn.Module):

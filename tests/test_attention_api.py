@@ -139,7 +139,16 @@ def test_multihead_attention_loads_torch_state_dict(batch_first, causal, kernel_
     assert weights is None and kernel_calls
     assert error_vs(got, want) < 1e-5
     got.sum().backward()
-    assert ours.in_proj_weight.grad is not None
+    want.sum().backward()
+    for mine, torchs in ((ours.in_proj_weight, theirs.in_proj_weight), (ours.out_proj.weight, theirs.out_proj.weight)):
+        assert error_vs(mine.grad, torchs.grad) < 1e-4
+
+
+def test_a_second_derivative_is_refused_not_silently_zero():
+    q = rand(1, 2, 5, 8).requires_grad_()
+    (grad,) = torch.autograd.grad(tessel.attention(q, q, q, causal=True).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative for tessel::attention_bwd is not implemented"):
+        grad.sum().backward()
 
 
 def test_multihead_attention_other_paths_are_torch():

@@ -16,7 +16,7 @@ import torch
 from conftest import error_vs
 
 import tessel
-from tessel import _dispatch
+from tessel import _C_ops, _dispatch
 from tessel.attention import attention_reference, attention_varlen_reference
 from tessel.linear_attention import linear_attention_reference
 
@@ -47,6 +47,7 @@ def test_every_level_matches_the_references(level, force_level):
     force_level(level)
     info = tessel.cpu_info()
     assert info["level"] == level and info["simd_bits"] == VECTOR_BITS.get(level, info["simd_bits"])
+    assert _C_ops.kernel_level() == level  # the attention ops run this level's kernels too
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64):
         q = torch.randn(2, 4, 37, 24, generator=gen, dtype=dtype, requires_grad=True)
