@@ -227,7 +227,8 @@ using Triple = std::tuple<Tensor, Tensor, Tensor>;
 
 Pair attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t band_lo,
                    int64_t band_hi, c10::string_view backend) {
-  if (backend != "cpp") return call_triton<Pair>("attention_fwd", triton.attention_fwd, q, k, v, scale, band_lo, band_hi);
+  if (backend != "cpp")
+    return call_triton<Pair>("attention_fwd", triton.attention_fwd, q, k, v, scale, band_lo, band_hi);
   constexpr const char* op = "attention_fwd";
   if (q.dim() != 4 || k.dim() != 4) internal_error(op, "q, k, v must be 4-D");
   const int64_t segment[6] = {0, q.size(2), 0, k.size(2), band_lo, band_hi};  // a dense batch is one segment
@@ -273,7 +274,8 @@ Triple attention_varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor& k
     return call_triton<Triple>("attention_varlen_bwd", triton.attention_varlen_bwd, dout, q, k, v, out, lse, dlse,
                                segments, max_seqlen_q, max_seqlen_k, scale);
   constexpr const char* op = "attention_varlen_bwd";
-  if (q.dim() != 3 || k.dim() != 3 || v.dim() != 3 || lse.dim() != 2) internal_error(op, "q, k, v must be 3-D");
+  if (q.dim() != 3 || k.dim() != 3 || v.dim() != 3 || lse.dim() != 2)
+    internal_error(op, "q, k, v must be 3-D and lse 2-D");
   const auto opts = q.options().dtype(work_dtype(q));
   Tensor dq = at::empty(q.sizes(), opts), dk = at::empty(k.sizes(), opts), dv = at::empty(k.sizes(), opts);
   const std::optional<Tensor> dlse_batch = dlse ? std::optional<Tensor>(dlse->unsqueeze(0)) : std::nullopt;
