@@ -216,7 +216,6 @@ Tensor in_dtype(const Tensor& x, const Tensor& like) {
   return x.scalar_type() == like.scalar_type() ? x : x.to(like.scalar_type());
 }
 
-
 // (total, H, D) as the (1, H, total, D) view the kernels take.
 Tensor as_batch(const Tensor& x) { return x.transpose(0, 1).unsqueeze(0); }
 
