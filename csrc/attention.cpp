@@ -99,9 +99,28 @@ inline std::vector<QueryBlock> query_blocks(const AttentionProblem& p, int64_t b
   return blocks;
 }
 
+// Columns of the products whose width is the head dim (P V, dV, dK, dQ): one
+// vector when D fits in one, else whole two-vector panels (padding D = 16 to
+// a float panel on AVX-512 would double their work).
+template <typename T>
+inline int64_t head_cols(int64_t D) {
+  return D <= Simd<T>::width ? Simd<T>::width : round_up(D, Simd<T>::panel);
+}
+
+// C (m x Dp) (+)= A (m x k) * B (k x Dp), B row-major (rows ldb apart), Dp = head_cols(D).
+template <typename T, bool ATrans, int64_t kLda>
+void gemm_head_cols(int64_t m, int64_t Dp, int64_t k, const T* a, const T* b, int64_t ldb, T* c, int64_t ldc,
+                    bool accumulate) {
+  constexpr int W = Simd<T>::width, NR = Simd<T>::panel;
+  if (Dp == W)
+    gemm_panels<T, ATrans, kLda, 1>(m, 1, k, a, b, ldb, W, c, ldc, accumulate);
+  else
+    gemm_panels<T, ATrans, kLda>(m, Dp / NR, k, a, b, ldb, NR, c, ldc, accumulate);
+}
+
 // Rows of a (B, heads, n, D) operand as the B operand of a GEMM, which needs
-// rows of whole panels: read in place when D is a multiple of the panel
-// width, else from zero-padded copies.
+// rows of head_cols(D) values: read in place when D is that, else from
+// zero-padded copies.
 template <typename T>
 struct RowOperand {
   const T* base;
@@ -110,7 +129,7 @@ struct RowOperand {
 
   RowOperand(const AttentionProblem& p, const T* x, const Strides4& st, int64_t heads_, int64_t n_)
       : base(x), stride_b(st.b), stride_h(st.h), ld(st.n), heads(heads_), n(n_) {
-    const int64_t D = p.head_dim, Dp = round_up(D, Simd<T>::panel);
+    const int64_t D = p.head_dim, Dp = head_cols<T>(D);
     if (Dp == D) return;
     padded = Buffer<T>(p.batch * heads * n * Dp);
     parallel_region(p.num_threads, [&] {
@@ -161,7 +180,7 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PanelHeads
   constexpr int NR = Simd<T>::panel;
   const Segment& seg = p.segments[blk.seg];
   const int64_t q0 = blk.q0;  // local to the segment, as every key and query index below
-  const int64_t D = p.head_dim, Dp = round_up(D, NR);
+  const int64_t D = p.head_dim, Dp = head_cols<T>(D);
   const int64_t mq = std::min(kFwdBlockQ, seg.len_q - q0);
   const int64_t hk = h / (p.heads / p.kv_heads), kv_head = b * p.kv_heads + hk;
   const T* qb = q + b * p.q.b + h * p.q.h + (seg.q_start + q0) * p.q.n;
@@ -201,8 +220,7 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PanelHeads
     }
     // O += P V over the block's real keys: [mq, nvalid] @ [nvalid, Dp]
     const int64_t nvalid = std::min(ncols, seg.len_k - k0);
-    gemm_panels<T, false, kFwdBlockK>(mq, Dp / NR, nvalid, S, vr.row(b, hk, seg.k_start + k0), vr.ld, NR, O, Dp,
-                                      true);
+    gemm_head_cols<T, false, kFwdBlockK>(mq, Dp, nvalid, S, vr.row(b, hk, seg.k_start + k0), vr.ld, O, Dp, true);
   }
 
   const int64_t row0 = (b * p.heads + h) * p.len_q + seg.q_start + q0;
@@ -452,7 +470,7 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const
                         int64_t k0, T* dq_acc, T* dk, T* dv, BackwardScratch<T>& ws) {
   constexpr int NR = Simd<T>::panel;
   const Segment& seg = p.segments[s];  // k0 and every query and key index below are local to it
-  const int64_t D = p.head_dim, Dp = round_up(D, NR), Nq = p.len_q;
+  const int64_t D = p.head_dim, Dp = head_cols<T>(D), Nq = p.len_q;
   const int64_t nk = std::min(kBwdBlockK, seg.len_k - k0);
   const int64_t ncols = round_up(nk, NR);
   const int64_t group = p.heads / p.kv_heads, kv_head = b * p.kv_heads + hk;
@@ -500,12 +518,11 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const
       }
       // dV += P^T dO, dK += dS^T Q: [ncols, mq] @ [mq, Dp]
       const int64_t qrow = seg.q_start + q0;
-      gemm_panels<T, true, kBwdBlockK>(ncols, Dp / NR, mq, P, rows.dout.row(b, h, qrow), rows.dout.ld, NR, dV, Dp,
-                                       true);
-      gemm_panels<T, true, kBwdBlockK>(ncols, Dp / NR, mq, dS, rows.q.row(b, h, qrow), rows.q.ld, NR, dK, Dp, true);
+      gemm_head_cols<T, true, kBwdBlockK>(ncols, Dp, mq, P, rows.dout.row(b, h, qrow), rows.dout.ld, dV, Dp, true);
+      gemm_head_cols<T, true, kBwdBlockK>(ncols, Dp, mq, dS, rows.q.row(b, h, qrow), rows.q.ld, dK, Dp, true);
       // dQ += dS K over the block's real keys: [mq, nk] @ [nk, Dp]
-      gemm_panels<T, false, kBwdBlockK>(mq, Dp / NR, nk, dS, rows.k.row(b, hk, seg.k_start + k0), rows.k.ld, NR,
-                                        dQh + q0 * Dp, Dp, true);
+      gemm_head_cols<T, false, kBwdBlockK>(mq, Dp, nk, dS, rows.k.row(b, hk, seg.k_start + k0), rows.k.ld,
+                                           dQh + q0 * Dp, Dp, true);
     }
   }
 
@@ -538,7 +555,7 @@ void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, c
   int64_t nkb = 1;
   for (const Segment& seg : p.segments) nkb = std::max(nkb, ceil_div(seg.len_k, kBwdBlockK));
   const int64_t nsplit = std::clamp<int64_t>(ceil_div(4 * p.num_threads, tasks), 1, nkb);
-  const int64_t D = p.head_dim, Dp = round_up(D, Simd<T>::panel);
+  const int64_t D = p.head_dim, Dp = head_cols<T>(D);
   const int64_t dq_size = p.batch * p.heads * p.len_q * Dp;
   Buffer<T> dq_acc(nsplit * dq_size);
   parallel_region(p.num_threads, [&] {

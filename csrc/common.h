@@ -85,53 +85,47 @@ void parallel_region(int threads, Body&& body) {
   body();
 }
 
-// C tile (R x panel) (+)= A (R x kc) * B (kc x panel).
+// C tile (R x kVecs vectors) (+)= A (R x kc) * B (kc x kVecs vectors).
 // A element (r, p) is a[r * lda + p], or a[p * lda + r] when ATrans.
-// B row p is the contiguous panel b[p * ldb, p * ldb + panel).
+// B row p is the contiguous kVecs vectors at b + p * ldb.
 // kLda > 0 fixes lda at compile time: A's R addresses then share one base
 // register with constant offsets instead of R live row pointers. Never
 // inlined: inside a large caller GCC spills the accumulators.
-template <typename T, int R, bool ATrans, int64_t kLda>
+template <typename T, int R, bool ATrans, int64_t kLda, int kVecs>
 __attribute__((noinline)) void micro_tile(int64_t kc, const T* a, int64_t lda_arg, const T* b, int64_t ldb, T* c, int64_t ldc,
                 bool accumulate) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int W = S::width;
   const int64_t lda = kLda > 0 ? kLda : lda_arg;
-  V acc0[R], acc1[R];
+  V acc[R][kVecs];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    if (accumulate) {
-      acc0[r] = S::load(c + r * ldc);
-      acc1[r] = S::load(c + r * ldc + W);
-    } else {
-      acc0[r] = V{};
-      acc1[r] = V{};
-    }
-  }
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = accumulate ? S::load(c + r * ldc + v * W) : V{};
   for (int64_t p = 0; p < kc; ++p) {
-    const V b0 = S::load(b + p * ldb);
-    const V b1 = S::load(b + p * ldb + W);
+    V bv[kVecs];
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v) bv[v] = S::load(b + p * ldb + v * W);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const T ar = ATrans ? a[p * lda + r] : a[r * lda + p];
-      acc0[r] += ar * b0;
-      acc1[r] += ar * b1;
+#pragma GCC unroll 2
+      for (int v = 0; v < kVecs; ++v) acc[r][v] += ar * bv[v];
     }
   }
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    S::store(c + r * ldc, acc0[r]);
-    S::store(c + r * ldc + W, acc1[r]);
-  }
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v) S::store(c + r * ldc + v * W, acc[r][v]);
 }
 
 template <typename T>
 using MicroFn = void (*)(int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, bool);
 
-template <typename T, bool ATrans, int64_t kLda, int... Rs>
+template <typename T, bool ATrans, int64_t kLda, int kVecs, int... Rs>
 constexpr std::array<MicroFn<T>, sizeof...(Rs)> micro_table(std::integer_sequence<int, Rs...>) {
-  return {&micro_tile<T, Rs + 1, ATrans, kLda>...};
+  return {&micro_tile<T, Rs + 1, ATrans, kLda, kVecs>...};
 }
 
 // Which part of a square product a gemm may skip (causal chunks): the entries
@@ -140,20 +134,21 @@ constexpr std::array<MicroFn<T>, sizeof...(Rs)> micro_table(std::integer_sequenc
 // (kAUpper) its diagonal.
 enum class Triangle { kNone, kOutLower, kOutUpper, kALower, kAUpper };
 
-// C (m x npanels*panel) (+)= A (m x k) * B (k x npanels*panel).
+// C (m x npanels*NR) (+)= A (m x k) * B (k x npanels*NR), NR = kVecs vectors
+// (by default the micro-kernel's two: Simd<T>::panel).
 // Panel j of B starts at b + j * b_panel_stride with rows ldb apart, which
 // covers both a row-major matrix (stride = panel) and a panel-packed one
 // (stride = k * panel, ldb = panel). Panels outer, rows inner: one B panel
 // stays in L1 while every row tile of A passes over it. Entries a Triangle
 // skips are left unwritten.
 // kLda = 0: A's leading dimension is the runtime `lda` (an operand read in place).
-template <typename T, bool ATrans, int64_t kLda>
+template <typename T, bool ATrans, int64_t kLda, int kVecs = 2>
 void gemm_panels(int64_t m, int64_t npanels, int64_t k, const T* a, const T* b, int64_t ldb,
                  int64_t b_panel_stride, T* c, int64_t ldc, bool accumulate, Triangle tri = Triangle::kNone,
                  int64_t lda_arg = kLda) {
   const int64_t lda = kLda > 0 ? kLda : lda_arg;
-  static constexpr auto table = micro_table<T, ATrans, kLda>(std::make_integer_sequence<int, kMicroRows>{});
-  constexpr int NR = Simd<T>::panel;
+  static constexpr auto table = micro_table<T, ATrans, kLda, kVecs>(std::make_integer_sequence<int, kMicroRows>{});
+  constexpr int NR = kVecs * Simd<T>::width;
   for (int64_t j = 0; j < npanels; ++j) {
     const T* bj = b + j * b_panel_stride;
     T* cj = c + j * NR;
@@ -167,7 +162,7 @@ void gemm_panels(int64_t m, int64_t npanels, int64_t k, const T* a, const T* b, 
       const T* ai = (ATrans ? a + i : a + i * lda) + (ATrans ? p0 * lda : p0);
       const T* bi = bj + p0 * ldb;
       if (rows == kMicroRows)
-        micro_tile<T, kMicroRows, ATrans, kLda>(p1 - p0, ai, lda, bi, ldb, cj + i * ldc, ldc, accumulate);
+        micro_tile<T, kMicroRows, ATrans, kLda, kVecs>(p1 - p0, ai, lda, bi, ldb, cj + i * ldc, ldc, accumulate);
       else
         table[rows - 1](p1 - p0, ai, lda, bi, ldb, cj + i * ldc, ldc, accumulate);
     }
