@@ -321,13 +321,6 @@ inline void scale_inplace(T* x, int64_t n, T a) {
   for (; i < n; ++i) x[i] *= a;
 }
 
-// Thread-private scratch, grown on demand and reused across calls.
-template <typename T>
-T* scratch(std::vector<T>& buf, size_t n) {
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
-
 // An uninitialised array, for buffers that are written before being read
 // (std::vector would zero them first: one more pass over memory).
 template <typename T>

@@ -191,12 +191,12 @@ void compress_reconstruct(const CompressItem<T>* items, int64_t count, int64_t r
   const bool same = p_err == p_out && q_err == q_out;
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<T> out_buf, local_buf;
+    Buffer<T> out_buf, local_buf;
 #pragma omp for schedule(dynamic)
     for (size_t t = 0; t < tasks.size(); ++t) {
       const auto& it = items[tasks[t].item];
-      T* out = scratch(out_buf, it.m);
-      T* local = scratch(local_buf, it.m);
+      T* out = out_buf.grow(it.m);
+      T* local = local_buf.grow(it.m);
       for (int64_t row = tasks[t].begin; row < tasks[t].end; ++row) {
         std::fill_n(out, it.m, T(0));
         for (int64_t k = 0; k < rank; ++k)
@@ -224,7 +224,7 @@ void orthonormalize(T* buf, const int64_t* offsets, const int64_t* lengths, int6
                     int64_t vector_stride, int64_t element_stride, double eps, int num_threads) {
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<T> rows_buf;
+    Buffer<T> rows_buf;
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < count; ++i) {
       const int64_t len = lengths[i];
@@ -232,7 +232,7 @@ void orthonormalize(T* buf, const int64_t* offsets, const int64_t* lengths, int6
       T* v = buf + offsets[i];
       // Vectors not stored contiguously are gathered into rows (in cache) first.
       const bool gathered = element_stride != 1 || vs != len;
-      T* rows = gathered ? scratch(rows_buf, rank * len) : v;
+      T* rows = gathered ? rows_buf.grow(rank * len) : v;
       if (gathered)
         for (int64_t e = 0; e < len; ++e)
           for (int64_t j = 0; j < rank; ++j) rows[j * len + e] = v[j * vs + e * element_stride];

@@ -74,7 +74,7 @@ template <typename T>
 struct Work {
   static constexpr int64_t NR = Simd<T>::panel;
   int64_t dp, dvp;  // D and Dv padded to whole panels
-  Buffer<T> qT, kT, vT, oT, qR, kR, vR, oR, s1, s2, acc1, acc2, state, stateT, keysT, valuesR;
+  Buffer<T> qT, kT, vT, oT, qR, kR, vR, oR, s1, s2, acc1, acc2, state, stateT, valuesR;
   Work(int64_t d, int64_t dv)
       : dp(round_up(d, NR)),
         dvp(round_up(dv, NR)),
@@ -83,7 +83,7 @@ struct Work {
         s1(kChunk * kChunk), s2(kChunk * kChunk),
         acc1(kChunk * std::max(dp, dvp)), acc2(kChunk * std::max(dp, dvp)),
         state(std::max(d * dvp, dv * dp)), stateT(std::max(d * dvp, dv * dp)),
-        keysT(d * kKeyBlock), valuesR(kKeyBlock * dvp) {}
+        valuesR(kKeyBlock * dvp) {}
 };
 
 // C (m x w) (+)= A B with A transposed-packed ([k][kChunk]) or row-major
@@ -131,12 +131,19 @@ void forward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T>
     pack_rows_padded(v.rows(b, hk, r0), len, Dv, v.st.n, w.vR.data(), w.dvp);
   };
   if (!p.causal) {
-    for (int64_t r0 = 0; r0 < t.nk; r0 += kKeyBlock) {  // S += k^T v over all keys
+    // S += k^T v over all keys: k's rows are the transposed A operand as they lie, and v's rows the B
+    // operand when Dv is whole panels (else padded copies).
+    for (int64_t r0 = 0; r0 < t.nk; r0 += kKeyBlock) {
       const int64_t len = std::min(kKeyBlock, t.nk - r0);
-      pack_transposed_scaled(k.rows(b, hk, r0), len, D, k.st.n, T(1), w.keysT.data(), kKeyBlock);
-      pack_rows_padded(v.rows(b, hk, r0), len, Dv, v.st.n, w.valuesR.data(), w.dvp);
-      gemm_panels<T, false, kKeyBlock>(D, w.dvp / Work<T>::NR, len, w.keysT.data(), w.valuesR.data(), w.dvp,
-                                       Work<T>::NR, S, w.dvp, true);
+      const T* vr = v.rows(b, hk, r0);
+      int64_t ldv = v.st.n;
+      if (Dv != w.dvp) {
+        pack_rows_padded(vr, len, Dv, ldv, w.valuesR.data(), w.dvp);
+        vr = w.valuesR.data();
+        ldv = w.dvp;
+      }
+      gemm_panels<T, true, 0>(D, w.dvp / Work<T>::NR, len, k.rows(b, hk, r0), vr, ldv, Work<T>::NR, S, w.dvp, true,
+                              Triangle::kNone, k.st.n);
     }
   }
   if (!p.causal && Dv == w.dvp) {

@@ -78,7 +78,7 @@ const T* loop_weights(const LoopedProblem& p, const T* w, int64_t loop) {
 
 template <typename T>
 struct LaneScratch {
-  std::vector<Vec<T>> a, w, t, t2, dw, da, g, g_prev, segment, dp, dq;
+  Buffer<Vec<T>> a, w, t, t2, dw, da, g, g_prev, segment, dp, dq;
 };
 
 // A = Z M Z^T and W = sum_h P_h A Q_h for a group's Z (all in lane layout;
@@ -101,9 +101,9 @@ void attention_matrices(const LoopedProblem& p, const Vec<T>* z, const T* wp, co
 template <typename T>
 void loop_step(const LoopedProblem& p, const Vec<T>* z, const T* wp, const T* wq, Vec<T>* next, LaneScratch<T>& ws) {
   const int64_t D = p.dim, C = p.cols;
-  Vec<T>* a = scratch(ws.a, D * D);
-  Vec<T>* w = scratch(ws.w, D * D);
-  Vec<T>* t = scratch(ws.t, D * D);
+  Vec<T>* a = ws.a.grow(D * D);
+  Vec<T>* w = ws.w.grow(D * D);
+  Vec<T>* t = ws.t.grow(D * D);
   attention_matrices(p, z, wp, wq, a, w, t);
   const T inv_n = T(p.inv_n);
   for (int64_t i = 0; i < D * D; ++i) w[i] *= inv_n;
@@ -119,12 +119,12 @@ void loop_backward(const LoopedProblem& p, const Vec<T>* z, const T* pl, const T
                    Vec<T>* g_prev, Vec<T>* dp_acc, Vec<T>* dq_acc, LaneScratch<T>& ws) {
   const int64_t D = p.dim, C = p.cols, DD = D * D;
   const T inv_n = T(p.inv_n);
-  Vec<T>* a = scratch(ws.a, DD);
-  Vec<T>* w = scratch(ws.w, DD);
-  Vec<T>* t = scratch(ws.t, DD);
-  Vec<T>* t2 = scratch(ws.t2, DD);
-  Vec<T>* dw = scratch(ws.dw, DD);
-  Vec<T>* da = scratch(ws.da, DD);
+  Vec<T>* a = ws.a.grow(DD);
+  Vec<T>* w = ws.w.grow(DD);
+  Vec<T>* t = ws.t.grow(DD);
+  Vec<T>* t2 = ws.t2.grow(DD);
+  Vec<T>* dw = ws.dw.grow(DD);
+  Vec<T>* da = ws.da.grow(DD);
   attention_matrices(p, z, pl, ql, a, w, t);
   // dW = inv_n * G Z^T
   lane_matmul(g, C, 1, z, 1, C, dw, D, D, D, C, false);
@@ -167,7 +167,7 @@ int64_t looped_forward_cpu(const LoopedProblem& p, const T* z, const T* wp, cons
 #pragma omp parallel num_threads(p.num_threads) reduction(+ : nonfinite)
   {
     LaneScratch<T> ws;
-    std::vector<Vec<T>> buf(2 * zsize);
+    Buffer<Vec<T>> buf(2 * zsize);
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t b0 = g * W, count = std::min<int64_t>(W, p.batch - b0);
@@ -202,11 +202,11 @@ void looped_backward_cpu(const LoopedProblem& p, const T* saved, const T* wp, co
 #pragma omp parallel num_threads(p.num_threads)
   {
     LaneScratch<T> ws;
-    Vec<T>* g = scratch(ws.g, zsize);
-    Vec<T>* g_prev = scratch(ws.g_prev, zsize);
-    Vec<T>* seg = scratch(ws.segment, every * zsize);
-    Vec<T>* dp_acc = scratch(ws.dp, wsize);
-    Vec<T>* dq_acc = scratch(ws.dq, wsize);
+    Vec<T>* g = ws.g.grow(zsize);
+    Vec<T>* g_prev = ws.g_prev.grow(zsize);
+    Vec<T>* seg = ws.segment.grow(every * zsize);
+    Vec<T>* dp_acc = ws.dp.grow(wsize);
+    Vec<T>* dq_acc = ws.dq.grow(wsize);
     std::fill(dp_acc, dp_acc + wsize, Vec<T>{});
     std::fill(dq_acc, dq_acc + wsize, Vec<T>{});
 #pragma omp for schedule(static)
