@@ -97,6 +97,11 @@ void mm_a(int64_t m, int64_t w, int64_t k, const T* a, const T* b, T* c, bool ac
           Triangle tri = Triangle::kNone) {
   gemm_panels<T, false, kChunk>(m, w / Simd<T>::panel, k, a, b, w, Simd<T>::panel, c, w, acc, tri);
 }
+// C (m x w) (+)= A B with A row-major as it lies (rows lda apart).
+template <typename T>
+void mm_rows(int64_t m, int64_t w, int64_t k, const T* a, int64_t lda, const T* b, T* c, bool acc) {
+  gemm_panels<T, false, 0>(m, w / Simd<T>::panel, k, a, b, w, Simd<T>::panel, c, w, acc, Triangle::kNone, lda);
+}
 // S (m x kChunk) = A B^T with A and B transposed-packed ([k][kChunk]); only
 // the triangle `tri` (kOutLower or kOutUpper) is computed.
 template <typename T>
@@ -231,26 +236,34 @@ struct BackwardTask {
     copy_rows(w.acc2.data(), dvp, len, Dv, T(1), dv + ((b * p.kv_heads + hk) * p.len_k + r0) * Dv, Dv);
   }
 
-  // Non-causal, S the forward's final state: dq = scale dO S^T and dS += qs^T dO
-  // over all queries, then dk = v dS^T, dv = k dS over all keys.
+  // Non-causal, S the forward's final state: dq = dO (scale S^T) and dS += qs^T dO
+  // over all queries, then dk = v dS^T, dv = k dS over all keys. dO, k and v
+  // are read as they lie (row-major A operands); only qs is packed.
   void non_causal(const T* state_final) {
     load_state_t(state_final);
+    scale_inplace(ST, Dv * dp, scale);
     for (int64_t r0 = 0; r0 < t.nq; r0 += kChunk) {
       const int64_t len = std::min(kChunk, t.nq - r0);
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g;
-        pack_q(h, r0, len);
-        pack_do(h, r0, len);
-        mm_at(len, dp, Dv, w.oT.data(), ST, w.acc1.data(), false);
-        emit_dq(h, r0, len);
-        add_q_do_to_ds(len);
+        const T* d_o = dout.rows(b, h, r0);
+        mm_rows(len, dp, Dv, d_o, dout.st.n, ST, w.acc1.data(), false);
+        copy_rows(w.acc1.data(), dp, len, D, T(1), dq + ((b * p.heads + h) * p.len_q + r0) * D, D);
+        pack_transposed_scaled(q.rows(b, h, r0), len, D, q.st.n, scale, w.qT.data(), kChunk);
+        if (Dv == dvp) {  // dO's rows are whole panels: the B operand as they lie
+          gemm_panels<T, false, kChunk>(D, dvp / Simd<T>::panel, len, w.qT.data(), d_o, dout.st.n,
+                                        Simd<T>::panel, dS, dvp, true);
+        } else {
+          pack_rows_padded(d_o, len, Dv, dout.st.n, w.oR.data(), dvp);
+          add_q_do_to_ds(len);
+        }
       }
     }
+    transpose_padded(dS, D, Dv, dvp, ST, dp);
     for (int64_t r0 = 0; r0 < t.nk; r0 += kChunk) {
       const int64_t len = std::min(kChunk, t.nk - r0);
-      pack_k(r0, len);
-      pack_v(r0, len);
-      inter_dk_dv(len);
+      mm_rows(len, dp, Dv, v.rows(b, hk, r0), v.st.n, ST, w.acc1.data(), false);   // dk = v dS^T
+      mm_rows(len, dvp, D, k.rows(b, hk, r0), k.st.n, dS, w.acc2.data(), false);  // dv = k dS
       emit_dk_dv(r0, len);
     }
   }
