@@ -58,32 +58,28 @@ inline std::vector<int64_t> padded_key_starts(const AttentionProblem& p, int64_t
 // K (or V) of every (batch, kv head) as transposed panels, the B operand of
 // Q K^T (dO V^T), packed once and shared by all query blocks and q heads.
 // Each segment starts a new panel.
-//
-// The operands below are allocated by their constructors and filled by
-// pack(), whose loops are orphaned `omp for nowait`s: the drivers call them
-// inside their one parallel region and then wait at a barrier (an OpenMP
-// region per operand cost a start and join each), or serially outside any.
 template <typename T>
 struct PanelHeads {
   std::vector<int64_t> seg_start;
   int64_t rows_padded, head_dim;
   Buffer<T> panels;  // [head][rows_padded / NR][head_dim][NR]
 
-  explicit PanelHeads(const AttentionProblem& p)
+  PanelHeads(const AttentionProblem& p, const T* x, const Strides4& st)
       : seg_start(padded_key_starts(p, Simd<T>::panel)),
         rows_padded(seg_start.back()),
         head_dim(p.head_dim),
-        panels(p.batch * p.kv_heads * rows_padded * head_dim) {}
-  void pack(const AttentionProblem& p, const T* x, const Strides4& st) {
+        panels(p.batch * p.kv_heads * rows_padded * head_dim) {
     const int64_t nseg = static_cast<int64_t>(p.segments.size());
-#pragma omp for collapse(3) nowait
-    for (int64_t b = 0; b < p.batch; ++b)
-      for (int64_t hk = 0; hk < p.kv_heads; ++hk)
-        for (int64_t s = 0; s < nseg; ++s) {
-          const Segment& seg = p.segments[s];
-          pack_transposed_panels(x + b * st.b + hk * st.h + seg.k_start * st.n, seg.len_k, head_dim, st.n,
-                                 panels.data() + offset(b * p.kv_heads + hk, s, 0));
-        }
+    parallel_region(p.num_threads, [&] {
+#pragma omp for collapse(3)
+      for (int64_t b = 0; b < p.batch; ++b)
+        for (int64_t hk = 0; hk < p.kv_heads; ++hk)
+          for (int64_t s = 0; s < nseg; ++s) {
+            const Segment& seg = p.segments[s];
+            pack_transposed_panels(x + b * st.b + hk * st.h + seg.k_start * st.n, seg.len_k, head_dim, st.n,
+                                   panels.data() + offset(b * p.kv_heads + hk, s, 0));
+          }
+    });
   }
   int64_t offset(int64_t head, int64_t seg, int64_t key0) const {
     return (head * rows_padded + seg_start[seg] + key0) * head_dim;
@@ -133,21 +129,19 @@ struct RowOperand {
 
   RowOperand(const AttentionProblem& p, const T* x, const Strides4& st, int64_t heads_, int64_t n_)
       : base(x), stride_b(st.b), stride_h(st.h), ld(st.n), heads(heads_), n(n_) {
-    const int64_t Dp = head_cols<T>(p.head_dim);
-    if (Dp == p.head_dim) return;
+    const int64_t D = p.head_dim, Dp = head_cols<T>(D);
+    if (Dp == D) return;
     padded = Buffer<T>(p.batch * heads * n * Dp);
+    parallel_region(p.num_threads, [&] {
+#pragma omp for collapse(2)
+      for (int64_t b = 0; b < p.batch; ++b)
+        for (int64_t h = 0; h < heads; ++h)
+          pack_rows_padded(x + b * st.b + h * st.h, n, D, st.n, padded.data() + (b * heads + h) * n * Dp, Dp);
+    });
     base = padded.data();
     stride_b = heads * n * Dp;
     stride_h = n * Dp;
     ld = Dp;
-  }
-  // Fills the padded copy of x (the constructor's); nothing when read in place.
-  void pack(const AttentionProblem& p, const T* x, const Strides4& st) {
-    if (!padded.size()) return;
-#pragma omp for collapse(2) nowait
-    for (int64_t b = 0; b < p.batch; ++b)
-      for (int64_t h = 0; h < heads; ++h)
-        pack_rows_padded(x + b * st.b + h * st.h, n, p.head_dim, st.n, padded.data() + (b * heads + h) * n * ld, ld);
   }
   const T* row(int64_t b, int64_t h, int64_t i) const { return base + b * stride_b + h * stride_h + i * ld; }
 };
@@ -379,14 +373,11 @@ void decode_forward(const AttentionProblem& p, const T* q, const T* k, const T* 
 template <typename T>
 void attention_forward_cpu(const AttentionProblem& p, const T* q, const T* k, const T* v, T* out, T* lse) {
   if (use_decode(p)) return decode_forward(p, q, k, v, out, lse);
-  PanelHeads<T> kp(p);
-  RowOperand<T> vr(p, v, p.v, p.kv_heads, p.len_k);
+  const PanelHeads<T> kp(p, k, p.k);
+  const RowOperand<T> vr(p, v, p.v, p.kv_heads, p.len_k);
   const std::vector<QueryBlock> blocks = query_blocks(p, kFwdBlockQ);
   const int64_t nblocks = static_cast<int64_t>(blocks.size());
   parallel_region(p.num_threads, [&] {
-    kp.pack(p, k, p.k);
-    vr.pack(p, v, p.v);
-#pragma omp barrier
     ForwardScratch<T> ws;
 #pragma omp for collapse(3) schedule(dynamic)
     for (int64_t b = 0; b < p.batch; ++b)
@@ -411,18 +402,6 @@ struct QueryPack {
   int64_t head_dim;
   Buffer<T> qt, doutt, lse2, delta;
 
-  explicit QueryPack(const AttentionProblem& p) : seg_tile(p.segments.size() + 1, 0), head_dim(p.head_dim) {
-    for (size_t s = 0; s < p.segments.size(); ++s)
-      seg_tile[s + 1] = seg_tile[s] + ceil_div(p.segments[s].len_q, kBwdBlockQ);
-    const int64_t heads = p.batch * p.heads;
-    qt = Buffer<T>(heads * seg_tile.back() * head_dim * kBwdBlockQ);
-    doutt = Buffer<T>(heads * seg_tile.back() * head_dim * kBwdBlockQ);
-    lse2 = Buffer<T>(heads * p.len_q);
-    delta = Buffer<T>(heads * p.len_q);
-  }
-  void pack(const AttentionProblem& p, const T* q, const T* out, const T* dout, Strides4 ds, const T* lse,
-            const T* dlse);
-
   // Offset of the tile holding local rows [q0, q0 + kBwdBlockQ) of segment seg of head bh in qt, doutt.
   int64_t tile(int64_t bh, int64_t seg, int64_t q0) const {
     return (bh * seg_tile.back() + seg_tile[seg] + q0 / kBwdBlockQ) * head_dim * kBwdBlockQ;
@@ -430,38 +409,50 @@ struct QueryPack {
 };
 
 template <typename T>
-void QueryPack<T>::pack(const AttentionProblem& p, const T* q, const T* out, const T* dout, Strides4 ds,
-                        const T* lse, const T* dlse) {
-  const int64_t D = p.head_dim, Nq = p.len_q;
+QueryPack<T> pack_queries(const AttentionProblem& p, const T* q, const T* out, const T* dout, Strides4 ds,
+                          const T* lse, const T* dlse) {
+  QueryPack<T> qp;
+  const int64_t D = p.head_dim, Nq = p.len_q, heads = p.batch * p.heads;
   const int64_t nseg = static_cast<int64_t>(p.segments.size());
+  qp.seg_tile.assign(nseg + 1, 0);
+  for (int64_t s = 0; s < nseg; ++s) qp.seg_tile[s + 1] = qp.seg_tile[s] + ceil_div(p.segments[s].len_q, kBwdBlockQ);
+  qp.head_dim = D;
   const T sc = T(p.scale * kLog2e);
-#pragma omp for collapse(3) nowait
-  for (int64_t b = 0; b < p.batch; ++b)
-    for (int64_t h = 0; h < p.heads; ++h)
-      for (int64_t s = 0; s < nseg; ++s) {
-        const Segment& seg = p.segments[s];
-        const int64_t bh = b * p.heads + h;
-        const T* qh = q + b * p.q.b + h * p.q.h + seg.q_start * p.q.n;
-        const T* gh = dout + b * ds.b + h * ds.h + seg.q_start * ds.n;
-        for (int64_t q0 = 0; q0 < seg.len_q; q0 += kBwdBlockQ) {
-          const int64_t rows = std::min(kBwdBlockQ, seg.len_q - q0);
-          pack_transposed_scaled(qh + q0 * p.q.n, rows, D, p.q.n, sc, qt.data() + tile(bh, s, q0), kBwdBlockQ);
-          pack_transposed_scaled(gh + q0 * ds.n, rows, D, ds.n, T(1), doutt.data() + tile(bh, s, q0), kBwdBlockQ);
+  qp.qt = Buffer<T>(heads * qp.seg_tile.back() * D * kBwdBlockQ);
+  qp.doutt = Buffer<T>(heads * qp.seg_tile.back() * D * kBwdBlockQ);
+  qp.lse2 = Buffer<T>(heads * Nq);
+  qp.delta = Buffer<T>(heads * Nq);
+  parallel_region(p.num_threads, [&] {
+#pragma omp for collapse(3)
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t h = 0; h < p.heads; ++h)
+        for (int64_t s = 0; s < nseg; ++s) {
+          const Segment& seg = p.segments[s];
+          const int64_t bh = b * p.heads + h;
+          const T* qh = q + b * p.q.b + h * p.q.h + seg.q_start * p.q.n;
+          const T* gh = dout + b * ds.b + h * ds.h + seg.q_start * ds.n;
+          for (int64_t q0 = 0; q0 < seg.len_q; q0 += kBwdBlockQ) {
+            const int64_t rows = std::min(kBwdBlockQ, seg.len_q - q0);
+            pack_transposed_scaled(qh + q0 * p.q.n, rows, D, p.q.n, sc, qp.qt.data() + qp.tile(bh, s, q0), kBwdBlockQ);
+            pack_transposed_scaled(gh + q0 * ds.n, rows, D, ds.n, T(1), qp.doutt.data() + qp.tile(bh, s, q0),
+                                   kBwdBlockQ);
+          }
+          for (int64_t i = 0; i < seg.len_q; ++i) {
+            const int64_t row = bh * Nq + seg.q_start + i;
+            const T* o = out + b * p.o.b + h * p.o.h + (seg.q_start + i) * p.o.n;
+            const T* g = gh + i * ds.n;
+            T dot = 0;
+            for (int64_t d = 0; d < D; ++d) dot += o[d] * g[d];
+            qp.delta[row] = dot - (dlse ? dlse[row] : T(0));
+            // A row without keys (by the band, not by its lse: a NaN or inf row must stay NaN) has
+            // P = 0: +inf makes exp2 give 0.
+            int64_t first, last;
+            row_key_range(seg, i, &first, &last);
+            qp.lse2[row] = first > last ? std::numeric_limits<T>::infinity() : T(lse[row] * kLog2e);
+          }
         }
-        for (int64_t i = 0; i < seg.len_q; ++i) {
-          const int64_t row = bh * Nq + seg.q_start + i;
-          const T* o = out + b * p.o.b + h * p.o.h + (seg.q_start + i) * p.o.n;
-          const T* g = gh + i * ds.n;
-          T dot = 0;
-          for (int64_t d = 0; d < D; ++d) dot += o[d] * g[d];
-          delta[row] = dot - (dlse ? dlse[row] : T(0));
-          // A row without keys (by the band, not by its lse: a NaN or inf row must stay NaN) has
-          // P = 0: +inf makes exp2 give 0.
-          int64_t first, last;
-          row_key_range(seg, i, &first, &last);
-          lse2[row] = first > last ? std::numeric_limits<T>::infinity() : T(lse[row] * kLog2e);
-        }
-      }
+  });
+  return qp;
 }
 
 // The B operands of the backward's row-major GEMMs.
@@ -550,11 +541,11 @@ template <typename T>
 void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, const T* v, const T* out,
                             const T* dout, Strides4 dout_strides, const T* lse, const T* dlse, T* dq, T* dk,
                             T* dv) {
-  QueryPack<T> qp(p);
-  PanelHeads<T> kp(p), vp(p);
-  BackwardRows<T> rows{RowOperand<T>(p, q, p.q, p.heads, p.len_q),
-                       RowOperand<T>(p, dout, dout_strides, p.heads, p.len_q),
-                       RowOperand<T>(p, k, p.k, p.kv_heads, p.len_k)};
+  const QueryPack<T> qp = pack_queries(p, q, out, dout, dout_strides, lse, dlse);
+  const PanelHeads<T> kp(p, k, p.k), vp(p, v, p.v);
+  const BackwardRows<T> rows{RowOperand<T>(p, q, p.q, p.heads, p.len_q),
+                             RowOperand<T>(p, dout, dout_strides, p.heads, p.len_q),
+                             RowOperand<T>(p, k, p.k, p.kv_heads, p.len_k)};
   const int64_t nseg = static_cast<int64_t>(p.segments.size());
   const int64_t tasks = p.batch * p.kv_heads * nseg;
 
@@ -566,21 +557,14 @@ void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, c
   const int64_t nsplit = std::clamp<int64_t>(ceil_div(4 * p.num_threads, tasks), 1, nkb);
   const int64_t D = p.head_dim, Dp = head_cols<T>(D);
   const int64_t dq_size = p.batch * p.heads * p.len_q * Dp;
-  const int64_t dq_rows = p.batch * p.heads * p.len_q;
   Buffer<T> dq_acc(nsplit * dq_size);
-
   parallel_region(p.num_threads, [&] {
-    qp.pack(p, q, out, dout, dout_strides, lse, dlse);
-    kp.pack(p, k, p.k);
-    vp.pack(p, v, p.v);
-    rows.q.pack(p, q, p.q);
-    rows.dout.pack(p, dout, dout_strides);
-    rows.k.pack(p, k, p.k);
-#pragma omp for nowait
+#pragma omp for
     for (int64_t s = 0; s < nsplit * p.batch * p.heads; ++s)
       std::fill(dq_acc.data() + s * p.len_q * Dp, dq_acc.data() + (s + 1) * p.len_q * Dp, T(0));
-#pragma omp barrier
+  });
 
+  parallel_region(p.num_threads, [&] {
     BackwardScratch<T> ws;
 #pragma omp for collapse(4) schedule(dynamic)
     for (int64_t split = 0; split < nsplit; ++split)
@@ -590,7 +574,10 @@ void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, c
             // Interleaved key blocks balance causal masks across splits.
             for (int64_t k0 = split * kBwdBlockK; k0 < p.segments[s].len_k; k0 += nsplit * kBwdBlockK)
               backward_key_block(p, qp, kp, vp, rows, b, hk, s, k0, dq_acc.data() + split * dq_size, dk, dv, ws);
+  });
 
+  const int64_t dq_rows = p.batch * p.heads * p.len_q;
+  parallel_region(p.num_threads, [&] {
 #pragma omp for
     for (int64_t r = 0; r < dq_rows; ++r) {
       const int64_t b = r / (p.heads * p.len_q), h = r / p.len_q % p.heads, n = r % p.len_q;
