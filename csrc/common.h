@@ -30,10 +30,11 @@ constexpr int kVecBytes = 16;
 constexpr int kMicroRows = 6;
 #endif
 
-// max that propagates NaN (std::max keeps its first argument when the second is NaN).
+// max that propagates NaN (std::max keeps its first argument when the second is NaN), of
+// scalars or, lane by lane, of vectors.
 template <typename T>
 inline T max_nan(T a, T b) {
-  return (b > a || b != b) ? b : a;
+  return (b > a) | (b != b) ? b : a;
 }
 
 template <typename T>
@@ -52,7 +53,7 @@ struct Simd {
   static inline vec splat(T x) { return vec{} + x; }
   // NaN-propagating max and sum of the lanes, by halving (log2(width) vector steps, not width scalar ones).
   static inline T hmax(vec v) {
-    return reduce<kVecBytes>(v, [](auto a, auto b) { return (b > a) | (b != b) ? b : a; });
+    return reduce<kVecBytes>(v, [](auto a, auto b) { return max_nan(a, b); });
   }
   static inline T hsum(vec v) {
     return reduce<kVecBytes>(v, [](auto a, auto b) { return a + b; });
@@ -291,21 +292,20 @@ template <typename T>
 inline T row_max(const T* x, int64_t n) {
   using S = Simd<T>;
   constexpr int W = S::width;
-  auto vmax = [](auto a, auto b) { return (b > a) | (b != b) ? b : a; };  // NaN wins, as in torch's max
   T m = -std::numeric_limits<T>::infinity();
   int64_t i = 0;
   if (n >= W) {
     // Two running maxima: one would chain every step's compare and blend.
     auto m0 = S::load(x), m1 = m0;
     for (i = W; i + 2 * W <= n; i += 2 * W) {
-      m0 = vmax(m0, S::load(x + i));
-      m1 = vmax(m1, S::load(x + i + W));
+      m0 = max_nan(m0, S::load(x + i));
+      m1 = max_nan(m1, S::load(x + i + W));
     }
     if (i + W <= n) {
-      m0 = vmax(m0, S::load(x + i));
+      m0 = max_nan(m0, S::load(x + i));
       i += W;
     }
-    m = S::hmax(vmax(m0, m1));
+    m = S::hmax(max_nan(m0, m1));  // NaN wins, as in torch's max
   }
   for (; i < n; ++i) m = max_nan(m, x[i]);
   return m;
