@@ -55,20 +55,21 @@ inline std::vector<int64_t> padded_key_starts(const AttentionProblem& p, int64_t
   return starts;
 }
 
-// K (or V) of every (batch, kv head) as transposed panels, the B operand of
-// Q K^T (dO V^T), packed once and shared by all query blocks and q heads.
-// Each segment starts a new panel.
-template <typename T>
+// K (or V) of every (batch, kv head) as transposed panels of GEMM units, the
+// B operand of Q K^T (dO V^T), packed once and shared by all query blocks and
+// q heads. Each segment starts a new panel.
+template <typename In>
 struct PanelHeads {
+  using U = gemm_unit_t<In>;
   std::vector<int64_t> seg_start;
-  int64_t rows_padded, head_dim;
-  Buffer<T> panels;  // [head][rows_padded / NR][head_dim][NR]
+  int64_t rows_padded, head_units;
+  Buffer<U> panels;  // [head][rows_padded / NR][head_units][NR]
 
-  PanelHeads(const AttentionProblem& p, const T* x, const Strides4& st)
-      : seg_start(padded_key_starts(p, Simd<T>::panel)),
+  PanelHeads(const AttentionProblem& p, const In* x, const Strides4& st)
+      : seg_start(padded_key_starts(p, Simd<acc_t<In>>::panel)),
         rows_padded(seg_start.back()),
-        head_dim(p.head_dim),
-        panels(p.batch * p.kv_heads * rows_padded * head_dim) {
+        head_units(units<U>(p.head_dim)),
+        panels(p.batch * p.kv_heads * rows_padded * head_units) {
     const int64_t nseg = static_cast<int64_t>(p.segments.size());
     parallel_region(p.num_threads, [&] {
 #pragma omp for collapse(3)
@@ -76,15 +77,15 @@ struct PanelHeads {
         for (int64_t hk = 0; hk < p.kv_heads; ++hk)
           for (int64_t s = 0; s < nseg; ++s) {
             const Segment& seg = p.segments[s];
-            pack_transposed_panels(x + b * st.b + hk * st.h + seg.k_start * st.n, seg.len_k, head_dim, st.n,
+            pack_transposed_panels(x + b * st.b + hk * st.h + seg.k_start * st.n, seg.len_k, p.head_dim, st.n,
                                    panels.data() + offset(b * p.kv_heads + hk, s, 0));
           }
     });
   }
   int64_t offset(int64_t head, int64_t seg, int64_t key0) const {
-    return (head * rows_padded + seg_start[seg] + key0) * head_dim;
+    return (head * rows_padded + seg_start[seg] + key0) * head_units;
   }
-  const T* at(int64_t head, int64_t seg, int64_t key0) const { return panels.data() + offset(head, seg, key0); }
+  const U* at(int64_t head, int64_t seg, int64_t key0) const { return panels.data() + offset(head, seg, key0); }
 };
 
 // A block of queries inside one segment.
@@ -119,18 +120,22 @@ void gemm_head_cols(int64_t m, int64_t Dp, int64_t k, const T* a, const T* b, in
 }
 
 // Rows of a (B, heads, n, D) operand as the B operand of a GEMM, which needs
-// rows of head_cols(D) values: read in place when D is that, else from
-// zero-padded copies.
+// rows of head_cols(D) values of type T: read in place when they are that,
+// else from zero-padded (and converted) copies.
 template <typename T>
 struct RowOperand {
   const T* base;
   int64_t stride_b, stride_h, ld, heads, n;
   Buffer<T> padded;
 
-  RowOperand(const AttentionProblem& p, const T* x, const Strides4& st, int64_t heads_, int64_t n_)
-      : base(x), stride_b(st.b), stride_h(st.h), ld(st.n), heads(heads_), n(n_) {
+  template <typename In>
+  RowOperand(const AttentionProblem& p, const In* x, const Strides4& st, int64_t heads_, int64_t n_)
+      : stride_b(st.b), stride_h(st.h), ld(st.n), heads(heads_), n(n_) {
     const int64_t D = p.head_dim, Dp = head_cols<T>(D);
-    if (Dp == D) return;
+    if constexpr (std::is_same_v<In, T>) {
+      base = x;
+      if (Dp == D) return;
+    }
     padded = Buffer<T>(p.batch * heads * n * Dp);
     parallel_region(p.num_threads, [&] {
 #pragma omp for collapse(2)
@@ -169,27 +174,45 @@ inline T row_lse(T m, T l) {
   return m == std::numeric_limits<T>::infinity() ? m : T((m + std::log2(l)) * kLn2);
 }
 
-template <typename T>
-struct ForwardScratch {
-  Buffer<T> qt, s, o, m, l;
+// Q's scale * log2 e: folded into the packed Q where a GEMM unit is one
+// element, else (bfloat16 pairs, which cannot hold a scaled value exactly)
+// applied as the S GEMM's alpha.
+template <typename U>
+struct QueryScale {
+  typename Unit<U>::acc pack, alpha;
+  explicit QueryScale(double scale) {
+    const auto sc = static_cast<typename Unit<U>::acc>(scale * kLog2e);
+    pack = Unit<U>::elems == 1 ? sc : 1;
+    alpha = Unit<U>::elems == 1 ? 1 : sc;
+  }
 };
 
-template <typename T>
-void forward_query_block(const AttentionProblem& p, const T* q, const PanelHeads<T>& kp, const RowOperand<T>& vr,
-                         int64_t b, int64_t h, QueryBlock blk, T* out, T* lse, ForwardScratch<T>& ws) {
+template <typename In>
+struct ForwardScratch {
+  using T = acc_t<In>;
+  Buffer<gemm_unit_t<In>> qt;
+  Buffer<T> s, o, m, l;
+};
+
+template <typename In>
+void forward_query_block(const AttentionProblem& p, const In* q, const PanelHeads<In>& kp,
+                         const RowOperand<acc_t<In>>& vr, int64_t b, int64_t h, QueryBlock blk, acc_t<In>* out,
+                         acc_t<In>* lse, ForwardScratch<In>& ws) {
+  using T = acc_t<In>;
+  using U = gemm_unit_t<In>;
   constexpr int NR = Simd<T>::panel;
   const Segment& seg = p.segments[blk.seg];
   const int64_t q0 = blk.q0;  // local to the segment, as every key and query index below
   const int64_t D = p.head_dim, Dp = head_cols<T>(D);
   const int64_t mq = std::min(kFwdBlockQ, seg.len_q - q0);
   const int64_t hk = h / (p.heads / p.kv_heads), kv_head = b * p.kv_heads + hk;
-  const T* qb = q + b * p.q.b + h * p.q.h + (seg.q_start + q0) * p.q.n;
-  const T sc = T(p.scale * kLog2e);
+  const In* qb = q + b * p.q.b + h * p.q.h + (seg.q_start + q0) * p.q.n;
+  const QueryScale<U> sc(p.scale);
   const T neg_inf = -std::numeric_limits<T>::infinity();
 
-  // Q^T * scale * log2(e): S comes out of the matmul in exp2's units.
-  T* Qt = ws.qt.grow(D * kFwdBlockQ);
-  pack_transposed_scaled(qb, mq, D, p.q.n, sc, Qt, kFwdBlockQ);
+  // Q^T, S = Q K^T * scale * log2(e) comes out of the matmul in exp2's units.
+  U* Qt = ws.qt.grow(kp.head_units * kFwdBlockQ);
+  pack_transposed_scaled(qb, mq, D, p.q.n, sc.pack, Qt, kFwdBlockQ);
   T* S = ws.s.grow(kFwdBlockQ * kFwdBlockK);
   T* O = ws.o.grow(kFwdBlockQ * Dp);
   T* m = ws.m.grow(kFwdBlockQ);
@@ -204,8 +227,9 @@ void forward_query_block(const AttentionProblem& p, const T* q, const PanelHeads
 
   for (int64_t k0 = first_key / NR * NR; k0 <= last_key; k0 += kFwdBlockK) {
     const int64_t ncols = std::min(kFwdBlockK, round_up(last_key + 1 - k0, NR));
-    gemm_panels<T, true, kFwdBlockQ>(mq, ncols / NR, D, Qt, kp.at(kv_head, blk.seg, k0), NR, D * NR, S, kFwdBlockK,
-                                     false);
+    gemm_panels<U, true, kFwdBlockQ>(mq, ncols / NR, kp.head_units, Qt, kp.at(kv_head, blk.seg, k0), NR,
+                                     kp.head_units * NR, S, kFwdBlockK, false, Triangle::kNone, kFwdBlockQ,
+                                     sc.alpha);
     for (int64_t r = 0; r < mq; ++r) {
       T* srow = S + r * kFwdBlockK;
       int64_t a, e;
@@ -260,23 +284,23 @@ inline bool use_decode(const AttentionProblem& p) {
   return rows <= 2 || (rows <= kDecodeMaxRows && p.segments[0].len_k * p.head_dim >= kDecodeMinElems);
 }
 
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
+template <typename T, typename In>
+inline T dot(const T* a, const In* b, int64_t n) {
   using S = Simd<T>;
   typename S::vec acc{};
   int64_t i = 0;
-  for (; i + S::width <= n; i += S::width) acc += S::load(a + i) * S::load(b + i);
+  for (; i + S::width <= n; i += S::width) acc += S::load(a + i) * load_acc(b + i);
   T sum = S::hsum(acc);
-  for (; i < n; ++i) sum += a[i] * b[i];
+  for (; i < n; ++i) sum += a[i] * to_acc(b[i]);
   return sum;
 }
 
-template <typename T>
-inline void axpy(T a, const T* x, T* y, int64_t n) {
+template <typename T, typename In>
+inline void axpy(T a, const In* x, T* y, int64_t n) {
   using S = Simd<T>;
   int64_t i = 0;
-  for (; i + S::width <= n; i += S::width) S::store(y + i, S::load(y + i) + S::splat(a) * S::load(x + i));
-  for (; i < n; ++i) y[i] += a * x[i];
+  for (; i + S::width <= n; i += S::width) S::store(y + i, S::load(y + i) + S::splat(a) * load_acc(x + i));
+  for (; i < n; ++i) y[i] += a * to_acc(x[i]);
 }
 
 // The partial softmax state of every (batch, kv head, split) and query row of its group.
@@ -286,22 +310,22 @@ struct DecodeParts {
   Buffer<T> m, l, o;  // [bhk][split][row], and o [..][row][D]
 };
 
-template <typename T>
-void decode_split(const AttentionProblem& p, const T* q, const T* k, const T* v, int64_t b, int64_t hk,
+template <typename In, typename T = acc_t<In>>
+void decode_split(const AttentionProblem& p, const In* q, const In* k, const In* v, int64_t b, int64_t hk,
                   int64_t k_lo, int64_t k_hi, T* m, T* l, T* o) {
   const Segment& seg = p.segments[0];
   const int64_t D = p.head_dim, nq = seg.len_q, group = p.heads / p.kv_heads, rows = group * nq;
   const T sc = T(p.scale * kLog2e), neg_inf = -std::numeric_limits<T>::infinity();
   std::vector<T> qs(rows * D), s(rows * kDecodeBlock);
   for (int64_t r = 0; r < rows; ++r) {
-    const T* qr = q + b * p.q.b + (hk * group + r / nq) * p.q.h + (seg.q_start + r % nq) * p.q.n;
-    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = qr[d] * sc;
+    const In* qr = q + b * p.q.b + (hk * group + r / nq) * p.q.h + (seg.q_start + r % nq) * p.q.n;
+    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = to_acc(qr[d]) * sc;
   }
   std::fill(m, m + rows, neg_inf);
   std::fill(l, l + rows, T(0));
   std::fill(o, o + rows * D, T(0));
-  const T* kb = k + b * p.k.b + hk * p.k.h + seg.k_start * p.k.n;
-  const T* vb = v + b * p.v.b + hk * p.v.h + seg.k_start * p.v.n;
+  const In* kb = k + b * p.k.b + hk * p.k.h + seg.k_start * p.k.n;
+  const In* vb = v + b * p.v.b + hk * p.v.h + seg.k_start * p.v.n;
   for (int64_t j0 = k_lo; j0 < k_hi; j0 += kDecodeBlock) {
     const int64_t n = std::min(kDecodeBlock, k_hi - j0);
     for (int64_t j = 0; j < n; ++j)
@@ -317,8 +341,8 @@ void decode_split(const AttentionProblem& p, const T* q, const T* k, const T* v,
   }
 }
 
-template <typename T>
-void decode_forward(const AttentionProblem& p, const T* q, const T* k, const T* v, T* out, T* lse) {
+template <typename In, typename T = acc_t<In>>
+void decode_forward(const AttentionProblem& p, const In* q, const In* k, const In* v, T* out, T* lse) {
   const Segment& seg = p.segments[0];
   const int64_t D = p.head_dim, nq = seg.len_q, group = p.heads / p.kv_heads, rows = group * nq;
   const int64_t tasks = p.batch * p.kv_heads;
@@ -370,15 +394,16 @@ void decode_forward(const AttentionProblem& p, const T* q, const T* k, const T* 
 
 }  // namespace
 
-template <typename T>
-void attention_forward_cpu(const AttentionProblem& p, const T* q, const T* k, const T* v, T* out, T* lse) {
+template <typename In>
+void attention_forward_cpu(const AttentionProblem& p, const In* q, const In* k, const In* v, acc_t<In>* out,
+                           acc_t<In>* lse) {
   if (use_decode(p)) return decode_forward(p, q, k, v, out, lse);
-  const PanelHeads<T> kp(p, k, p.k);
-  const RowOperand<T> vr(p, v, p.v, p.kv_heads, p.len_k);
+  const PanelHeads<In> kp(p, k, p.k);
+  const RowOperand<acc_t<In>> vr(p, v, p.v, p.kv_heads, p.len_k);
   const std::vector<QueryBlock> blocks = query_blocks(p, kFwdBlockQ);
   const int64_t nblocks = static_cast<int64_t>(blocks.size());
   parallel_region(p.num_threads, [&] {
-    ForwardScratch<T> ws;
+    ForwardScratch<In> ws;
 #pragma omp for collapse(3) schedule(dynamic)
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t h = 0; h < p.heads; ++h)
@@ -396,30 +421,32 @@ struct BackwardScratch {
 // Per q head: Q and dO as transposed tiles of kBwdBlockQ rows (A operands;
 // Q's scaled by scale * log2 e), each segment starting a new tile; lse in
 // log2 units and delta = rowsum(dO * O) - dlse, by row of the whole axis.
-template <typename T>
+template <typename In>
 struct QueryPack {
   std::vector<int64_t> seg_tile;  // first tile of each segment; back(): tiles per head
-  int64_t head_dim;
-  Buffer<T> qt, doutt, lse2, delta;
+  int64_t head_units;
+  Buffer<gemm_unit_t<In>> qt, doutt;
+  Buffer<acc_t<In>> lse2, delta;
 
   // Offset of the tile holding local rows [q0, q0 + kBwdBlockQ) of segment seg of head bh in qt, doutt.
   int64_t tile(int64_t bh, int64_t seg, int64_t q0) const {
-    return (bh * seg_tile.back() + seg_tile[seg] + q0 / kBwdBlockQ) * head_dim * kBwdBlockQ;
+    return (bh * seg_tile.back() + seg_tile[seg] + q0 / kBwdBlockQ) * head_units * kBwdBlockQ;
   }
 };
 
-template <typename T>
-QueryPack<T> pack_queries(const AttentionProblem& p, const T* q, const T* out, const T* dout, Strides4 ds,
-                          const T* lse, const T* dlse) {
-  QueryPack<T> qp;
+template <typename In, typename T = acc_t<In>>
+QueryPack<In> pack_queries(const AttentionProblem& p, const In* q, const T* out, const In* dout, Strides4 ds,
+                           const T* lse, const T* dlse) {
+  using U = gemm_unit_t<In>;
+  QueryPack<In> qp;
   const int64_t D = p.head_dim, Nq = p.len_q, heads = p.batch * p.heads;
   const int64_t nseg = static_cast<int64_t>(p.segments.size());
   qp.seg_tile.assign(nseg + 1, 0);
   for (int64_t s = 0; s < nseg; ++s) qp.seg_tile[s + 1] = qp.seg_tile[s] + ceil_div(p.segments[s].len_q, kBwdBlockQ);
-  qp.head_dim = D;
-  const T sc = T(p.scale * kLog2e);
-  qp.qt = Buffer<T>(heads * qp.seg_tile.back() * D * kBwdBlockQ);
-  qp.doutt = Buffer<T>(heads * qp.seg_tile.back() * D * kBwdBlockQ);
+  qp.head_units = units<U>(D);
+  const QueryScale<U> sc(p.scale);
+  qp.qt = Buffer<U>(heads * qp.seg_tile.back() * qp.head_units * kBwdBlockQ);
+  qp.doutt = Buffer<U>(heads * qp.seg_tile.back() * qp.head_units * kBwdBlockQ);
   qp.lse2 = Buffer<T>(heads * Nq);
   qp.delta = Buffer<T>(heads * Nq);
   parallel_region(p.num_threads, [&] {
@@ -429,20 +456,21 @@ QueryPack<T> pack_queries(const AttentionProblem& p, const T* q, const T* out, c
         for (int64_t s = 0; s < nseg; ++s) {
           const Segment& seg = p.segments[s];
           const int64_t bh = b * p.heads + h;
-          const T* qh = q + b * p.q.b + h * p.q.h + seg.q_start * p.q.n;
-          const T* gh = dout + b * ds.b + h * ds.h + seg.q_start * ds.n;
+          const In* qh = q + b * p.q.b + h * p.q.h + seg.q_start * p.q.n;
+          const In* gh = dout + b * ds.b + h * ds.h + seg.q_start * ds.n;
           for (int64_t q0 = 0; q0 < seg.len_q; q0 += kBwdBlockQ) {
             const int64_t rows = std::min(kBwdBlockQ, seg.len_q - q0);
-            pack_transposed_scaled(qh + q0 * p.q.n, rows, D, p.q.n, sc, qp.qt.data() + qp.tile(bh, s, q0), kBwdBlockQ);
+            pack_transposed_scaled(qh + q0 * p.q.n, rows, D, p.q.n, sc.pack, qp.qt.data() + qp.tile(bh, s, q0),
+                                   kBwdBlockQ);
             pack_transposed_scaled(gh + q0 * ds.n, rows, D, ds.n, T(1), qp.doutt.data() + qp.tile(bh, s, q0),
                                    kBwdBlockQ);
           }
           for (int64_t i = 0; i < seg.len_q; ++i) {
             const int64_t row = bh * Nq + seg.q_start + i;
             const T* o = out + b * p.o.b + h * p.o.h + (seg.q_start + i) * p.o.n;
-            const T* g = gh + i * ds.n;
+            const In* g = gh + i * ds.n;
             T dot = 0;
-            for (int64_t d = 0; d < D; ++d) dot += o[d] * g[d];
+            for (int64_t d = 0; d < D; ++d) dot += o[d] * to_acc(g[d]);
             qp.delta[row] = dot - (dlse ? dlse[row] : T(0));
             // A row without keys (by the band, not by its lse: a NaN or inf row must stay NaN) has
             // P = 0: +inf makes exp2 give 0.
@@ -464,10 +492,11 @@ struct BackwardRows {
 // One key block of one (batch, kv head): accumulates its dK, dV over every q
 // head of the group and every query block that sees it, and adds dS K into
 // the split's dQ accumulator.
-template <typename T>
-void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const PanelHeads<T>& kp,
-                        const PanelHeads<T>& vp, const BackwardRows<T>& rows, int64_t b, int64_t hk, int64_t s,
+template <typename In, typename T = acc_t<In>>
+void backward_key_block(const AttentionProblem& p, const QueryPack<In>& qp, const PanelHeads<In>& kp,
+                        const PanelHeads<In>& vp, const BackwardRows<T>& rows, int64_t b, int64_t hk, int64_t s,
                         int64_t k0, T* dq_acc, T* dk, T* dv, BackwardScratch<T>& ws) {
+  using U = gemm_unit_t<In>;
   constexpr int NR = Simd<T>::panel;
   const Segment& seg = p.segments[s];  // k0 and every query and key index below are local to it
   const int64_t D = p.head_dim, Dp = head_cols<T>(D), Nq = p.len_q;
@@ -475,6 +504,8 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const
   const int64_t ncols = round_up(nk, NR);
   const int64_t group = p.heads / p.kv_heads, kv_head = b * p.kv_heads + hk;
   const T scale = T(p.scale);
+  const QueryScale<U> sc(p.scale);
+  const int64_t Du = kp.head_units;
 
   T* P = ws.s.grow(kBwdBlockQ * kBwdBlockK);
   T* dS = ws.dp.grow(kBwdBlockQ * kBwdBlockK);
@@ -495,10 +526,11 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const
     for (int64_t q0 = i_first / kBwdBlockQ * kBwdBlockQ; q0 <= i_last; q0 += kBwdBlockQ) {
       const int64_t mq = std::min(kBwdBlockQ, i_last + 1 - q0);
       // S (log2 units) = Q K^T * scale * log2 e and dP = dO V^T: [mq, D] @ [D, ncols]
-      gemm_panels<T, true, kBwdBlockQ>(mq, ncols / NR, D, qp.qt.data() + qp.tile(bh, s, q0), kp.at(kv_head, s, k0),
-                                       NR, D * NR, P, kBwdBlockK, false);
-      gemm_panels<T, true, kBwdBlockQ>(mq, ncols / NR, D, qp.doutt.data() + qp.tile(bh, s, q0),
-                                       vp.at(kv_head, s, k0), NR, D * NR, dS, kBwdBlockK, false);
+      gemm_panels<U, true, kBwdBlockQ>(mq, ncols / NR, Du, qp.qt.data() + qp.tile(bh, s, q0),
+                                       kp.at(kv_head, s, k0), NR, Du * NR, P, kBwdBlockK, false, Triangle::kNone,
+                                       kBwdBlockQ, sc.alpha);
+      gemm_panels<U, true, kBwdBlockQ>(mq, ncols / NR, Du, qp.doutt.data() + qp.tile(bh, s, q0),
+                                       vp.at(kv_head, s, k0), NR, Du * NR, dS, kBwdBlockK, false);
       for (int64_t r = 0; r < mq; ++r) {
         const int64_t i = q0 + r;
         T* prow = P + r * kBwdBlockK;
@@ -537,12 +569,12 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<T>& qp, const
 
 }  // namespace
 
-template <typename T>
-void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, const T* v, const T* out,
-                            const T* dout, Strides4 dout_strides, const T* lse, const T* dlse, T* dq, T* dk,
+template <typename In, typename T>
+void attention_backward_cpu(const AttentionProblem& p, const In* q, const In* k, const In* v, const T* out,
+                            const In* dout, Strides4 dout_strides, const T* lse, const T* dlse, T* dq, T* dk,
                             T* dv) {
-  const QueryPack<T> qp = pack_queries(p, q, out, dout, dout_strides, lse, dlse);
-  const PanelHeads<T> kp(p, k, p.k), vp(p, v, p.v);
+  const QueryPack<In> qp = pack_queries(p, q, out, dout, dout_strides, lse, dlse);
+  const PanelHeads<In> kp(p, k, p.k), vp(p, v, p.v);
   const BackwardRows<T> rows{RowOperand<T>(p, q, p.q, p.heads, p.len_q),
                              RowOperand<T>(p, dout, dout_strides, p.heads, p.len_q),
                              RowOperand<T>(p, k, p.k, p.kv_heads, p.len_k)};
@@ -591,15 +623,13 @@ void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, c
   });
 }
 
-template void attention_forward_cpu<float>(const AttentionProblem&, const float*, const float*, const float*,
-                                           float*, float*);
-template void attention_forward_cpu<double>(const AttentionProblem&, const double*, const double*, const double*,
-                                            double*, double*);
-template void attention_backward_cpu<float>(const AttentionProblem&, const float*, const float*, const float*,
-                                            const float*, const float*, Strides4, const float*, const float*,
-                                            float*, float*, float*);
-template void attention_backward_cpu<double>(const AttentionProblem&, const double*, const double*, const double*,
-                                             const double*, const double*, Strides4, const double*,
-                                             const double*, double*, double*, double*);
+#define TESSEL_ATTENTION_INSTANCES(In, T)                                                                    \
+  template void attention_forward_cpu<In>(const AttentionProblem&, const In*, const In*, const In*, T*, T*);        \
+  template void attention_backward_cpu<In, T>(const AttentionProblem&, const In*, const In*, const In*, const T*,   \
+                                              const In*, Strides4, const T*, const T*, T*, T*, T*);
+TESSEL_ATTENTION_INSTANCES(float, float)
+TESSEL_ATTENTION_INSTANCES(double, double)
+TESSEL_ATTENTION_INSTANCES(Bf16, float)
+#undef TESSEL_ATTENTION_INSTANCES
 
 }  // namespace tessel

@@ -28,17 +28,20 @@ struct AttentionProblem {
   Strides4 o{}, g{};  // out and dq (B, H, Nq, D); dk and dv (B, Hkv, Nk, D)
 };
 
+// Inputs In (float, double, Bf16) are computed in acc_t<In> (common.h), the
+// type of every output.
 // out: (B, H, Nq, D) with strides p.o; lse: (B, H, Nq) contiguous, natural
 // log, -inf for rows without keys (their out rows are zero).
-template <typename T>
-void attention_forward_cpu(const AttentionProblem& p, const T* q, const T* k, const T* v, T* out, T* lse);
+template <typename In>
+void attention_forward_cpu(const AttentionProblem& p, const In* q, const In* k, const In* v, acc_t<In>* out,
+                           acc_t<In>* lse);
 
 // dout, out: (B, H, Nq, D) with strides `dout_strides` and p.o. dlse
 // (nullable): gradient flowing into lse. dq: (B, H, Nq, D) with strides p.o,
 // dk, dv: (B, Hkv, Nk, D) with strides p.g, fully overwritten.
-template <typename T>
-void attention_backward_cpu(const AttentionProblem& p, const T* q, const T* k, const T* v, const T* out,
-                            const T* dout, Strides4 dout_strides, const T* lse, const T* dlse, T* dq, T* dk,
+template <typename In, typename T = acc_t<In>>
+void attention_backward_cpu(const AttentionProblem& p, const In* q, const In* k, const In* v, const T* out,
+                            const In* dout, Strides4 dout_strides, const T* lse, const T* dlse, T* dq, T* dk,
                             T* dv);
 
 }  // namespace tessel

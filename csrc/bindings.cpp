@@ -367,6 +367,13 @@ void orthonormalize(py::array buf, const py::array& offsets, const py::array& le
 // kernels as the bindings above, reached from at::Tensor without numpy.
 tessel::Strides4 strides_of(const int64_t* s) { return {s[0], s[1], s[2]}; }
 
+// The table's plain element pointers as the kernels' element type (same layout).
+template <typename K, typename In>
+const K* as(const In* x) {
+  static_assert(sizeof(K) == sizeof(In));
+  return reinterpret_cast<const K*>(x);
+}
+
 AttentionProblem problem_of(const tessel::AttentionCall& c) {
   std::vector<tessel::Segment> segments(c.num_segments);
   for (int64_t s = 0; s < c.num_segments; ++s) {
@@ -382,25 +389,33 @@ AttentionProblem problem_of(const tessel::AttentionCall& c) {
   return p;
 }
 
-template <typename T>
-void table_attention_forward(const tessel::AttentionCall* c, const T* q, const T* k, const T* v, T* out, T* lse) {
-  tessel::attention_forward_cpu<T>(problem_of(*c), q, k, v, out, lse);
+// In: the table's element type; K: the kernels' (tessel::Bf16 for bfloat16 bits).
+template <typename In, typename K, typename T>
+void table_attention_forward(const tessel::AttentionCall* c, const In* q, const In* k, const In* v, T* out, T* lse) {
+  tessel::attention_forward_cpu<K>(problem_of(*c), as<K>(q), as<K>(k), as<K>(v), out, lse);
 }
 
-template <typename T>
-void table_attention_backward(const tessel::AttentionCall* c, const T* q, const T* k, const T* v, const T* out,
-                              const T* dout, const T* lse, const T* dlse, T* dq, T* dk, T* dv) {
-  tessel::attention_backward_cpu<T>(problem_of(*c), q, k, v, out, dout, strides_of(c->dout), lse, dlse, dq, dk, dv);
+template <typename In, typename K, typename T>
+void table_attention_backward(const tessel::AttentionCall* c, const In* q, const In* k, const In* v, const T* out,
+                              const In* dout, const T* lse, const T* dlse, T* dq, T* dk, T* dv) {
+  tessel::attention_backward_cpu<K>(problem_of(*c), as<K>(q), as<K>(k), as<K>(v), out, as<K>(dout),
+                                    strides_of(c->dout), lse, dlse, dq, dk, dv);
+}
+
+template <typename In, typename K, typename T = tessel::acc_t<K>>
+constexpr tessel::AttentionKernels<In, T> attention_kernels() {
+  return {&table_attention_forward<In, K, T>, &table_attention_backward<In, K, T>};
 }
 
 const tessel::KernelTable kKernelTable{
     tessel::kKernelTableVersion,
     TESSEL_LEVEL,
-    {&table_attention_forward<float>, &table_attention_backward<float>},
-    {&table_attention_forward<double>, &table_attention_backward<double>},
+    attention_kernels<float, float>(),
+    attention_kernels<double, double>(),
+    attention_kernels<uint16_t, tessel::Bf16>(),
 };
 
-// The SIMD levels this CPU runs, lowest first (x86-64-v2, v3 and v4 by their features).
+// The SIMD levels this CPU runs, lowest first (x86-64-v2, v3 and v4 by their features; v4 with AVX512-BF16).
 std::vector<std::string> cpu_levels() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
@@ -414,6 +429,7 @@ std::vector<std::string> cpu_levels() {
   if (v2) levels.push_back("sse");
   if (v3) levels.push_back("avx2");
   if (v4) levels.push_back("avx512");
+  if (v4 && __builtin_cpu_supports("avx512bf16")) levels.push_back("avx512bf16");
   return levels;
 #else
   return {TESSEL_LEVEL};

@@ -5,6 +5,9 @@
 #pragma once
 
 #include <omp.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -82,13 +85,113 @@ struct Simd {
   }
 };
 
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+// bfloat16 bits (torch's layout): the high half of a float.
+struct Bf16 {
+  uint16_t bits;
+};
+
+// What the kernels accumulate inputs of type In in: float for float and bfloat16 inputs.
+template <typename In>
+using acc_t = std::conditional_t<std::is_same_v<In, double>, double, float>;
+
+inline float to_acc(float x) { return x; }
+inline double to_acc(double x) { return x; }
+inline float to_acc(Bf16 x) {
+  const uint32_t u = uint32_t(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// A vector of In values as acc_t<In> lanes.
+template <typename In>
+inline typename Simd<acc_t<In>>::vec load_acc(const In* p) {
+  if constexpr (std::is_same_v<In, Bf16>) {
+    typedef uint16_t Half __attribute__((vector_size(kVecBytes / 2)));
+    typedef uint32_t Word __attribute__((vector_size(kVecBytes)));
+    Half h;
+    std::memcpy(&h, p, sizeof h);
+    const Word w = __builtin_convertvector(h, Word) << 16;
+    typename Simd<float>::vec v;
+    std::memcpy(&v, &w, sizeof v);
+    return v;
+  } else {
+    return Simd<In>::load(p);
+  }
+}
+
+// The operand unit of the panel GEMMs, and what one multiply-add step does with it. A unit of float or
+// double is one element: inputs of other types are converted while packing.
+template <typename U>
+struct Unit {
+  using acc = U;
+  static constexpr int elems = 1;
+  using vec = typename Simd<U>::vec;
+  static inline vec load(const U* p) { return Simd<U>::load(p); }
+  static inline vec fma(vec c, U a, vec b) { return c + a * b; }
+  // Unit i of a row of `len` elements.
+  template <typename In>
+  static inline U of(const In* row, int64_t i, int64_t) {
+    return U(to_acc(row[i]));
+  }
+};
+
+#if defined(__AVX512BF16__)
+// Two bfloat16 values adjacent along a product's reduction axis, the lower index in the low half: the
+// operand of AVX512-BF16's dot product (vdpbf16ps), whose products are exact and summed in float.
+struct Bf16Pair {
+  uint32_t bits;
+};
+
+template <>
+struct Unit<Bf16Pair> {
+  using acc = float;
+  static constexpr int elems = 2;
+  using vec = Simd<float>::vec;
+  static inline vec load(const Bf16Pair* p) {
+    vec v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static inline vec fma(vec c, Bf16Pair a, vec b) {
+    return (vec)_mm512_dpbf16_ps((__m512)c, (__m512bh)_mm512_set1_epi32(static_cast<int>(a.bits)),
+                                 (__m512bh)(__m512i)b);
+  }
+  // A row's odd last element pairs with zero.
+  static inline Bf16Pair of(const Bf16* row, int64_t i, int64_t len) {
+    const uint32_t hi = 2 * i + 1 < len ? row[2 * i + 1].bits : 0;
+    return {row[2 * i].bits | hi << 16};
+  }
+};
+#endif
+
+// The GEMM unit that inputs of type In are packed into: bfloat16 pairs where the CPU multiplies them.
+template <typename In>
+struct GemmUnitOf {
+  using type = acc_t<In>;
+};
+#if defined(__AVX512BF16__)
+template <>
+struct GemmUnitOf<Bf16> {
+  using type = Bf16Pair;
+};
+#endif
+template <typename In>
+using gemm_unit_t = typename GemmUnitOf<In>::type;
+
+// Units of a row of n elements.
+template <typename U>
+inline int64_t units(int64_t n) {
+  return ceil_div(n, Unit<U>::elems);
+}
+
 // Element strides of a (B, H, N, D) operand whose last dimension is contiguous.
 struct Strides4 {
   int64_t b, h, n;
 };
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 
 // Entering and leaving an OpenMP region costs microseconds: a problem of
 // fewer floating-point operations than this runs on the calling thread.
@@ -105,34 +208,45 @@ void parallel_region(int threads, Body&& body) {
   body();
 }
 
-// C tile (R x kVecs vectors) (+)= A (R x kc) * B (kc x kVecs vectors).
-// A element (r, p) is a[r * lda + p], or a[p * lda + r] when ATrans.
+// C tile (R x kVecs vectors) = alpha * A (R x kc) * B (kc x kVecs vectors) (+ C when accumulating), in GEMM
+// units U (common.h's Unit: kc counts units, a B vector holds one unit per lane).
+// A unit (r, p) is a[r * lda + p], or a[p * lda + r] when ATrans.
 // B row p is the contiguous kVecs vectors at b + p * ldb.
 // kLda > 0 fixes lda at compile time: A's R addresses then share one base
 // register with constant offsets instead of R live row pointers. Never
 // inlined: inside a large caller GCC spills the accumulators.
-template <typename T, int R, bool ATrans, int64_t kLda, int kVecs>
-__attribute__((noinline)) void micro_tile(int64_t kc, const T* a, int64_t lda_arg, const T* b, int64_t ldb, T* c, int64_t ldc,
-                bool accumulate) {
-  using S = Simd<T>;
+template <typename U, int R, bool ATrans, int64_t kLda, int kVecs>
+__attribute__((noinline)) void micro_tile(int64_t kc, const U* a, int64_t lda_arg, const U* b, int64_t ldb,
+                                          typename Unit<U>::acc* c, int64_t ldc, bool accumulate,
+                                          typename Unit<U>::acc alpha) {
+  using K = Unit<U>;
+  using S = Simd<typename K::acc>;
   using V = typename S::vec;
   constexpr int W = S::width;
   const int64_t lda = kLda > 0 ? kLda : lda_arg;
+  const bool scaled = alpha != 1;
   V acc[R][kVecs];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
-    for (int v = 0; v < kVecs; ++v) acc[r][v] = accumulate ? S::load(c + r * ldc + v * W) : V{};
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = accumulate && !scaled ? S::load(c + r * ldc + v * W) : V{};
   for (int64_t p = 0; p < kc; ++p) {
     V bv[kVecs];
 #pragma GCC unroll 2
-    for (int v = 0; v < kVecs; ++v) bv[v] = S::load(b + p * ldb + v * W);
+    for (int v = 0; v < kVecs; ++v) bv[v] = K::load(b + p * ldb + v * W);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const T ar = ATrans ? a[p * lda + r] : a[r * lda + p];
+      const U ar = ATrans ? a[p * lda + r] : a[r * lda + p];
 #pragma GCC unroll 2
-      for (int v = 0; v < kVecs; ++v) acc[r][v] += ar * bv[v];
+      for (int v = 0; v < kVecs; ++v) acc[r][v] = K::fma(acc[r][v], ar, bv[v]);
     }
+  }
+  if (scaled) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int v = 0; v < kVecs; ++v)
+        acc[r][v] = acc[r][v] * alpha + (accumulate ? S::load(c + r * ldc + v * W) : V{});
   }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -140,38 +254,39 @@ __attribute__((noinline)) void micro_tile(int64_t kc, const T* a, int64_t lda_ar
     for (int v = 0; v < kVecs; ++v) S::store(c + r * ldc + v * W, acc[r][v]);
 }
 
-template <typename T>
-using MicroFn = void (*)(int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, bool);
+template <typename U>
+using MicroFn = void (*)(int64_t, const U*, int64_t, const U*, int64_t, typename Unit<U>::acc*, int64_t, bool,
+                         typename Unit<U>::acc);
 
-template <typename T, bool ATrans, int64_t kLda, int kVecs, int... Rs>
-constexpr std::array<MicroFn<T>, sizeof...(Rs)> micro_table(std::integer_sequence<int, Rs...>) {
-  return {&micro_tile<T, Rs + 1, ATrans, kLda, kVecs>...};
+template <typename U, bool ATrans, int64_t kLda, int kVecs, int... Rs>
+constexpr std::array<MicroFn<U>, sizeof...(Rs)> micro_table(std::integer_sequence<int, Rs...>) {
+  return {&micro_tile<U, Rs + 1, ATrans, kLda, kVecs>...};
 }
 
 // Which part of a square product a gemm may skip (causal chunks): the entries
 // of C above (kOutLower) or below (kOutUpper) the diagonal are not needed, or
-// A (non-transposed, m x k with k = m) is zero above (kALower) or below
-// (kAUpper) its diagonal.
+// A (non-transposed, m x k with k = m, one-element units) is zero above
+// (kALower) or below (kAUpper) its diagonal.
 enum class Triangle { kNone, kOutLower, kOutUpper, kALower, kAUpper };
 
-// C (m x npanels*NR) (+)= A (m x k) * B (k x npanels*NR), NR = kVecs vectors
-// (by default the micro-kernel's two: Simd<T>::panel).
+// C (m x npanels*NR) = alpha * A (m x k) * B (k x npanels*NR) (+ C when accumulating), k in units of U,
+// NR = kVecs vectors (by default the micro-kernel's two: Simd<acc>::panel).
 // Panel j of B starts at b + j * b_panel_stride with rows ldb apart, which
 // covers both a row-major matrix (stride = panel) and a panel-packed one
 // (stride = k * panel, ldb = panel). Panels outer, rows inner: one B panel
 // stays in L1 while every row tile of A passes over it. Entries a Triangle
 // skips are left unwritten.
 // kLda = 0: A's leading dimension is the runtime `lda` (an operand read in place).
-template <typename T, bool ATrans, int64_t kLda, int kVecs = 2>
-void gemm_panels(int64_t m, int64_t npanels, int64_t k, const T* a, const T* b, int64_t ldb,
-                 int64_t b_panel_stride, T* c, int64_t ldc, bool accumulate, Triangle tri = Triangle::kNone,
-                 int64_t lda_arg = kLda) {
+template <typename U, bool ATrans, int64_t kLda, int kVecs = 2>
+void gemm_panels(int64_t m, int64_t npanels, int64_t k, const U* a, const U* b, int64_t ldb,
+                 int64_t b_panel_stride, typename Unit<U>::acc* c, int64_t ldc, bool accumulate,
+                 Triangle tri = Triangle::kNone, int64_t lda_arg = kLda, typename Unit<U>::acc alpha = 1) {
   const int64_t lda = kLda > 0 ? kLda : lda_arg;
-  static constexpr auto table = micro_table<T, ATrans, kLda, kVecs>(std::make_integer_sequence<int, kMicroRows>{});
-  constexpr int NR = kVecs * Simd<T>::width;
+  static constexpr auto table = micro_table<U, ATrans, kLda, kVecs>(std::make_integer_sequence<int, kMicroRows>{});
+  constexpr int NR = kVecs * Simd<typename Unit<U>::acc>::width;
   for (int64_t j = 0; j < npanels; ++j) {
-    const T* bj = b + j * b_panel_stride;
-    T* cj = c + j * NR;
+    const U* bj = b + j * b_panel_stride;
+    auto* cj = c + j * NR;
     const int64_t row_begin = tri == Triangle::kOutLower ? std::min(m, j * NR) : 0;
     const int64_t row_end = tri == Triangle::kOutUpper ? std::min(m, (j + 1) * NR) : m;
     for (int64_t i = row_begin; i < row_end; i += kMicroRows) {
@@ -179,53 +294,64 @@ void gemm_panels(int64_t m, int64_t npanels, int64_t k, const T* a, const T* b, 
       // A's nonzero columns for these rows.
       const int64_t p0 = tri == Triangle::kAUpper ? i : 0;
       const int64_t p1 = tri == Triangle::kALower ? std::min(k, i + rows) : k;
-      const T* ai = (ATrans ? a + i : a + i * lda) + (ATrans ? p0 * lda : p0);
-      const T* bi = bj + p0 * ldb;
+      const U* ai = (ATrans ? a + i : a + i * lda) + (ATrans ? p0 * lda : p0);
+      const U* bi = bj + p0 * ldb;
       if (rows == kMicroRows)
-        micro_tile<T, kMicroRows, ATrans, kLda, kVecs>(p1 - p0, ai, lda, bi, ldb, cj + i * ldc, ldc, accumulate);
+        micro_tile<U, kMicroRows, ATrans, kLda, kVecs>(p1 - p0, ai, lda, bi, ldb, cj + i * ldc, ldc, accumulate,
+                                                       alpha);
       else
-        table[rows - 1](p1 - p0, ai, lda, bi, ldb, cj + i * ldc, ldc, accumulate);
+        table[rows - 1](p1 - p0, ai, lda, bi, ldb, cj + i * ldc, ldc, accumulate, alpha);
     }
   }
 }
 
 // Packs a block of `rows` rows (row stride ld) of `cols` values, times
-// `scale`, transposed: out[c * ld_out + r]; rows [rows, ld_out) are zero. The
-// result is an ATrans A operand with compile-time lda = ld_out.
-template <typename T>
-void pack_transposed_scaled(const T* x, int64_t rows, int64_t cols, int64_t ld, T scale, T* out,
+// `scale`, transposed, in GEMM units: out[c * ld_out + r] is unit c of row r;
+// rows [rows, ld_out) are zero. The result is an ATrans A operand with
+// compile-time lda = ld_out. Units of several elements cannot carry a scale
+// exactly: scale must be 1 for them (scale the GEMM by alpha instead).
+template <typename U, typename In>
+void pack_transposed_scaled(const In* x, int64_t rows, int64_t cols, int64_t ld, typename Unit<U>::acc scale, U* out,
                             int64_t ld_out) {
-  for (int64_t c = 0; c < cols; ++c) {
-    T* o = out + c * ld_out;
-    for (int64_t r = 0; r < rows; ++r) o[r] = x[r * ld + c] * scale;
-    std::fill(o + rows, o + ld_out, T(0));
+  for (int64_t c = 0; c < units<U>(cols); ++c) {
+    U* o = out + c * ld_out;
+    for (int64_t r = 0; r < rows; ++r) {
+      if constexpr (Unit<U>::elems == 1)
+        o[r] = Unit<U>::of(x + r * ld, c, cols) * scale;
+      else
+        o[r] = Unit<U>::of(x + r * ld, c, cols);
+    }
+    std::fill(o + rows, o + ld_out, U{});
   }
 }
 
 // Packs rows [0, n) of a row-major matrix (row stride ld, `cols` columns) as
-// transposed panels: panel j holds rows [j*NR, j*NR+NR) laid out [cols][NR],
-// zero beyond n. The result is the B operand of A * X^T.
-template <typename T>
-void pack_transposed_panels(const T* x, int64_t n, int64_t cols, int64_t ld, T* out) {
-  constexpr int NR = Simd<T>::panel;
-  const int64_t npanels = ceil_div(n, NR);
+// transposed panels of GEMM units: panel j holds rows [j*NR, j*NR+NR) laid out
+// [units(cols)][NR], zero beyond n. The result is the B operand of A * X^T.
+template <typename U, typename In>
+void pack_transposed_panels(const In* x, int64_t n, int64_t cols, int64_t ld, U* out) {
+  constexpr int NR = Simd<typename Unit<U>::acc>::panel;
+  const int64_t npanels = ceil_div(n, NR), ucols = units<U>(cols);
   for (int64_t j = 0; j < npanels; ++j) {
-    T* panel = out + j * cols * NR;
+    U* panel = out + j * ucols * NR;
     const int64_t rows = std::min<int64_t>(NR, n - j * NR);
-    for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t c = 0; c < ucols; ++c) {
       int64_t r = 0;
-      for (; r < rows; ++r) panel[c * NR + r] = x[(j * NR + r) * ld + c];
-      for (; r < NR; ++r) panel[c * NR + r] = T(0);
+      for (; r < rows; ++r) panel[c * NR + r] = Unit<U>::of(x + (j * NR + r) * ld, c, cols);
+      for (; r < NR; ++r) panel[c * NR + r] = U{};
     }
   }
 }
 
 // Copies n rows of `cols` values (row stride ld) into rows of padded_cols
-// values, zero-filling the padding.
-template <typename T>
-void pack_rows_padded(const T* x, int64_t n, int64_t cols, int64_t ld, T* out, int64_t padded_cols) {
+// values of type T, converting, and zero-fills the padding.
+template <typename In, typename T>
+void pack_rows_padded(const In* x, int64_t n, int64_t cols, int64_t ld, T* out, int64_t padded_cols) {
   for (int64_t r = 0; r < n; ++r) {
-    std::memcpy(out + r * padded_cols, x + r * ld, cols * sizeof(T));
+    if constexpr (std::is_same_v<In, T>)
+      std::memcpy(out + r * padded_cols, x + r * ld, cols * sizeof(T));
+    else
+      for (int64_t c = 0; c < cols; ++c) out[r * padded_cols + c] = to_acc(x[r * ld + c]);
     std::fill(out + r * padded_cols + cols, out + (r + 1) * padded_cols, T(0));
   }
 }

@@ -10,7 +10,7 @@
 namespace tessel {
 
 // Bumped whenever a struct below changes: _C_ops refuses a table of another version.
-constexpr uint32_t kKernelTableVersion = 1;
+constexpr uint32_t kKernelTableVersion = 2;
 
 // One attention problem, as AttentionProblem (attention.h) holds it.
 struct AttentionCall {
@@ -24,20 +24,22 @@ struct AttentionCall {
   int num_threads;
 };
 
-template <typename T>
+// Inputs In, computed in and written as T.
+template <typename In, typename T>
 struct AttentionKernels {
   // out (B, H, Nq, D) with strides o; lse (B, H, Nq) contiguous.
-  void (*forward)(const AttentionCall* call, const T* q, const T* k, const T* v, T* out, T* lse);
+  void (*forward)(const AttentionCall* call, const In* q, const In* k, const In* v, T* out, T* lse);
   // dlse may be null; dq with strides o, dk and dv with strides g.
-  void (*backward)(const AttentionCall* call, const T* q, const T* k, const T* v, const T* out, const T* dout,
+  void (*backward)(const AttentionCall* call, const In* q, const In* k, const In* v, const T* out, const In* dout,
                    const T* lse, const T* dlse, T* dq, T* dk, T* dv);
 };
 
 struct KernelTable {
   uint32_t version;
   const char* level;
-  AttentionKernels<float> attention_f32;
-  AttentionKernels<double> attention_f64;
+  AttentionKernels<float, float> attention_f32;
+  AttentionKernels<double, double> attention_f64;
+  AttentionKernels<uint16_t, float> attention_bf16;  // bfloat16 bits in, float out
 };
 
 }  // namespace tessel

@@ -86,6 +86,14 @@ Result call_triton(const char* op, PyObject* fn, Args&&... args) {
 
 at::ScalarType work_dtype(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The dtype the attention kernels read x's operands in: bfloat16 as given (converted while packing), any
+// other in the work dtype.
+at::ScalarType input_dtype(const Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : work_dtype(x);
+}
+
+const uint16_t* bf16_bits(const Tensor& x) { return reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()); }
+
 // x in the kernels' dtype with a contiguous last dim (x itself when it is already).
 Tensor as_work(const Tensor& x, at::ScalarType work) {
   Tensor w = x.scalar_type() == work ? x : x.to(work);
@@ -163,13 +171,16 @@ Tensor forward_cpp(const char* op, const Tensor& q, const Tensor& k, const Tenso
                    Segments segments, const Tensor& out) {
   check_qkv(op, q, k, v);
   check_segments(op, segments, q.size(2), k.size(2));
-  const auto work = work_dtype(q);
-  const Tensor qw = as_work(q, work), kw = as_work(k, work), vw = as_work(v, work);
+  const auto work = work_dtype(q), in = input_dtype(q);
+  const Tensor qw = as_work(q, in), kw = as_work(k, in), vw = as_work(v, in);
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(work));
   tessel::AttentionCall c = attention_call(qw, kw, vw, scale, segments);
   strides3(out, c.o);
   const auto& table = kernels();
-  if (work == at::kDouble)
+  if (in == at::kBFloat16)
+    table.attention_bf16.forward(&c, bf16_bits(qw), bf16_bits(kw), bf16_bits(vw), out.data_ptr<float>(),
+                                 lse.data_ptr<float>());
+  else if (work == at::kDouble)
     table.attention_f64.forward(&c, qw.data_ptr<double>(), kw.data_ptr<double>(), vw.data_ptr<double>(),
                                 out.data_ptr<double>(), lse.data_ptr<double>());
   else
@@ -188,8 +199,8 @@ void backward_cpp(const char* op, const Tensor& dout, const Tensor& q, const Ten
   check_shape(op, "out", out, q.sizes());
   check_shape(op, "lse", lse, q.sizes().slice(0, 3));
   if (dlse) check_shape(op, "dlse", *dlse, q.sizes().slice(0, 3));
-  const auto work = work_dtype(q);
-  const Tensor qw = as_work(q, work), kw = as_work(k, work), vw = as_work(v, work), dw = as_work(dout, work);
+  const auto work = work_dtype(q), in = input_dtype(q);
+  const Tensor qw = as_work(q, in), kw = as_work(k, in), vw = as_work(v, in), dw = as_work(dout, in);
   // The kernel reads out in dq's layout.
   Tensor ow = out.scalar_type() == work && out.strides().equals(dq.strides()) ? out
                                                                                 : at::empty_like(dq).copy_(out);
@@ -200,7 +211,11 @@ void backward_cpp(const char* op, const Tensor& dout, const Tensor& q, const Ten
   strides3(dk, c.g);
   strides3(dw, c.dout);
   const auto& table = kernels();
-  if (work == at::kDouble)
+  if (in == at::kBFloat16)
+    table.attention_bf16.backward(&c, bf16_bits(qw), bf16_bits(kw), bf16_bits(vw), ow.data_ptr<float>(),
+                                  bf16_bits(dw), lw.data_ptr<float>(), dlse ? dlw.data_ptr<float>() : nullptr,
+                                  dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>());
+  else if (work == at::kDouble)
     table.attention_f64.backward(&c, qw.data_ptr<double>(), kw.data_ptr<double>(), vw.data_ptr<double>(),
                                  ow.data_ptr<double>(), dw.data_ptr<double>(), lw.data_ptr<double>(),
                                  dlse ? dlw.data_ptr<double>() : nullptr, dq.data_ptr<double>(),

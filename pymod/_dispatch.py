@@ -100,7 +100,7 @@ def resolve_backend(op: str, device: torch.device) -> str:
 
 
 # SIMD levels of the C++ kernels, lowest first (setup.py builds one module, tessel._C_<level>, per level).
-CPU_LEVELS = ("sse", "avx2", "avx512", "neon", "generic")
+CPU_LEVELS = ("sse", "avx2", "avx512", "avx512bf16", "neon", "generic")
 _cpu_module: ModuleType | None = None
 
 

@@ -70,6 +70,15 @@ def test_decode_against_a_long_kv_cache(h, hk, nq, nk, d, kw):
     check_against_reference(*make_qkv(2, h, hk, nq, nk, d), grads=False, **kw)
 
 
+@pytest.mark.parametrize("nq,d", [(1, 24), (2, 128)])
+def test_decode_bfloat16_is_computed_in_float32(nq, d):
+    q, k, v = make_qkv(1, 4, 2, nq, 3001, d, dtype=torch.bfloat16)
+    out = tessel.attention(q, k, v, causal=True)
+    ref = attention_reference(*(x.double() for x in (q, k, v)), causal=True)
+    assert out.dtype == torch.bfloat16
+    assert error_vs(out.double(), ref) <= error_vs(ref.bfloat16().double(), ref) + 1e-5
+
+
 def test_decode_float64_and_nan_rules():
     q, k, v = make_qkv(1, 4, 2, 1, 3000, 32, dtype=torch.float64)
     out, lse = tessel.attention(q, k, v, window=(10, 0), return_lse=True)
@@ -122,12 +131,29 @@ def test_float64_output_and_lse_dtype():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_on_cpu_computes_in_float32(dtype):
-    q, k, v = make_qkv(1, 2, 2, 50, 50, 32, dtype=dtype)
-    out, lse = tessel.attention(q, k, v, causal=True, return_lse=True)
-    ref = attention_reference(q.float(), k.float(), v.float(), causal=True)
+@pytest.mark.parametrize("d", [7, 32, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_precision_on_cpu_computes_in_float32(dtype, d, causal):
+    """Output and gradients are exact results rounded once to the input dtype, up to float32's own error
+    (bfloat16's dot products multiply exactly and sum in float32), GQA, odd lengths and head dims
+    included. The backward reads the output as saved, in the input dtype (as FlashAttention does): the
+    exact gradients given that output are what it is held to."""
+    q, k, v = (x.requires_grad_() for x in make_qkv(1, 4, 2, 50, 61, d, dtype=dtype))
+    out, lse = tessel.attention(q, k, v, causal=causal, return_lse=True)
     assert out.dtype == dtype and lse.dtype == torch.float32
-    assert error_vs(out.float(), ref) <= error_vs(ref.to(dtype).float(), ref) + 1e-6
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    exact_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref, ref_lse = attention_reference(*exact_leaves, causal=causal, return_lse=True)
+    # rowsum(dO * O) enters dS = P (dP - rowsum(dO * O)): with the saved output it is short by c, which
+    # adds P * c to dS, the gradient of sum(lse * c).
+    c = ((ref - out.double()) * dout.double()).sum(-1).detach()
+    ref_grads = torch.autograd.grad((ref * dout.double()).sum() + (ref_lse * c).sum(), exact_leaves)
+    assert error_vs(lse, ref_lse) <= 1e-5
+    for ours, exact in zip((out, *grads), (ref.detach(), *ref_grads)):
+        assert ours.dtype == dtype
+        rounding = error_vs(exact.to(dtype).double(), exact)
+        assert error_vs(ours.double(), exact) <= rounding + 1e-5 * float(exact.abs().max())
 
 
 def test_fully_masked_rows_give_zeros_and_minus_inf_lse():

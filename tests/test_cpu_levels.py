@@ -1,5 +1,5 @@
 """One build, every SIMD level: the C++ kernels are built once per level
-(tessel._C_sse / _avx2 / _avx512 on x86-64) and the highest one this CPU
+(tessel._C_sse / _avx2 / _avx512 / _avx512bf16 on x86-64) and the highest one this CPU
 supports is used unless TESSEL_CPU_LEVEL forces a lower one. Each level this
 machine runs passes the kernels' cases against their references (and the
 whole CPU attention suite from the wheel: test_wheel.py), and a level's
@@ -22,9 +22,10 @@ from tessel.linear_attention import linear_attention_reference
 
 SUPPORTED = [level for level in _dispatch._built_levels()
              if level in _dispatch.cpp_module().cpu_levels()]
-VECTOR_BITS = {"sse": 128, "avx2": 256, "avx512": 512}
-# Registers a level's code must not touch: ymm (AVX) below avx2, zmm (AVX-512) below avx512.
-FORBIDDEN = {"sse": r"%[yz]mm", "avx2": r"%zmm"}
+VECTOR_BITS = {"sse": 128, "avx2": 256, "avx512": 512, "avx512bf16": 512}
+# What a level's code must not use: ymm (AVX) below avx2, zmm (AVX-512) below avx512, AVX512-BF16's
+# instructions below avx512bf16.
+FORBIDDEN = {"sse": r"%[yz]mm", "avx2": r"%zmm", "avx512": r"\bv(dpbf16ps|cvtne2?ps2bf16)\b"}
 
 
 @pytest.fixture
@@ -64,6 +65,16 @@ def test_every_level_matches_the_references(level, force_level):
     cu_q, cu_k = torch.tensor([0, 10, 10, 37], dtype=torch.int32), torch.tensor([0, 20, 21, 45], dtype=torch.int32)
     out = tessel.attention_varlen(*packed, cu_q, cu_k, 27, 24, causal=True)
     assert error_vs(out, attention_varlen_reference(*packed, cu_q, cu_k, causal=True)) <= 1e-5
+    # bfloat16 attention: converted while packing, or multiplied as bfloat16 pairs (avx512bf16).
+    q, k, v = (torch.randn(1, 4, 37, 21, generator=gen).bfloat16().requires_grad_() for _ in range(3))
+    q32, k32, v32 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out = tessel.attention(q, k, v, causal=True)
+    ref = attention_reference(q32, k32, v32, causal=True)
+    assert error_vs(out.double(), ref) <= error_vs(ref.detach().bfloat16().double(), ref) + 1e-5
+    dout = torch.randn(out.shape, generator=gen).bfloat16()
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), dout.double())
+    assert all(error_vs(g.double(), r) <= 0.05 for g, r in zip(grads, ref_grads))
     lq, lk, lv = (torch.randn(1, 2, 70, 16, generator=gen) for _ in range(3))
     assert error_vs(tessel.linear_attention(lq, lk, lv), linear_attention_reference(lq, lk, lv)) <= 1e-4
     m = torch.randn(50, 4, generator=gen, dtype=torch.float64)
@@ -86,11 +97,11 @@ def test_forcing_a_level_the_cpu_lacks_or_that_does_not_exist(force_level, monke
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump is not installed")
 @pytest.mark.parametrize("level", sorted(FORBIDDEN))
-def test_a_level_uses_no_wider_registers(level):
+def test_a_level_uses_no_higher_levels_instructions(level):
     spec = importlib.util.find_spec(f"tessel._C_{level}")
     if spec is None:
         pytest.skip(f"tessel._C_{level} is not built here")
     text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", spec.origin], capture_output=True, text=True,
                           check=True).stdout
     wider = [line for line in text.splitlines() if re.search(FORBIDDEN[level], line)]
-    assert not wider, f"{os.path.basename(spec.origin)} uses wider registers: {wider[:3]}"
+    assert not wider, f"{os.path.basename(spec.origin)} uses a higher level's instructions: {wider[:3]}"
