@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -448,12 +449,21 @@ inline void scale_inplace(T* x, int64_t n, T a) {
 }
 
 // An uninitialised array, for buffers that are written before being read
-// (std::vector would zero them first: one more pass over memory).
+// (std::vector would zero them first: one more pass over memory), aligned
+// to a cache line: malloc's 16 bytes would split most vector loads and
+// stores of AVX-512 across two lines.
 template <typename T>
 class Buffer {
+  static_assert(std::is_trivially_default_constructible_v<T> && std::is_trivially_destructible_v<T>);
+  static constexpr std::align_val_t kAlign{64};
+  struct Free {
+    void operator()(T* p) const { ::operator delete[](p, kAlign); }
+  };
+
  public:
   Buffer() = default;
-  explicit Buffer(size_t n) : data_(n ? new T[n] : nullptr), size_(n) {}
+  explicit Buffer(size_t n)
+      : data_(n ? static_cast<T*>(::operator new[](n * sizeof(T), kAlign)) : nullptr), size_(n) {}
   T* data() { return data_.get(); }
   const T* data() const { return data_.get(); }
   size_t size() const { return size_; }
@@ -467,7 +477,7 @@ class Buffer {
   const T& operator[](size_t i) const { return data_[i]; }
 
  private:
-  std::unique_ptr<T[]> data_;
+  std::unique_ptr<T[], Free> data_;
   size_t size_ = 0;
 };
 
