@@ -5,7 +5,7 @@
 #pragma once
 
 #include <omp.h>
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -368,13 +368,16 @@ inline T exp2_shifted_sum(T* x, int64_t n, T shift) {
   if constexpr (std::is_same_v<T, float>) {
     using S = Simd<float>;
     using V = S::vec;
-    typedef int32_t IV __attribute__((vector_size(kVecBytes)));
     constexpr int W = S::width;
     auto body = [](V v) -> V {
       const V lo = S::splat(-126.0f);
       const V xc = lo > v ? lo : v;  // NaN stays NaN
+#if defined(__AVX512F__)
+      const V r = (V)_mm512_roundscale_ps((__m512)xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
       const V magic = S::splat(12582912.0f);  // 1.5 * 2^23: round to nearest
       const V r = (xc + magic) - magic;
+#endif
       const V f = xc - r;  // [-0.5, 0.5]
       V p = S::splat(1.327641733e-03f);
       p = p * f + 9.675540897e-03f;
@@ -382,10 +385,15 @@ inline T exp2_shifted_sum(T* x, int64_t n, T shift) {
       p = p * f + 2.402211973e-01f;
       p = p * f + 6.931469670e-01f;
       p = p * f + 1.000000072e+00f;
+#if defined(__AVX512F__)
+      return (V)_mm512_scalef_ps((__m512)p, (__m512)r);  // p * 2^r in one instruction
+#else
+      typedef int32_t IV __attribute__((vector_size(kVecBytes)));
       const IV e = (__builtin_convertvector(r, IV) + 127) << 23;
       V scale;
       std::memcpy(&scale, &e, sizeof(V));
       return p * scale;
+#endif
     };
     V sum{};
     int64_t i = 0;
