@@ -336,10 +336,11 @@ void pack_transposed_panels(const In* x, int64_t n, int64_t cols, int64_t ld, U*
   for (int64_t j = 0; j < npanels; ++j) {
     U* panel = out + j * ucols * NR;
     const int64_t rows = std::min<int64_t>(NR, n - j * NR);
-    for (int64_t c = 0; c < ucols; ++c) {
-      int64_t r = 0;
-      for (; r < rows; ++r) panel[c * NR + r] = Unit<U>::of(x + (j * NR + r) * ld, c, cols);
-      for (; r < NR; ++r) panel[c * NR + r] = U{};
+    // Row by row: x is read in order (the prefetcher streams it; a column walk missed on every row) and the
+    // strided writes stay in the panel, which fits L1.
+    for (int64_t r = 0; r < NR; ++r) {
+      const In* row = x + (j * NR + r) * ld;
+      for (int64_t c = 0; c < ucols; ++c) panel[c * NR + r] = r < rows ? Unit<U>::of(row, c, cols) : U{};
     }
   }
 }
