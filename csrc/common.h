@@ -314,16 +314,18 @@ void gemm_panels(int64_t m, int64_t npanels, int64_t k, const U* a, const U* b, 
 template <typename U, typename In>
 void pack_transposed_scaled(const In* x, int64_t rows, int64_t cols, int64_t ld, typename Unit<U>::acc scale, U* out,
                             int64_t ld_out) {
-  for (int64_t c = 0; c < units<U>(cols); ++c) {
-    U* o = out + c * ld_out;
-    for (int64_t r = 0; r < rows; ++r) {
+  const int64_t ucols = units<U>(cols);
+  // Row by row, as pack_transposed_panels: x read in order, the strided writes inside the block.
+  for (int64_t r = 0; r < rows; ++r) {
+    const In* row = x + r * ld;
+    for (int64_t c = 0; c < ucols; ++c) {
       if constexpr (Unit<U>::elems == 1)
-        o[r] = Unit<U>::of(x + r * ld, c, cols) * scale;
+        out[c * ld_out + r] = Unit<U>::of(row, c, cols) * scale;
       else
-        o[r] = Unit<U>::of(x + r * ld, c, cols);
+        out[c * ld_out + r] = Unit<U>::of(row, c, cols);
     }
-    std::fill(o + rows, o + ld_out, U{});
   }
+  for (int64_t c = 0; c < ucols; ++c) std::fill(out + c * ld_out + rows, out + (c + 1) * ld_out, U{});
 }
 
 // Packs rows [0, n) of a row-major matrix (row stride ld, `cols` columns) as
