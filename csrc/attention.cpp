@@ -630,6 +630,7 @@ void attention_backward_cpu(const AttentionProblem& p, const In* q, const In* k,
 TESSEL_ATTENTION_INSTANCES(float, float)
 TESSEL_ATTENTION_INSTANCES(double, double)
 TESSEL_ATTENTION_INSTANCES(Bf16, float)
+TESSEL_ATTENTION_INSTANCES(Half, float)
 #undef TESSEL_ATTENTION_INSTANCES
 
 }  // namespace tessel

@@ -28,7 +28,7 @@ struct AttentionProblem {
   Strides4 o{}, g{};  // out and dq (B, H, Nq, D); dk and dv (B, Hkv, Nk, D)
 };
 
-// Inputs In (float, double, Bf16) are computed in acc_t<In> (common.h), the
+// Inputs In (float, double, Bf16, Half) are computed in acc_t<In> (common.h), the
 // type of every output.
 // out: (B, H, Nq, D) with strides p.o; lse: (B, H, Nq) contiguous, natural
 // log, -inf for rows without keys (their out rows are zero).

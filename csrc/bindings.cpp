@@ -389,7 +389,7 @@ AttentionProblem problem_of(const tessel::AttentionCall& c) {
   return p;
 }
 
-// In: the table's element type; K: the kernels' (tessel::Bf16 for bfloat16 bits).
+// In: the table's element type; K: the kernels' (tessel::Bf16, tessel::Half for the half types' bits).
 template <typename In, typename K, typename T>
 void table_attention_forward(const tessel::AttentionCall* c, const In* q, const In* k, const In* v, T* out, T* lse) {
   tessel::attention_forward_cpu<K>(problem_of(*c), as<K>(q), as<K>(k), as<K>(v), out, lse);
@@ -413,6 +413,7 @@ const tessel::KernelTable kKernelTable{
     attention_kernels<float, float>(),
     attention_kernels<double, double>(),
     attention_kernels<uint16_t, tessel::Bf16>(),
+    attention_kernels<uint16_t, tessel::Half>(),
 };
 
 // The SIMD levels this CPU runs, lowest first (x86-64-v2, v3 and v4 by their features; v4 with AVX512-BF16).

@@ -5,7 +5,7 @@
 #pragma once
 
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -94,7 +94,12 @@ struct Bf16 {
   uint16_t bits;
 };
 
-// What the kernels accumulate inputs of type In in: float for float and bfloat16 inputs.
+// IEEE float16 bits.
+struct Half {
+  uint16_t bits;
+};
+
+// What the kernels accumulate inputs of type In in: float for float and the half types.
 template <typename In>
 using acc_t = std::conditional_t<std::is_same_v<In, double>, double, float>;
 
@@ -105,6 +110,19 @@ inline float to_acc(Bf16 x) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+}
+inline float to_acc(Half x) {
+#if defined(__F16C__)
+  return _cvtsh_ss(x.bits);
+#else
+  // Without F16C: exponent rebiased by hand; subnormals are m * 2^-24, inf and NaN keep their payload.
+  const uint32_t sign = uint32_t(x.bits & 0x8000) << 16, exp = (x.bits >> 10) & 0x1f, mant = x.bits & 0x3ff;
+  if (exp == 0) return (sign ? -1.0f : 1.0f) * std::ldexp(static_cast<float>(mant), -24);
+  const uint32_t u = sign | (exp == 0x1f ? 0x7f800000u | mant << 13 : (exp + 112) << 23 | mant << 13);
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
 }
 
 // A vector of In values as acc_t<In> lanes.
@@ -118,6 +136,18 @@ inline typename Simd<acc_t<In>>::vec load_acc(const In* p) {
     const Word w = __builtin_convertvector(h, Word) << 16;
     typename Simd<float>::vec v;
     std::memcpy(&v, &w, sizeof v);
+    return v;
+  } else if constexpr (std::is_same_v<In, Half>) {
+    typename Simd<float>::vec v;
+#if defined(__AVX512F__)
+    const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__) && defined(__AVX__)
+    const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+    float f[Simd<float>::width];
+    for (int i = 0; i < Simd<float>::width; ++i) f[i] = to_acc(p[i]);
+#endif
+    std::memcpy(&v, &f, sizeof v);
     return v;
   } else {
     return Simd<In>::load(p);

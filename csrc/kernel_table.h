@@ -40,6 +40,7 @@ struct KernelTable {
   AttentionKernels<float, float> attention_f32;
   AttentionKernels<double, double> attention_f64;
   AttentionKernels<uint16_t, float> attention_bf16;  // bfloat16 bits in, float out
+  AttentionKernels<uint16_t, float> attention_f16;   // float16 bits in, float out
 };
 
 }  // namespace tessel

@@ -86,13 +86,19 @@ Result call_triton(const char* op, PyObject* fn, Args&&... args) {
 
 at::ScalarType work_dtype(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The dtype the attention kernels read x's operands in: bfloat16 as given (converted while packing), any
-// other in the work dtype.
+// The dtype the attention kernels read x's operands in: the half types as given (converted while
+// packing), float32 and float64 as they are.
 at::ScalarType input_dtype(const Tensor& x) {
-  return x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : work_dtype(x);
+  const auto t = x.scalar_type();
+  return t == at::kBFloat16 || t == at::kHalf ? t : work_dtype(x);
 }
 
-const uint16_t* bf16_bits(const Tensor& x) { return reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()); }
+const uint16_t* half_bits(const Tensor& x) { return reinterpret_cast<const uint16_t*>(x.const_data_ptr()); }
+
+// The kernels of inputs in `in` that the table holds for the half types.
+const tessel::AttentionKernels<uint16_t, float>& half_kernels(const tessel::KernelTable& table, at::ScalarType in) {
+  return in == at::kBFloat16 ? table.attention_bf16 : table.attention_f16;
+}
 
 // x in the kernels' dtype with a contiguous last dim (x itself when it is already).
 Tensor as_work(const Tensor& x, at::ScalarType work) {
@@ -177,9 +183,9 @@ Tensor forward_cpp(const char* op, const Tensor& q, const Tensor& k, const Tenso
   tessel::AttentionCall c = attention_call(qw, kw, vw, scale, segments);
   strides3(out, c.o);
   const auto& table = kernels();
-  if (in == at::kBFloat16)
-    table.attention_bf16.forward(&c, bf16_bits(qw), bf16_bits(kw), bf16_bits(vw), out.data_ptr<float>(),
-                                 lse.data_ptr<float>());
+  if (in == at::kBFloat16 || in == at::kHalf)
+    half_kernels(table, in).forward(&c, half_bits(qw), half_bits(kw), half_bits(vw), out.data_ptr<float>(),
+                                    lse.data_ptr<float>());
   else if (work == at::kDouble)
     table.attention_f64.forward(&c, qw.data_ptr<double>(), kw.data_ptr<double>(), vw.data_ptr<double>(),
                                 out.data_ptr<double>(), lse.data_ptr<double>());
@@ -211,10 +217,10 @@ void backward_cpp(const char* op, const Tensor& dout, const Tensor& q, const Ten
   strides3(dk, c.g);
   strides3(dw, c.dout);
   const auto& table = kernels();
-  if (in == at::kBFloat16)
-    table.attention_bf16.backward(&c, bf16_bits(qw), bf16_bits(kw), bf16_bits(vw), ow.data_ptr<float>(),
-                                  bf16_bits(dw), lw.data_ptr<float>(), dlse ? dlw.data_ptr<float>() : nullptr,
-                                  dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>());
+  if (in == at::kBFloat16 || in == at::kHalf)
+    half_kernels(table, in).backward(&c, half_bits(qw), half_bits(kw), half_bits(vw), ow.data_ptr<float>(),
+                                     half_bits(dw), lw.data_ptr<float>(), dlse ? dlw.data_ptr<float>() : nullptr,
+                                     dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>());
   else if (work == at::kDouble)
     table.attention_f64.backward(&c, qw.data_ptr<double>(), kw.data_ptr<double>(), vw.data_ptr<double>(),
                                  ow.data_ptr<double>(), dw.data_ptr<double>(), lw.data_ptr<double>(),

@@ -70,13 +70,14 @@ def test_decode_against_a_long_kv_cache(h, hk, nq, nk, d, kw):
     check_against_reference(*make_qkv(2, h, hk, nq, nk, d), grads=False, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("nq,d", [(1, 24), (2, 128)])
-def test_decode_bfloat16_is_computed_in_float32(nq, d):
-    q, k, v = make_qkv(1, 4, 2, nq, 3001, d, dtype=torch.bfloat16)
+def test_decode_half_precision_is_computed_in_float32(dtype, nq, d):
+    q, k, v = make_qkv(1, 4, 2, nq, 3001, d, dtype=dtype)
     out = tessel.attention(q, k, v, causal=True)
     ref = attention_reference(*(x.double() for x in (q, k, v)), causal=True)
-    assert out.dtype == torch.bfloat16
-    assert error_vs(out.double(), ref) <= error_vs(ref.bfloat16().double(), ref) + 1e-5
+    assert out.dtype == dtype
+    assert error_vs(out.double(), ref) <= error_vs(ref.to(dtype).double(), ref) + 1e-5
 
 
 def test_decode_float64_and_nan_rules():

@@ -65,16 +65,27 @@ def test_every_level_matches_the_references(level, force_level):
     cu_q, cu_k = torch.tensor([0, 10, 10, 37], dtype=torch.int32), torch.tensor([0, 20, 21, 45], dtype=torch.int32)
     out = tessel.attention_varlen(*packed, cu_q, cu_k, 27, 24, causal=True)
     assert error_vs(out, attention_varlen_reference(*packed, cu_q, cu_k, causal=True)) <= 1e-5
-    # bfloat16 attention: converted while packing, or multiplied as bfloat16 pairs (avx512bf16).
-    q, k, v = (torch.randn(1, 4, 37, 21, generator=gen).bfloat16().requires_grad_() for _ in range(3))
-    q32, k32, v32 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    # Half-precision attention: converted while packing (float16 by F16C, or by hand at sse), bfloat16
+    # multiplied as bfloat16 pairs at avx512bf16.
+    for dtype in (torch.float16, torch.bfloat16):
+        q, k, v = (torch.randn(1, 4, 37, 21, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+        q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+        out = tessel.attention(q, k, v, causal=True)
+        ref = attention_reference(q64, k64, v64, causal=True)
+        assert error_vs(out.double(), ref) <= error_vs(ref.detach().to(dtype).double(), ref) + 1e-5
+        dout = torch.randn(out.shape, generator=gen).to(dtype)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+        assert all(error_vs(g.double(), r) <= 0.05 for g, r in zip(grads, ref_grads))
+    # float16 converted while packing is the float32 kernel on the converted values, bit for bit, subnormals,
+    # the largest finite value, inf and NaN included.
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=gen).half() for _ in range(3))
+    q[0, 0, 3, :3] = torch.tensor([6e-8, -3e-5, 65504.0])
+    k[0, 1, 5, :2] = torch.tensor([-6e-8, 1e-7])
+    v[0, 0, 7, :3] = torch.tensor([float("inf"), float("nan"), 3e-6])
     out = tessel.attention(q, k, v, causal=True)
-    ref = attention_reference(q32, k32, v32, causal=True)
-    assert error_vs(out.double(), ref) <= error_vs(ref.detach().bfloat16().double(), ref) + 1e-5
-    dout = torch.randn(out.shape, generator=gen).bfloat16()
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), dout.double())
-    assert all(error_vs(g.double(), r) <= 0.05 for g, r in zip(grads, ref_grads))
+    torch.testing.assert_close(out, tessel.attention(q.float(), k.float(), v.float(), causal=True).half(),
+                               rtol=0, atol=0, equal_nan=True)
     lq, lk, lv = (torch.randn(1, 2, 70, 16, generator=gen) for _ in range(3))
     assert error_vs(tessel.linear_attention(lq, lk, lv), linear_attention_reference(lq, lk, lv)) <= 1e-4
     m = torch.randn(50, 4, generator=gen, dtype=torch.float64)
