@@ -72,16 +72,17 @@ _SPILLING = {
     ("dq", 128, "half"): {(32, 64, 8, 2): 16, (64, 64, 4, 2): 28},
     ("dq", 256, "half"): {(32, 32, 8, 2): 32, (32, 64, 4, 2): 36, (64, 32, 4, 2): 128, (64, 64, 4, 2): 164,
                           (64, 64, 8, 2): 16},
-    ("fwd", 16, "fp32"): {(64, 32, 4, 2): 16},
-    ("fwd", 64, "fp32"): {(64, 32, 4, 2): 2260, (64, 32, 4, 3): 2124, (64, 32, 8, 2): 48, (64, 32, 8, 3): 52,
-                          (64, 64, 8, 2): 1384, (64, 64, 8, 3): 1356},
-    ("fwd", 128, "fp32"): {(64, 32, 8, 2): 4756, (64, 32, 8, 3): 4768},
-    ("fwd", 256, "fp32"): {(64, 32, 8, 2): 110836, (64, 32, 8, 3): 111056},
+    ("fwd", 16, "fp32"): {(32, 32, 4, 2): 8, (64, 32, 4, 2): 16},
+    ("fwd", 64, "fp32"): {(32, 16, 8, 2): 8, (32, 32, 4, 3): 16, (64, 32, 4, 2): 2260, (64, 32, 4, 3): 2124,
+                          (64, 32, 8, 2): 48, (64, 32, 8, 3): 52, (64, 64, 8, 2): 1384, (64, 64, 8, 3): 1356},
+    ("fwd", 128, "fp32"): {(32, 16, 4, 2): 1828, (32, 16, 4, 3): 1640, (32, 32, 8, 2): 1876, (32, 32, 8, 3): 2464,
+                           (64, 32, 8, 2): 4756, (64, 32, 8, 3): 4768},
+    ("fwd", 256, "fp32"): {(32, 16, 8, 2): 56, (32, 16, 8, 3): 56, (64, 32, 8, 2): 110836, (64, 32, 8, 3): 111056},
     ("dkdv", 16, "fp32"): {},
     ("dkdv", 64, "fp32"): {(32, 32, 4, 2): 1116, (32, 64, 4, 2): 3396, (32, 64, 8, 2): 1080, (64, 32, 4, 2): 3196,
                            (64, 32, 8, 2): 1184, (64, 64, 8, 2): 3596},
-    ("dkdv", 128, "fp32"): {(32, 32, 8, 2): 1344, (32, 64, 8, 2): 5308, (64, 32, 8, 2): 10816},
-    ("dkdv", 256, "fp32"): {(32, 32, 8, 2): 34284},
+    ("dkdv", 128, "fp32"): {(16, 16, 4, 2): 1288, (32, 32, 8, 2): 1344, (32, 64, 8, 2): 5308, (64, 32, 8, 2): 10816},
+    ("dkdv", 256, "fp32"): {(16, 16, 8, 2): 1216, (32, 32, 8, 2): 34284},
     ("dq", 16, "fp32"): {(32, 64, 4, 2): 8, (64, 64, 4, 2): 44, (64, 64, 8, 2): 8},
     ("dq", 64, "fp32"): {(32, 64, 4, 2): 100, (32, 64, 8, 2): 8, (64, 32, 4, 2): 452, (64, 64, 8, 2): 124},
     ("dq", 128, "fp32"): {(64, 32, 8, 2): 8},
@@ -108,9 +109,11 @@ def _pruner(kernel: str):
 
     def prune(configs, named_args, **kwargs):
         block_d = kwargs["BLOCK_D"]
+        kind = "fp32" if fma_dots(named_args["Q"].dtype, kwargs["DOT_PRECISION"]) else "half"
+        pairs = _block_pairs(kernel, kind)
+        configs = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) in pairs] or configs[:1]
         if block_d >= 256:  # large head dims: at most 64 x 64 score tiles (the rest was never measured)
             configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or configs[:1]
-        kind = "fp32" if fma_dots(named_args["Q"].dtype, kwargs["DOT_PRECISION"]) else "half"
         if kind == "fp32":
             floats = {c: _fma_floats(c, block_d) for c in configs}
             configs = [c for c in configs if floats[c] <= _FMA_FLOATS_PER_THREAD] or least_bad(configs, floats)
@@ -122,10 +125,21 @@ def _pruner(kernel: str):
     return prune
 
 
+_FWD_PAIRS = [(128, 64), (128, 128), (64, 64), (64, 32)]
+_BWD_PAIRS = [(64, 64), (32, 64), (64, 32), (32, 32)]
+# (BLOCK_M, BLOCK_N) only FMA dots take: their tiles live in registers, and from head dim 128 (64 for the
+# split-K decode) only these small shapes fit without spilling (python -m bench gpu-static); tensor-core
+# dots would waste them.
+_FMA_PAIRS = {"fwd": [(32, 32), (32, 16)], "dkdv": [(16, 16)], "dq": []}
 # (8, 2): 8 warps without the third stage's buffers, the one config that fits sm_80's shared memory
 # at head dim 256 in fp32 (python -m bench gpu-static).
-_FWD_CONFIGS = _configs([(128, 64), (128, 128), (64, 64), (64, 32)], [(4, 3), (8, 3), (4, 2), (8, 2)])
-_BWD_CONFIGS = _configs([(64, 64), (32, 64), (64, 32), (32, 32)], [(4, 2), (8, 2)])
+_FWD_CONFIGS = _configs(_FWD_PAIRS + _FMA_PAIRS["fwd"], [(4, 3), (8, 3), (4, 2), (8, 2)])
+_BWD_CONFIGS = _configs(_BWD_PAIRS + _FMA_PAIRS["dkdv"], [(4, 2), (8, 2)])
+
+
+def _block_pairs(kernel: str, kind: str) -> list:
+    """The block shapes `kernel` may run with for dots of `kind`."""
+    return (_FWD_PAIRS if kernel == "fwd" else _BWD_PAIRS) + (_FMA_PAIRS[kernel] if kind == "fp32" else [])
 
 
 @triton.jit

@@ -38,20 +38,25 @@ STATE_TILE = 4096
 DKDV_STATE_TILE = 1024
 
 
+# fp32 inputs take FMA dots (IEEE fp32 has no tensor cores), their tiles in registers: 16-token chunks on
+# 8 warps, 1 stage, the one config that does not spill at dim 64 and spills least at 128 (python -m bench
+# gpu-static); tensor-core dots never take it.
+_FMA_CONFIG = (16, 8, 1)
+
+
 def _chunk_configs():
     if triton_interpreting():
         return [triton.Config({"BT": 16}, num_warps=1, num_stages=1)]
     # No 2-warp configs: Hopper's wgmma needs a warpgroup (4 warps), and at dims of 128 they spill
     # registers on sm_80 and sm_90 (python -m bench gpu-static).
-    return [triton.Config({"BT": bt}, num_warps=w, num_stages=s)
-            for bt in (32, 64) for w in (4, 8) for s in (1, 2, 3)]
+    shapes = [(bt, w, s) for bt in (32, 64) for w in (4, 8) for s in (1, 2, 3)] + [_FMA_CONFIG]
+    return [triton.Config({"BT": bt}, num_warps=w, num_stages=s) for bt, w, s in shapes]
 
 
 _KEY = ["BD", "BV", "CAUSAL"]
 # Chunk configs that spill registers or overflow shared memory on sm_80, sm_90 or sm_100 with half-precision
 # inputs, by kernel and dim (BD; BVF for dq), from python -m bench gpu-static: (BT, warps, stages) ->
-# spilled bytes. fp32 inputs take FMA dots (IEEE fp32 has no tensor cores) whose tiles spill at
-# dims >= 64 in every config: they keep the least spilling measured one, (32 tokens, 8 warps, 1 stage).
+# spilled bytes.
 _SPILLING = {
     ("fwd", 16): {(64, 8, 3): 24},
     ("fwd", 64): {(64, 4, 1): 64, (64, 4, 3): 12},
@@ -64,7 +69,6 @@ _SPILLING = {
     ("dkdv", 128): {(32, 4, 1): 128, (32, 4, 2): 36, (32, 4, 3): 36, (64, 4, 1): 208, (64, 4, 2): 164,
                     (64, 4, 3): 164, (64, 8, 1): 36, (64, 8, 2): 72, (64, 8, 3): 64},
 }
-_FMA_CONFIG = (32, 8, 1)
 
 
 def _pruner(kernel: str, dim_key: str):
@@ -74,6 +78,7 @@ def _pruner(kernel: str, dim_key: str):
         key = {c: (c.kwargs["BT"], c.num_warps, c.num_stages) for c in configs}
         if fma_dots(named_args["K"].dtype, kwargs["DOT_PRECISION"]):
             return [c for c in configs if key[c] == _FMA_CONFIG] or configs[:1]
+        configs = [c for c in configs if key[c] != _FMA_CONFIG] or configs[:1]
         bad = measured_at(_SPILLING, kernel, kwargs[dim_key])
         kept = [c for c in configs if key[c] not in bad]
         return kept or least_bad(configs, {c: bad.get(key[c], -1) for c in configs})

@@ -26,15 +26,16 @@ ALLOWED_SPILLS = {
     # with 32-wide tiles (d + 1 > 16) the FMA dots need more than a thread's 255 registers in every
     # warp count. Splitting the backward over programs is what would remove it.
     ("looped", "_looped_bwd_kernel"): ("float32-21",),
-    # fp32 inputs take IEEE dots, which run on FMA units with their operand tiles in registers: from dims
-    # of 128 for attention (64 for linear attention, and for the attention forward's split-K decode launch
-    # on sm_90) every tile / chunk config spills; the kernels run the least spilling one. Tensor cores at
-    # fp32 accuracy (3xTF32) or smaller FMA tiles would remove it.
-    ("attention", "_fwd_kernel"): ("float32-64", "float32-128", "float32-256"),
-    ("attention", "_bwd_dkdv_kernel"): ("float32-128", "float32-256"),
-    ("linear_attention", "_fwd_kernel"): ("float32-64", "float32-128"),
-    ("linear_attention", "_bwd_dq_kernel"): ("float32-64", "float32-128"),
-    ("linear_attention", "_bwd_dkdv_kernel"): ("float32-64", "float32-128"),
+    # fp32 inputs take IEEE dots, which run on FMA units with their operand tiles in registers. The FMA-only
+    # block shapes (attention: 32 x 16 forward, 16 x 16 dK/dV; linear attention: 16-token chunks) fit up to
+    # attention head dim 128 and linear-attention dim 64; beyond, every shape spills (attention at 256:
+    # 56 and 1216 bytes, the least) and the kernels run the least spilling one. Splitting the head dim (or
+    # the linear-attention state's columns) over programs would remove it.
+    ("attention", "_fwd_kernel"): ("float32-256",),
+    ("attention", "_bwd_dkdv_kernel"): ("float32-256",),
+    ("linear_attention", "_fwd_kernel"): ("float32-128",),
+    ("linear_attention", "_bwd_dq_kernel"): ("float32-128",),
+    ("linear_attention", "_bwd_dkdv_kernel"): ("float32-128",),
 }
 
 
