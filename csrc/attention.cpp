@@ -1,5 +1,9 @@
 // FlashAttention-2 on the CPU.
 //
+// Inputs of float, double or a half type (converted while packing; bfloat16
+// multiplied as bfloat16 pairs where the CPU has AVX512-BF16, common.h's
+// Unit), computed in float (double for double).
+//
 // Forward: OpenMP over (batch, head, query block of a segment). Each task
 // streams key
 // blocks through an online softmax: S = Q K^T with K pre-packed as transposed
@@ -418,9 +422,9 @@ struct BackwardScratch {
   Buffer<T> s, dp, dk, dv;
 };
 
-// Per q head: Q and dO as transposed tiles of kBwdBlockQ rows (A operands;
-// Q's scaled by scale * log2 e), each segment starting a new tile; lse in
-// log2 units and delta = rowsum(dO * O) - dlse, by row of the whole axis.
+// Per q head: Q and dO as transposed tiles of kBwdBlockQ rows in GEMM units
+// (A operands; Q scaled as QueryScale says), each segment starting a new tile;
+// lse in log2 units and delta = rowsum(dO * O) - dlse, by row of the whole axis.
 template <typename In>
 struct QueryPack {
   std::vector<int64_t> seg_tile;  // first tile of each segment; back(): tiles per head
