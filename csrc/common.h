@@ -129,9 +129,9 @@ inline float to_acc(Half x) {
 template <typename In>
 inline typename Simd<acc_t<In>>::vec load_acc(const In* p) {
   if constexpr (std::is_same_v<In, Bf16>) {
-    typedef uint16_t Half __attribute__((vector_size(kVecBytes / 2)));
+    typedef uint16_t Bits __attribute__((vector_size(kVecBytes / 2)));
     typedef uint32_t Word __attribute__((vector_size(kVecBytes)));
-    Half h;
+    Bits h;
     std::memcpy(&h, p, sizeof h);
     const Word w = __builtin_convertvector(h, Word) << 16;
     typename Simd<float>::vec v;
