@@ -281,6 +281,12 @@ def _state_block(full_rows: int, cols: int, tile: int = STATE_TILE) -> int:
     return min(pow2_block(cols), max(16, tile // full_rows))
 
 
+def _state_tile(dtype, precision: str, full_rows: int) -> int:
+    """STATE_TILE, or 16 columns for FMA dots (fp32) with 128 rows or more: their operand tiles sit in
+    registers beside the state, and 32 columns spilled at dim 128 (python -m bench gpu-static)."""
+    return 16 * full_rows if fma_dots(dtype, precision) and full_rows >= 128 else STATE_TILE
+
+
 def _states(b: int, cu_seqlens) -> int:
     """States (and program rows per head): one per batch element, or per packed sequence."""
     return b if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -298,7 +304,7 @@ def linear_forward(q, k, v, state0, cu_seqlens, scale: float, causal: bool):
     state = torch.empty(states, hk, d, dv, device=q.device, dtype=torch.float32)
     s0 = state if state0 is None else state0.float().contiguous()
     bd = pow2_block(d)
-    bv = _state_block(bd, dv)
+    bv = _state_block(bd, dv, _state_tile(q.dtype, dot_precision(q.dtype), bd))
     grid = (triton.cdiv(dv, bv), states * h)
     _fwd_kernel[grid](q, k, v, s0, out, state, cu_seqlens, *strides3(q), *strides3(k), *strides3(v), h, h // hk,
                       nq, nk, d, dv, scale, HAS_S0=state0 is not None, CAUSAL=causal, BD=bd, BV=bv,
@@ -321,7 +327,7 @@ def linear_backward(q, k, v, state0, cu_seqlens, state, dout, dstate, scale: flo
     st = (state0 if causal else state)
     has_st = st is not None
     st = st.float().contiguous() if has_st else dq
-    bk = _state_block(bvf, d)
+    bk = _state_block(bvf, d, _state_tile(q.dtype, precision, bvf))
     _bwd_dq_kernel[(triton.cdiv(d, bk), states * h)](
         k, v, dout, st, dq, cu_seqlens, *strides3(k), *strides3(v), *strides3(dout), h, h // hk, nq, nk, d, dv,
         scale, HAS_S0=has_st, CAUSAL=causal, BK=bk, BVF=bvf, DOT_PRECISION=precision, VARLEN=varlen)
