@@ -231,9 +231,16 @@ void forward_query_block(const AttentionProblem& p, const In* q, const PanelHead
 
   for (int64_t k0 = first_key / NR * NR; k0 <= last_key; k0 += kFwdBlockK) {
     const int64_t ncols = std::min(kFwdBlockK, round_up(last_key + 1 - k0, NR));
-    gemm_panels<U, true, kFwdBlockQ>(mq, ncols / NR, kp.head_units, Qt, kp.at(kv_head, blk.seg, k0), NR,
-                                     kp.head_units * NR, S, kFwdBlockK, false, Triangle::kNone, kFwdBlockQ,
-                                     sc.alpha);
+    // S panel by panel, over the rows whose band reaches it (a causal block's diagonal panels skip the rows
+    // above them; the softmax step zeroes what it does not read).
+    for (int64_t j = 0; j < ncols / NR; ++j) {
+      const int64_t c0 = k0 + j * NR;
+      const int64_t r0 = std::clamp<int64_t>(c0 - seg.band_hi - q0, 0, mq);
+      const int64_t r1 = std::clamp<int64_t>(c0 + NR - 1 - seg.band_lo - q0 + 1, r0, mq);
+      gemm_panels<U, true, kFwdBlockQ>(r1 - r0, 1, kp.head_units, Qt + r0, kp.at(kv_head, blk.seg, c0), NR,
+                                       kp.head_units * NR, S + r0 * kFwdBlockK + j * NR, kFwdBlockK, false,
+                                       Triangle::kNone, kFwdBlockQ, sc.alpha);
+    }
     for (int64_t r = 0; r < mq; ++r) {
       T* srow = S + r * kFwdBlockK;
       int64_t a, e;
