@@ -634,14 +634,16 @@ void attention_backward_cpu(const AttentionProblem& p, const In* q, const In* k,
   });
 }
 
-#define TESSEL_ATTENTION_INSTANCES(In, T)                                                                    \
-  template void attention_forward_cpu<In>(const AttentionProblem&, const In*, const In*, const In*, T*, T*);        \
-  template void attention_backward_cpu<In, T>(const AttentionProblem&, const In*, const In*, const In*, const T*,   \
-                                              const In*, Strides4, const T*, const T*, T*, T*, T*);
-TESSEL_ATTENTION_INSTANCES(float, float)
-TESSEL_ATTENTION_INSTANCES(double, double)
-TESSEL_ATTENTION_INSTANCES(Bf16, float)
-TESSEL_ATTENTION_INSTANCES(Half, float)
+#define TESSEL_ATTENTION_INSTANCES(In)                                                                     \
+  template void attention_forward_cpu<In>(const AttentionProblem&, const In*, const In*, const In*, acc_t<In>*,  \
+                                          acc_t<In>*);                                                          \
+  template void attention_backward_cpu<In>(const AttentionProblem&, const In*, const In*, const In*,            \
+                                           const acc_t<In>*, const In*, Strides4, const acc_t<In>*,            \
+                                           const acc_t<In>*, acc_t<In>*, acc_t<In>*, acc_t<In>*);
+TESSEL_ATTENTION_INSTANCES(float)
+TESSEL_ATTENTION_INSTANCES(double)
+TESSEL_ATTENTION_INSTANCES(Bf16)
+TESSEL_ATTENTION_INSTANCES(Half)
 #undef TESSEL_ATTENTION_INSTANCES
 
 }  // namespace tessel

@@ -110,6 +110,16 @@ void mm_abt(int64_t m, int64_t k, const T* a, const T* b, T* s, Triangle tri) {
                                tri);
 }
 
+// Rows [0, len) of x (row stride *ld, `cols` values) as a row-major B operand of `padded` columns: x as it
+// lies when cols is that, else a zero-padded copy in buf (and *ld becomes padded).
+template <typename T>
+const T* rows_padded_to(const T* x, int64_t len, int64_t cols, int64_t* ld, T* buf, int64_t padded) {
+  if (cols == padded) return x;
+  pack_rows_padded(x, len, cols, *ld, buf, padded);
+  *ld = padded;
+  return buf;
+}
+
 template <typename T>
 void load_state(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
   if (src)
@@ -140,13 +150,8 @@ void forward_task(const LinearProblem& p, Operand<T> q, Operand<T> k, Operand<T>
     // operand when Dv is whole panels (else padded copies).
     for (int64_t r0 = 0; r0 < t.nk; r0 += kKeyBlock) {
       const int64_t len = std::min(kKeyBlock, t.nk - r0);
-      const T* vr = v.rows(b, hk, r0);
       int64_t ldv = v.st.n;
-      if (Dv != w.dvp) {
-        pack_rows_padded(vr, len, Dv, ldv, w.valuesR.data(), w.dvp);
-        vr = w.valuesR.data();
-        ldv = w.dvp;
-      }
+      const T* vr = rows_padded_to(v.rows(b, hk, r0), len, Dv, &ldv, w.valuesR.data(), w.dvp);
       gemm_panels<T, true, 0>(D, w.dvp / Work<T>::NR, len, k.rows(b, hk, r0), vr, ldv, Work<T>::NR, S, w.dvp, true,
                               Triangle::kNone, k.st.n);
     }
@@ -250,13 +255,10 @@ struct BackwardTask {
         mm_rows(len, dp, Dv, d_o, dout.st.n, ST, w.acc1.data(), false);
         copy_rows(w.acc1.data(), dp, len, D, T(1), dq + ((b * p.heads + h) * p.len_q + r0) * D, D);
         pack_transposed_scaled(q.rows(b, h, r0), len, D, q.st.n, scale, w.qT.data(), kChunk);
-        if (Dv == dvp) {  // dO's rows are whole panels: the B operand as they lie
-          gemm_panels<T, false, kChunk>(D, dvp / Simd<T>::panel, len, w.qT.data(), d_o, dout.st.n,
-                                        Simd<T>::panel, dS, dvp, true);
-        } else {
-          pack_rows_padded(d_o, len, Dv, dout.st.n, w.oR.data(), dvp);
-          add_q_do_to_ds(len);
-        }
+        int64_t ldo = dout.st.n;
+        const T* o_rows = rows_padded_to(d_o, len, Dv, &ldo, w.oR.data(), dvp);
+        gemm_panels<T, false, kChunk>(D, dvp / Simd<T>::panel, len, w.qT.data(), o_rows, ldo, Simd<T>::panel, dS,
+                                      dvp, true);
       }
     }
     transpose_padded(dS, D, Dv, dvp, ST, dp);
