@@ -161,27 +161,31 @@ void column_sums(const CompressItem<T>& it, const T* p, T* q, int64_t k0, int64_
 template <typename T>
 void compress_project_p(const CompressItem<T>* items, int64_t count, int64_t rank, T* p, const T* q, int num_threads) {
   const auto tasks = tasks_of(items, count, true, kRowBlock);
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic)
-  for (size_t t = 0; t < tasks.size(); ++t) {
-    const auto& it = items[tasks[t].item];
-    for (int64_t row = tasks[t].begin; row < tasks[t].end; ++row)
-      for (int64_t k0 = 0; k0 < rank; k0 += kRankGroup)
-        by_group(rank - k0, [&](auto group) { row_dots<T, decltype(group)::value>(it, row, q, p, k0); });
-  }
+  parallel_region(num_threads, [&] {
+#pragma omp for schedule(dynamic)
+    for (size_t t = 0; t < tasks.size(); ++t) {
+      const auto& it = items[tasks[t].item];
+      for (int64_t row = tasks[t].begin; row < tasks[t].end; ++row)
+        for (int64_t k0 = 0; k0 < rank; k0 += kRankGroup)
+          by_group(rank - k0, [&](auto group) { row_dots<T, decltype(group)::value>(it, row, q, p, k0); });
+    }
+  });
 }
 
 template <typename T>
 void compress_project_q(const CompressItem<T>* items, int64_t count, int64_t rank, const T* p, T* q,
                        int num_threads) {
   const auto tasks = tasks_of(items, count, false, kColBlock);
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic)
-  for (size_t t = 0; t < tasks.size(); ++t) {
-    const auto& it = items[tasks[t].item];
-    for (int64_t k0 = 0; k0 < rank; k0 += kRankGroup)
-      by_group(rank - k0, [&](auto group) {
-        column_sums<T, decltype(group)::value>(it, p, q, k0, tasks[t].begin, tasks[t].end);
-      });
-  }
+  parallel_region(num_threads, [&] {
+#pragma omp for schedule(dynamic)
+    for (size_t t = 0; t < tasks.size(); ++t) {
+      const auto& it = items[tasks[t].item];
+      for (int64_t k0 = 0; k0 < rank; k0 += kRankGroup)
+        by_group(rank - k0, [&](auto group) {
+          column_sums<T, decltype(group)::value>(it, p, q, k0, tasks[t].begin, tasks[t].end);
+        });
+    }
+  });
 }
 
 template <typename T>
@@ -189,8 +193,7 @@ void compress_reconstruct(const CompressItem<T>* items, int64_t count, int64_t r
                          const T* p_err, const T* q_err, int num_threads) {
   const auto tasks = tasks_of(items, count, true, kRowBlock);
   const bool same = p_err == p_out && q_err == q_out;
-#pragma omp parallel num_threads(num_threads)
-  {
+  parallel_region(num_threads, [&] {
     Buffer<T> out_buf, local_buf;
 #pragma omp for schedule(dynamic)
     for (size_t t = 0; t < tasks.size(); ++t) {
@@ -216,14 +219,13 @@ void compress_reconstruct(const CompressItem<T>* items, int64_t count, int64_t r
         std::copy_n(out, it.m, g);
       }
     }
-  }
+  });
 }
 
 template <typename T>
 void orthonormalize(T* buf, const int64_t* offsets, const int64_t* lengths, int64_t count, int64_t rank,
                     int64_t vector_stride, int64_t element_stride, double eps, int num_threads) {
-#pragma omp parallel num_threads(num_threads)
-  {
+  parallel_region(num_threads, [&] {
     Buffer<T> rows_buf;
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < count; ++i) {
@@ -255,7 +257,7 @@ void orthonormalize(T* buf, const int64_t* offsets, const int64_t* lengths, int6
         for (int64_t e = 0; e < len; ++e)
           for (int64_t j = 0; j < rank; ++j) v[j * vs + e * element_stride] = rows[j * len + e];
     }
-  }
+  });
 }
 
 #define TESSEL_COMPRESS(T)                                                                                      \

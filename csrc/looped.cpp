@@ -164,9 +164,9 @@ int64_t looped_forward_cpu(const LoopedProblem& p, const T* z, const T* wp, cons
   constexpr int W = Simd<T>::width;
   const int64_t zsize = p.dim * p.cols, groups = ceil_div(p.batch, W);
   int64_t nonfinite = 0;
-#pragma omp parallel num_threads(p.num_threads) reduction(+ : nonfinite)
-  {
+  parallel_region(p.num_threads, [&] {
     LaneScratch<T> ws;
+    int64_t thread_nonfinite = 0;  // summed once per thread
     Buffer<Vec<T>> buf(2 * zsize);
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
@@ -184,11 +184,13 @@ int64_t looped_forward_cpu(const LoopedProblem& p, const T* z, const T* wp, cons
       for (int64_t l = 0; l < count; ++l)
         for (int64_t e = 0; e < zsize; ++e)
           if (!std::isfinite(cur[e][l])) {
-            ++nonfinite;
+            ++thread_nonfinite;
             break;
           }
     }
-  }
+#pragma omp atomic
+    nonfinite += thread_nonfinite;
+  });
   return nonfinite;
 }
 
@@ -199,8 +201,7 @@ void looped_backward_cpu(const LoopedProblem& p, const T* saved, const T* wp, co
   const int64_t DD = p.dim * p.dim, zsize = p.dim * p.cols, every = p.checkpoint_every;
   const int64_t wsize = p.weight_loops * p.heads * DD, groups = ceil_div(p.batch, W);
   std::vector<T> dp_threads(p.num_threads * wsize, T(0)), dq_threads(p.num_threads * wsize, T(0));
-#pragma omp parallel num_threads(p.num_threads)
-  {
+  parallel_region(p.num_threads, [&] {
     LaneScratch<T> ws;
     Vec<T>* g = ws.g.grow(zsize);
     Vec<T>* g_prev = ws.g_prev.grow(zsize);
@@ -232,7 +233,7 @@ void looped_backward_cpu(const LoopedProblem& p, const T* saved, const T* wp, co
     const int tid = omp_get_thread_num();
     sum_lanes(dp_acc, wsize, dp_threads.data() + tid * wsize);
     sum_lanes(dq_acc, wsize, dq_threads.data() + tid * wsize);
-  }
+  });
   for (int64_t i = 0; i < wsize; ++i) {  // over threads in a fixed order: deterministic
     T sp = 0, sq = 0;
     for (int t = 0; t < p.num_threads; ++t) {
