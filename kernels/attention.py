@@ -73,16 +73,15 @@ _SPILLING = {
     ("dq", 256, "half"): {(32, 32, 8, 2): 32, (32, 64, 4, 2): 36, (64, 32, 4, 2): 128, (64, 64, 4, 2): 164,
                           (64, 64, 8, 2): 16},
     ("fwd", 16, "fp32"): {(32, 32, 4, 2): 8, (64, 32, 4, 2): 16},
-    ("fwd", 64, "fp32"): {(32, 16, 8, 2): 8, (32, 32, 4, 3): 16, (64, 32, 4, 2): 2260, (64, 32, 4, 3): 2124,
-                          (64, 32, 8, 2): 48, (64, 32, 8, 3): 52, (64, 64, 8, 2): 1384, (64, 64, 8, 3): 1356},
-    ("fwd", 128, "fp32"): {(32, 16, 4, 2): 1828, (32, 16, 4, 3): 1640, (32, 32, 8, 2): 1876, (32, 32, 8, 3): 2464,
-                           (64, 32, 8, 2): 4756, (64, 32, 8, 3): 4768},
-    ("fwd", 256, "fp32"): {(32, 16, 8, 2): 56, (32, 16, 8, 3): 56, (64, 32, 8, 2): 110836, (64, 32, 8, 3): 111056},
-    ("dkdv", 16, "fp32"): {},
-    ("dkdv", 64, "fp32"): {(32, 32, 4, 2): 1116, (32, 64, 4, 2): 3396, (32, 64, 8, 2): 1080, (64, 32, 4, 2): 3196,
-                           (64, 32, 8, 2): 1184, (64, 64, 8, 2): 3596},
-    ("dkdv", 128, "fp32"): {(16, 16, 4, 2): 1288, (32, 32, 8, 2): 1344, (32, 64, 8, 2): 5308, (64, 32, 8, 2): 10816},
-    ("dkdv", 256, "fp32"): {(16, 16, 8, 2): 1216, (32, 32, 8, 2): 34284},
+    ("fwd", 64, "fp32"): {(32, 16, 8, 2): 8, (32, 32, 4, 3): 16, (64, 32, 4, 2): 2380, (64, 32, 4, 3): 2312,
+                          (64, 32, 8, 2): 48, (64, 32, 8, 3): 32, (64, 64, 8, 2): 1384, (64, 64, 8, 3): 1420},
+    ("fwd", 128, "fp32"): {(16, 16, 4, 2): 8, (16, 16, 4, 3): 8, (32, 16, 4, 2): 1828, (32, 16, 4, 3): 1640,
+                           (32, 32, 8, 2): 1876, (32, 32, 8, 3): 2464, (64, 32, 8, 2): 5456, (64, 32, 8, 3): 5332},
+    ("fwd", 256, "fp32"): {(16, 16, 8, 3): 24, (32, 16, 8, 2): 56, (32, 16, 8, 3): 56},
+    ("dkdv", 16, "fp32"): {(64, 64, 8, 2): 24},
+    ("dkdv", 64, "fp32"): {(32, 32, 4, 2): 32, (32, 64, 4, 2): 3560, (64, 32, 4, 2): 35016, (64, 64, 8, 2): 7212},
+    ("dkdv", 128, "fp32"): {(32, 32, 8, 2): 16, (32, 64, 8, 2): 2512, (64, 32, 8, 2): 2792},
+    ("dkdv", 256, "fp32"): {},
     ("dq", 16, "fp32"): {(32, 64, 4, 2): 8, (64, 64, 4, 2): 44, (64, 64, 8, 2): 8},
     ("dq", 64, "fp32"): {(32, 64, 4, 2): 100, (32, 64, 8, 2): 8, (64, 32, 4, 2): 452, (64, 64, 8, 2): 124},
     ("dq", 128, "fp32"): {(64, 32, 8, 2): 8},
@@ -128,11 +127,11 @@ def _pruner(kernel: str):
 _FWD_PAIRS = [(128, 64), (128, 128), (64, 64), (64, 32)]
 _BWD_PAIRS = [(64, 64), (32, 64), (64, 32), (32, 32)]
 # (BLOCK_M, BLOCK_N) only FMA dots take: their tiles live in registers, and from head dim 128 (64 for the
-# split-K decode) only these small shapes fit without spilling (python -m bench gpu-static); tensor-core
-# dots would waste them.
-_FMA_PAIRS = {"fwd": [(32, 32), (32, 16)], "dkdv": [(16, 16)], "dq": []}
-# (8, 2): 8 warps without the third stage's buffers, the one config that fits sm_80's shared memory
-# at head dim 256 in fp32 (python -m bench gpu-static).
+# split-K decode) only these small shapes fit without spilling (python -m bench gpu-static; the forward at
+# head dim 256: 16 x 16 alone); tensor-core dots would waste them.
+_FMA_PAIRS = {"fwd": [(32, 32), (32, 16), (16, 16)], "dkdv": [(16, 16)], "dq": []}
+# (8, 2): 8 warps without the third stage's buffers, the one config that fits every target at head dim
+# 256 in fp32 (python -m bench gpu-static).
 _FWD_CONFIGS = _configs(_FWD_PAIRS + _FMA_PAIRS["fwd"], [(4, 3), (8, 3), (4, 2), (8, 2)])
 _BWD_CONFIGS = _configs(_BWD_PAIRS + _FMA_PAIRS["dkdv"], [(4, 2), (8, 2)])
 
@@ -306,13 +305,18 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, LSE, LSE2, SEG, sob, soh, son, sd
 
 
 @triton.jit
+def _seen(rows, cols, NQ, NK, band_lo, band_hi):
+    """Which (query, key) pairs of a tile are scored: rows and cols broadcast to the tile's shape."""
+    return (rows < NQ) & (cols < NK) & (cols >= rows + band_lo) & (cols <= rows + band_hi)
+
+
+@triton.jit
 def _recompute_p_ds(q, k, v, do, lse2, delta, rows, cols, NQ, NK, qk_scale, band_lo, band_hi,
                     DOT_PRECISION: tl.constexpr):
     """P = exp(S - lse) and dS = P * (dP - delta) for one [BLOCK_M, BLOCK_N] tile."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    seen = (rows[:, None] < NQ) & (cols[None, :] < NK) & (cols[None, :] >= rows[:, None] + band_lo) \
-        & (cols[None, :] <= rows[:, None] + band_hi)
-    p = tl.where(seen, tl.math.exp2(s - lse2[:, None]), 0.0)
+    p = tl.where(_seen(rows[:, None], cols[None, :], NQ, NK, band_lo, band_hi), tl.math.exp2(s - lse2[:, None]),
+                 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     return p, p * (dp - delta[:, None])
 
@@ -355,15 +359,35 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEG,
         row_base = (b * H + h) * NQ_ALL + q_start
         for start_m in range(start, end, BLOCK_M):
             rows = start_m + offs_m
-            q_mask = (rows[:, None] < NQ) & (offs_d[None, :] < D)
-            q = tl.load(q_base + rows[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * sdn + offs_d[None, :], mask=q_mask, other=0.0)
-            lse2 = tl.load(LSE2 + row_base + rows, mask=rows < NQ, other=float("inf"))
-            delta = tl.load(DELTA + row_base + rows, mask=rows < NQ, other=0.0)
-            p, ds = _recompute_p_ds(q, k, v, do, lse2, delta, rows, cols, NQ, NK, qk_scale, band_lo, band_hi,
-                                    DOT_PRECISION)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            # Each branch loads lse2 and delta after its tiles: loaded first, they turned configs the spill
+            # table keeps into 8-16 byte spills.
+            if DOT_PRECISION == "ieee" and Q.dtype.element_ty == tl.float32:
+                # FMA dots: transposed tiles, as in Triton's fused-attention tutorial. S^T = K Q^T and
+                # dP^T = V dO^T give P^T and dS^T, the left operands of dV and dK, with no score tile
+                # transposed (the other way spilled 0.6-1.2 KB per thread at head dim 256). Tensor-core dots
+                # keep the layout below: transposed, they spill in more configs at head dims 16 and 64
+                # (python -m bench gpu-static).
+                q_t_mask = (rows[None, :] < NQ) & (offs_d[:, None] < D)
+                q_t = tl.load(q_base + rows[None, :] * sqn + offs_d[:, None], mask=q_t_mask, other=0.0)
+                do_t = tl.load(do_base + rows[None, :] * sdn + offs_d[:, None], mask=q_t_mask, other=0.0)
+                lse2 = tl.load(LSE2 + row_base + rows, mask=rows < NQ, other=float("inf"))
+                delta = tl.load(DELTA + row_base + rows, mask=rows < NQ, other=0.0)
+                s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
+                p_t = tl.where(_seen(rows[None, :], cols[:, None], NQ, NK, band_lo, band_hi),
+                               tl.math.exp2(s_t - lse2[None, :]), 0.0)
+                ds_t = p_t * (tl.dot(v, do_t, input_precision=DOT_PRECISION) - delta[None, :])
+                dv += tl.dot(p_t, tl.trans(do_t), input_precision=DOT_PRECISION)
+                dk += tl.dot(ds_t, tl.trans(q_t), input_precision=DOT_PRECISION)
+            else:
+                q_mask = (rows[:, None] < NQ) & (offs_d[None, :] < D)
+                q = tl.load(q_base + rows[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
+                do = tl.load(do_base + rows[:, None] * sdn + offs_d[None, :], mask=q_mask, other=0.0)
+                lse2 = tl.load(LSE2 + row_base + rows, mask=rows < NQ, other=float("inf"))
+                delta = tl.load(DELTA + row_base + rows, mask=rows < NQ, other=0.0)
+                p, ds = _recompute_p_ds(q, k, v, do, lse2, delta, rows, cols, NQ, NK, qk_scale, band_lo, band_hi,
+                                        DOT_PRECISION)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     out = b * sgb + hk * sgh + (k_start + cols[:, None]) * sgn + offs_d[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)

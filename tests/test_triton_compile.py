@@ -27,12 +27,9 @@ ALLOWED_SPILLS = {
     # warp count. Splitting the backward over programs is what would remove it.
     ("looped", "_looped_bwd_kernel"): ("float32-21",),
     # fp32 inputs take IEEE dots, which run on FMA units with their operand tiles in registers. The FMA-only
-    # block shapes (attention: 32 x 16 forward, 16 x 16 dK/dV; linear attention: 16-token chunks, 16-column
-    # state blocks from dim 128) fit up to attention head dim 128 and, but for dK/dV at 128 (24 bytes, already
-    # at the smallest dot), linear-attention dim 128; attention at 256 spills in every shape (56 and 1216
-    # bytes, the least) and runs the least spilling one. Splitting the head dim over programs would remove it.
-    ("attention", "_fwd_kernel"): ("float32-256",),
-    ("attention", "_bwd_dkdv_kernel"): ("float32-256",),
+    # block shapes (attention: 32 x 16 and 16 x 16 forward, 16 x 16 dK/dV; linear attention: 16-token chunks,
+    # 16-column state blocks from dim 128) fit but for linear-attention dK/dV at dim 128 (up to 24 bytes at
+    # the smallest dot, causal).
     ("linear_attention", "_bwd_dkdv_kernel"): ("float32-128",),
 }
 
