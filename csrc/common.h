@@ -336,6 +336,62 @@ void gemm_panels(int64_t m, int64_t npanels, int64_t k, const U* a, const U* b, 
   }
 }
 
+// In-register transpose of W vectors of W lanes: one butterfly stage per bit b of the lane index swaps
+// the lanes whose row and column differ in that bit (log2(W) stages of W shuffles; the scalar way
+// wrote one lane per instruction).
+template <typename T>
+struct Transpose {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  static constexpr int W = S::width;
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> Idx __attribute__((vector_size(kVecBytes)));
+
+  // Lane j of row i (bit b clear) and of row i | b: from a = row i and c = row i | b.
+  static constexpr int low(int b, int j) { return j & b ? W + j - b : j; }
+  static constexpr int high(int b, int j) { return j & b ? W + j : j + b; }
+
+  template <int B, size_t... J>
+  static inline void stage(V* v, std::index_sequence<J...>) {
+    for (int i = 0; i < W; ++i) {
+      if (i & B) continue;
+      const V a = v[i], c = v[i | B];
+#if defined(__clang__)
+      v[i] = __builtin_shufflevector(a, c, low(B, J)...);
+      v[i | B] = __builtin_shufflevector(a, c, high(B, J)...);
+#else
+      v[i] = __builtin_shuffle(a, c, Idx{low(B, J)...});
+      v[i | B] = __builtin_shuffle(a, c, Idx{high(B, J)...});
+#endif
+    }
+  }
+  template <int B = 1>
+  static inline void run(V* v) {
+    if constexpr (B < W) {
+      stage<B>(v, std::make_index_sequence<W>{});
+      run<2 * B>(v);
+    }
+  }
+};
+
+// out[c * ld_out + r] = x[r * ld + c] * scale over a W x W block (W = Simd<T>::width), x converted to T.
+template <typename T, typename In>
+inline void transpose_block(const In* x, int64_t ld, T scale, T* out, int64_t ld_out) {
+  typename Transpose<T>::V v[Transpose<T>::W];
+  for (int r = 0; r < Transpose<T>::W; ++r) v[r] = load_acc(x + r * ld) * scale;
+  Transpose<T>::run(v);
+  for (int c = 0; c < Transpose<T>::W; ++c) Simd<T>::store(out + c * ld_out, v[c]);
+}
+
+// Rows and columns of a transposing pack that go by whole W x W blocks (the rest element by element):
+// where a GEMM unit is one element of the accumulation type.
+template <typename U, typename In>
+inline int64_t transposed_by_blocks(int64_t n) {
+  if constexpr (Unit<U>::elems == 1 && std::is_same_v<U, acc_t<In>>)
+    return n / Simd<U>::width * Simd<U>::width;
+  else
+    return 0;
+}
+
 // Packs a block of `rows` rows (row stride ld) of `cols` values, times
 // `scale`, transposed, in GEMM units: out[c * ld_out + r] is unit c of row r;
 // rows [rows, ld_out) are zero. The result is an ATrans A operand with
@@ -345,10 +401,15 @@ template <typename U, typename In>
 void pack_transposed_scaled(const In* x, int64_t rows, int64_t cols, int64_t ld, typename Unit<U>::acc scale, U* out,
                             int64_t ld_out) {
   const int64_t ucols = units<U>(cols);
-  // Row by row, as pack_transposed_panels: x read in order, the strided writes inside the block.
+  const int64_t block_rows = transposed_by_blocks<U, In>(rows), block_cols = transposed_by_blocks<U, In>(cols);
+  if constexpr (Unit<U>::elems == 1)
+    for (int64_t r = 0; r < block_rows; r += Simd<U>::width)
+      for (int64_t c = 0; c < block_cols; c += Simd<U>::width)
+        transpose_block(x + r * ld + c, ld, scale, out + c * ld_out + r, ld_out);
+  // The rest row by row, as pack_transposed_panels: x read in order, the strided writes inside the block.
   for (int64_t r = 0; r < rows; ++r) {
     const In* row = x + r * ld;
-    for (int64_t c = 0; c < ucols; ++c) {
+    for (int64_t c = r < block_rows ? block_cols : 0; c < ucols; ++c) {
       if constexpr (Unit<U>::elems == 1)
         out[c * ld_out + r] = Unit<U>::of(row, c, cols) * scale;
       else
@@ -368,11 +429,17 @@ void pack_transposed_panels(const In* x, int64_t n, int64_t cols, int64_t ld, U*
   for (int64_t j = 0; j < npanels; ++j) {
     U* panel = out + j * ucols * NR;
     const int64_t rows = std::min<int64_t>(NR, n - j * NR);
-    // Row by row: x is read in order (the prefetcher streams it; a column walk missed on every row) and the
-    // strided writes stay in the panel, which fits L1.
+    const int64_t block_rows = transposed_by_blocks<U, In>(rows), block_cols = transposed_by_blocks<U, In>(cols);
+    if constexpr (Unit<U>::elems == 1)
+      for (int64_t r = 0; r < block_rows; r += Simd<U>::width)
+        for (int64_t c = 0; c < block_cols; c += Simd<U>::width)
+          transpose_block(x + (j * NR + r) * ld + c, ld, U(1), panel + c * NR + r, NR);
+    // The rest row by row: x is read in order (the prefetcher streams it; a column walk missed on every
+    // row) and the strided writes stay in the panel, which fits L1.
     for (int64_t r = 0; r < NR; ++r) {
       const In* row = x + (j * NR + r) * ld;
-      for (int64_t c = 0; c < ucols; ++c) panel[c * NR + r] = r < rows ? Unit<U>::of(row, c, cols) : U{};
+      for (int64_t c = r < block_rows ? block_cols : 0; c < ucols; ++c)
+        panel[c * NR + r] = r < rows ? Unit<U>::of(row, c, cols) : U{};
     }
   }
 }
