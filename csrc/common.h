@@ -346,7 +346,8 @@ struct Transpose {
   static constexpr int W = S::width;
   typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> Idx __attribute__((vector_size(kVecBytes)));
 
-  // Lane j of row i (bit b clear) and of row i | b: from a = row i and c = row i | b.
+  // Where lane j of the new row i (bit b of i clear) and of the new row i | b come from: index j < W is
+  // lane j of a = row i, W + j lane j of c = row i | b.
   static constexpr int low(int b, int j) { return j & b ? W + j - b : j; }
   static constexpr int high(int b, int j) { return j & b ? W + j : j + b; }
 
