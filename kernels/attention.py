@@ -69,9 +69,9 @@ _SPILLING = {
                             (64, 32, 8, 2): 224, (64, 64, 4, 2): 4124, (64, 64, 8, 2): 168},
     ("dq", 16, "half"): {},
     ("dq", 64, "half"): {},
-    ("dq", 128, "half"): {(32, 64, 8, 2): 16, (64, 64, 4, 2): 28},
+    ("dq", 128, "half"): {(32, 64, 8, 2): 16, (64, 64, 4, 2): 28, (128, 32, 4, 2): 436},
     ("dq", 256, "half"): {(32, 32, 8, 2): 32, (32, 64, 4, 2): 36, (64, 32, 4, 2): 128, (64, 64, 4, 2): 164,
-                          (64, 64, 8, 2): 16},
+                          (64, 64, 8, 2): 16, (128, 32, 4, 2): 5416, (128, 32, 8, 2): 800},
     ("fwd", 16, "fp32"): {(32, 32, 4, 2): 8, (64, 32, 4, 2): 16},
     ("fwd", 64, "fp32"): {(32, 16, 8, 2): 8, (32, 32, 4, 3): 16, (64, 32, 4, 2): 2380, (64, 32, 4, 3): 2312,
                           (64, 32, 8, 2): 48, (64, 32, 8, 3): 32, (64, 64, 8, 2): 1384, (64, 64, 8, 3): 1420},
@@ -130,15 +130,20 @@ _BWD_PAIRS = [(64, 64), (32, 64), (64, 32), (32, 32)]
 # split-K decode) only these small shapes fit without spilling (python -m bench gpu-static; the forward at
 # head dim 256: 16 x 16 alone); tensor-core dots would waste them.
 _FMA_PAIRS = {"fwd": [(32, 32), (32, 16), (16, 16)], "dkdv": [(16, 16)], "dq": []}
+# The dQ tile of Triton's fused-attention tutorial on Hopper (128 queries x 32 keys), for tensor-core dots:
+# no spills at head dims 16-128 with 8 warps on sm_80 / sm_90 / sm_100 (python -m bench gpu-static). Its
+# dK/dV tile (32 x 128) spilled at head dims 64 and 128 on sm_80 and sm_90: not offered.
+_DQ_TUTORIAL_PAIRS = [(128, 32)]
 # (8, 2): 8 warps without the third stage's buffers, the one config that fits every target at head dim
 # 256 in fp32 (python -m bench gpu-static).
 _FWD_CONFIGS = _configs(_FWD_PAIRS + _FMA_PAIRS["fwd"], [(4, 3), (8, 3), (4, 2), (8, 2)])
-_BWD_CONFIGS = _configs(_BWD_PAIRS + _FMA_PAIRS["dkdv"], [(4, 2), (8, 2)])
+_BWD_CONFIGS = _configs(_BWD_PAIRS + _FMA_PAIRS["dkdv"] + _DQ_TUTORIAL_PAIRS, [(4, 2), (8, 2)])
 
 
 def _block_pairs(kernel: str, kind: str) -> list:
     """The block shapes `kernel` may run with for dots of `kind`."""
-    return (_FWD_PAIRS if kernel == "fwd" else _BWD_PAIRS) + (_FMA_PAIRS[kernel] if kind == "fp32" else [])
+    extra = _FMA_PAIRS[kernel] if kind == "fp32" else (_DQ_TUTORIAL_PAIRS if kernel == "dq" else [])
+    return (_FWD_PAIRS if kernel == "fwd" else _BWD_PAIRS) + extra
 
 
 @triton.jit
