@@ -132,7 +132,7 @@ _BWD_PAIRS = [(64, 64), (32, 64), (64, 32), (32, 32)]
 _FMA_PAIRS = {"fwd": [(32, 32), (32, 16), (16, 16)], "dkdv": [(16, 16)], "dq": []}
 # The dQ tile of Triton's fused-attention tutorial on Hopper (128 queries x 32 keys), for tensor-core dots:
 # no spills at head dims 16-128 with 8 warps on sm_80 / sm_90 / sm_100 (python -m bench gpu-static). Its
-# dK/dV tile (32 x 128) spilled at head dims 64 and 128 on sm_80 and sm_90: not offered.
+# dK/dV tile (32 x 128) spilled at head dims 64 and 128 on sm_80 with 4 and 8 warps: not offered.
 _DQ_TUTORIAL_PAIRS = [(128, 32)]
 # (8, 2): 8 warps without the third stage's buffers, the one config that fits every target at head dim
 # 256 in fp32 (python -m bench gpu-static).
