@@ -383,14 +383,22 @@ inline void transpose_block(const In* x, int64_t ld, T scale, T* out, int64_t ld
   for (int c = 0; c < Transpose<T>::W; ++c) Simd<T>::store(out + c * ld_out, v[c]);
 }
 
-// Rows and columns of a transposing pack that go by whole W x W blocks (the rest element by element):
-// where a GEMM unit is one element of the accumulation type.
+// The whole W x W blocks of a transposing pack, where a GEMM unit is one element of the accumulation type:
+// out[c * ld_out + r] = x[r * ld + c] * scale for r < block rows, c < block columns, which it returns (0, 0
+// for other units); the caller packs the rest element by element.
 template <typename U, typename In>
-inline int64_t transposed_by_blocks(int64_t n) {
-  if constexpr (Unit<U>::elems == 1 && std::is_same_v<U, acc_t<In>>)
-    return n / Simd<U>::width * Simd<U>::width;
-  else
-    return 0;
+inline std::pair<int64_t, int64_t> pack_transposed_blocks(const In* x, int64_t rows, int64_t cols, int64_t ld,
+                                                          typename Unit<U>::acc scale, U* out, int64_t ld_out) {
+  if constexpr (Unit<U>::elems == 1 && std::is_same_v<U, acc_t<In>>) {
+    constexpr int W = Simd<U>::width;
+    const int64_t block_rows = rows / W * W, block_cols = cols / W * W;
+    for (int64_t r = 0; r < block_rows; r += W)
+      for (int64_t c = 0; c < block_cols; c += W)
+        transpose_block(x + r * ld + c, ld, scale, out + c * ld_out + r, ld_out);
+    return {block_rows, block_cols};
+  } else {
+    return {0, 0};
+  }
 }
 
 // Packs a block of `rows` rows (row stride ld) of `cols` values, times
@@ -402,11 +410,7 @@ template <typename U, typename In>
 void pack_transposed_scaled(const In* x, int64_t rows, int64_t cols, int64_t ld, typename Unit<U>::acc scale, U* out,
                             int64_t ld_out) {
   const int64_t ucols = units<U>(cols);
-  const int64_t block_rows = transposed_by_blocks<U, In>(rows), block_cols = transposed_by_blocks<U, In>(cols);
-  if constexpr (Unit<U>::elems == 1)
-    for (int64_t r = 0; r < block_rows; r += Simd<U>::width)
-      for (int64_t c = 0; c < block_cols; c += Simd<U>::width)
-        transpose_block(x + r * ld + c, ld, scale, out + c * ld_out + r, ld_out);
+  const auto [block_rows, block_cols] = pack_transposed_blocks(x, rows, cols, ld, scale, out, ld_out);
   // The rest row by row, as pack_transposed_panels: x read in order, the strided writes inside the block.
   for (int64_t r = 0; r < rows; ++r) {
     const In* row = x + r * ld;
@@ -430,11 +434,8 @@ void pack_transposed_panels(const In* x, int64_t n, int64_t cols, int64_t ld, U*
   for (int64_t j = 0; j < npanels; ++j) {
     U* panel = out + j * ucols * NR;
     const int64_t rows = std::min<int64_t>(NR, n - j * NR);
-    const int64_t block_rows = transposed_by_blocks<U, In>(rows), block_cols = transposed_by_blocks<U, In>(cols);
-    if constexpr (Unit<U>::elems == 1)
-      for (int64_t r = 0; r < block_rows; r += Simd<U>::width)
-        for (int64_t c = 0; c < block_cols; c += Simd<U>::width)
-          transpose_block(x + (j * NR + r) * ld + c, ld, U(1), panel + c * NR + r, NR);
+    const auto [block_rows, block_cols] =
+        pack_transposed_blocks(x + j * NR * ld, rows, cols, ld, typename Unit<U>::acc(1), panel, NR);
     // The rest row by row: x is read in order (the prefetcher streams it; a column walk missed on every
     // row) and the strided writes stay in the panel, which fits L1.
     for (int64_t r = 0; r < NR; ++r) {
