@@ -71,11 +71,14 @@ std::vector<Task> tasks_of(const CompressItem<T>* items, int64_t count, bool by_
 }
 
 constexpr int64_t kRowBlock = 32;
-// Columns per projection task, and rows per tile of it (the tile's M lines are read once per rank group).
-constexpr int64_t kColBlock = 128;
-constexpr int64_t kRowTile = 64;
+// Rows per task of the Q projection: each sums its rows into a partial Q of its own.
+constexpr int64_t kSumRows = 256;
 // Ranks a pass handles at once: that many accumulators stay in registers over one read of M.
 constexpr int64_t kRankGroup = 4;
+// Factor lines beyond this many bytes leave L1 (32 KB on the CPUs measured) over a row, so two rows
+// share each load of them; below it one row at a time keeps each pass one sequential stream (two
+// interleaved short rows measured up to 25% slower at m = 768, pairs 25% faster at m = 3072).
+constexpr int64_t kFactorL1Bytes = 16 << 10;
 
 // f(std::integral_constant<int, min(left, kRankGroup)>{}): the rank group's size as a template argument.
 template <typename F>
@@ -88,72 +91,127 @@ void by_group(int64_t left, F&& f) {
   }
 }
 
-// P[k][row] = M[row] . Q[k] for the C ranks from k0, M = grad + error formed in registers: one read
-// of the row for the group.
-template <typename T, int C>
-void row_dots(const CompressItem<T>& it, int64_t row, const T* q, T* p, int64_t k0) {
-  constexpr int W = S<T>::width;
-  const T* g = it.grad + row * it.m;
-  const T* e = it.error ? it.error + row * it.m : nullptr;
-  const T* qk = q + it.q_offset + k0 * it.m;
-  typename S<T>::vec acc[C] = {};
-  int64_t c = 0;
-  for (; c + W <= it.m; c += W) {
-    auto mv = S<T>::load(g + c);
-    if (e) mv += S<T>::load(e + c);
-    for (int j = 0; j < C; ++j) acc[j] += mv * S<T>::load(qk + j * it.m + c);
-  }
-  for (int j = 0; j < C; ++j) {
-    T total = S<T>::hsum(acc[j]);
-    for (int64_t cc = c; cc < it.m; ++cc) total += (e ? g[cc] + e[cc] : g[cc]) * qk[j * it.m + cc];
-    p[it.p_offset + (k0 + j) * it.n + row] = total;
-  }
+// f(std::integral_constant<int, 2>{}) for the pairs of rows in [begin, end) when `pairs`, then
+// f(std::integral_constant<int, 1>{}) for each row left; f also gets the row.
+template <typename F>
+void by_rows(int64_t begin, int64_t end, bool pairs, F&& f) {
+  int64_t row = begin;
+  if (pairs)
+    for (; row + 2 <= end; row += 2) f(std::integral_constant<int, 2>{}, row);
+  for (; row < end; ++row) f(std::integral_constant<int, 1>{}, row);
 }
 
-// Q[k][c0, c1) = sum over rows of P[k][row] M[row][c0, c1) for the C ranks from k0: rows in tiles,
-// two vectors of columns at a time with C x 2 accumulators, each line of M read once per group; every
-// sum runs over the rows in order.
-template <typename T, int C>
-void column_sums(const CompressItem<T>& it, const T* p, T* q, int64_t k0, int64_t c0, int64_t c1) {
+// P[k][row + i] = M[row + i] . Q[k] for the R rows from `row` and the C ranks from k0, M = grad + error
+// formed in registers: each line of M read once for the group, each line of Q once for the R rows.
+template <typename T, int R, int C>
+void row_dots(const CompressItem<T>& it, int64_t row, const T* q, T* p, int64_t k0) {
+  constexpr int W = S<T>::width;
+  const int64_t m = it.m;
+  const T* qk = q + it.q_offset + k0 * m;
+  const T* g = it.grad + row * m;
+  const T* e = it.error ? it.error + row * m : nullptr;
+  typename S<T>::vec acc[R][C] = {};
+  int64_t c = 0;
+  for (; c + W <= m; c += W) {
+    typename S<T>::vec mv[R];
+    for (int i = 0; i < R; ++i) {
+      mv[i] = S<T>::load(g + i * m + c);
+      if (e) mv[i] += S<T>::load(e + i * m + c);
+    }
+    for (int j = 0; j < C; ++j) {
+      const auto qv = S<T>::load(qk + j * m + c);
+      for (int i = 0; i < R; ++i) acc[i][j] += mv[i] * qv;
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j) {
+      T total = S<T>::hsum(acc[i][j]);
+      for (int64_t cc = c; cc < m; ++cc) total += (e ? g[i * m + cc] + e[i * m + cc] : g[i * m + cc]) * qk[j * m + cc];
+      p[it.p_offset + (k0 + j) * it.n + row + i] = total;
+    }
+}
+
+// part[k0 + j] += sum over the R rows from `row` of P[k0 + j][row + i] M[row + i], for the C ranks from k0
+// (part: rank x m, in cache): each row read as one contiguous line, its P values in registers, the
+// partial sums loaded and stored once per R rows; every column's sum runs over the rows in order.
+template <typename T, int R, int C>
+void column_sums(const CompressItem<T>& it, int64_t row, const T* p, T* part, int64_t k0) {
   constexpr int W = S<T>::width;
   using vec = typename S<T>::vec;
-  const T* pk = p + it.p_offset + k0 * it.n;
-  T* qk = q + it.q_offset + k0 * it.m;
-  for (int j = 0; j < C; ++j) std::fill(qk + j * it.m + c0, qk + j * it.m + c1, T(0));
-  for (int64_t r0 = 0; r0 < it.n; r0 += kRowTile) {
-    const int64_t r1 = std::min(it.n, r0 + kRowTile);
-    int64_t c = c0;
-    for (; c + 2 * W <= c1; c += 2 * W) {
-      vec acc[C][2];
-      for (int j = 0; j < C; ++j) {
-        acc[j][0] = S<T>::load(qk + j * it.m + c);
-        acc[j][1] = S<T>::load(qk + j * it.m + c + W);
-      }
-      for (int64_t row = r0; row < r1; ++row) {
-        const T* g = it.grad + row * it.m + c;
-        vec m0 = S<T>::load(g), m1 = S<T>::load(g + W);
-        if (it.error) {
-          const T* e = it.error + row * it.m + c;
-          m0 += S<T>::load(e);
-          m1 += S<T>::load(e + W);
-        }
-        for (int j = 0; j < C; ++j) {
-          const vec pv = S<T>::splat(pk[j * it.n + row]);
-          acc[j][0] += pv * m0;
-          acc[j][1] += pv * m1;
-        }
-      }
-      for (int j = 0; j < C; ++j) {
-        S<T>::store(qk + j * it.m + c, acc[j][0]);
-        S<T>::store(qk + j * it.m + c + W, acc[j][1]);
-      }
+  const int64_t m = it.m;
+  const T* pk = p + it.p_offset + k0 * it.n + row;
+  T* qk = part + k0 * m;
+  T pv[R][C];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j) pv[i][j] = pk[j * it.n + i];
+  const T* g = it.grad + row * m;
+  const T* e = it.error ? it.error + row * m : nullptr;
+  int64_t c = 0;
+  for (; c + W <= m; c += W) {
+    vec acc[C];
+    for (int j = 0; j < C; ++j) acc[j] = S<T>::load(qk + j * m + c);
+    for (int i = 0; i < R; ++i) {
+      vec mv = S<T>::load(g + i * m + c);
+      if (e) mv += S<T>::load(e + i * m + c);
+      for (int j = 0; j < C; ++j) acc[j] += S<T>::splat(pv[i][j]) * mv;
     }
-    for (; c < c1; ++c)  // the columns past the last two vectors
-      for (int64_t row = r0; row < r1; ++row) {
-        const T mv = it.error ? it.grad[row * it.m + c] + it.error[row * it.m + c] : it.grad[row * it.m + c];
-        for (int j = 0; j < C; ++j) qk[j * it.m + c] += pk[j * it.n + row] * mv;
-      }
+    for (int j = 0; j < C; ++j) S<T>::store(qk + j * m + c, acc[j]);
   }
+  for (; c < m; ++c)
+    for (int i = 0; i < R; ++i) {
+      const T mv = e ? g[i * m + c] + e[i * m + c] : g[i * m + c];
+      for (int j = 0; j < C; ++j) qk[j * m + c] += pv[i][j] * mv;
+    }
+}
+
+// The reconstruction of the R rows from `row`: grad = sum_k p_out[k][row] q_out[k] and, with an error
+// buffer, error = M - sum_k p_err[k][row] q_err[k], each vector of the sums formed in registers, so each
+// line of grad and error is read and written once (the factor lines once for the R rows). coef: 2 R rank.
+template <typename T, int R>
+void reconstruct_rows(const CompressItem<T>& it, int64_t row, int64_t rank, const T* p_out, const T* q_out,
+                      const T* p_err, const T* q_err, bool same, T* coef) {
+  constexpr int W = S<T>::width;
+  using vec = typename S<T>::vec;
+  const int64_t m = it.m;
+  T* coef_err = same ? coef : coef + R * rank;
+  for (int64_t k = 0; k < rank; ++k)
+    for (int i = 0; i < R; ++i) {
+      coef[k * R + i] = p_out[it.p_offset + k * it.n + row + i];
+      coef_err[k * R + i] = p_err[it.p_offset + k * it.n + row + i];
+    }
+  const T* qo = q_out + it.q_offset;
+  const T* qe = q_err + it.q_offset;
+  T* g = it.grad + row * m;
+  T* e = it.error ? it.error + row * m : nullptr;
+  auto sums = [&](const T* cf, const T* qs, int64_t c, vec* out) {
+    for (int i = 0; i < R; ++i) out[i] = vec{};
+    for (int64_t k = 0; k < rank; ++k) {
+      const vec qv = S<T>::load(qs + k * m + c);
+      for (int i = 0; i < R; ++i) out[i] += S<T>::splat(cf[k * R + i]) * qv;
+    }
+  };
+  int64_t c = 0;
+  for (; c + W <= m; c += W) {
+    vec out[R], sent[R];
+    sums(coef, qo, c, out);
+    if (e) {
+      if (same)
+        std::copy_n(out, R, sent);
+      else
+        sums(coef_err, qe, c, sent);
+      for (int i = 0; i < R; ++i)
+        S<T>::store(e + i * m + c, S<T>::load(g + i * m + c) + S<T>::load(e + i * m + c) - sent[i]);
+    }
+    for (int i = 0; i < R; ++i) S<T>::store(g + i * m + c, out[i]);
+  }
+  for (; c < m; ++c)
+    for (int i = 0; i < R; ++i) {
+      T out = 0, sent = 0;
+      for (int64_t k = 0; k < rank; ++k) out += coef[k * R + i] * qo[k * m + c];
+      for (int64_t k = 0; k < rank; ++k) sent += coef_err[k * R + i] * qe[k * m + c];
+      if (e) e[i * m + c] = g[i * m + c] + e[i * m + c] - sent;
+      g[i * m + c] = out;
+    }
 }
 
 }  // namespace
@@ -165,9 +223,14 @@ void compress_project_p(const CompressItem<T>* items, int64_t count, int64_t ran
 #pragma omp for schedule(dynamic)
     for (size_t t = 0; t < tasks.size(); ++t) {
       const auto& it = items[tasks[t].item];
-      for (int64_t row = tasks[t].begin; row < tasks[t].end; ++row)
-        for (int64_t k0 = 0; k0 < rank; k0 += kRankGroup)
-          by_group(rank - k0, [&](auto group) { row_dots<T, decltype(group)::value>(it, row, q, p, k0); });
+      for (int64_t k0 = 0; k0 < rank; k0 += kRankGroup)
+        by_group(rank - k0, [&](auto group) {
+          constexpr int C = decltype(group)::value;
+          const bool pairs = C * it.m * static_cast<int64_t>(sizeof(T)) > kFactorL1Bytes;
+          by_rows(tasks[t].begin, tasks[t].end, pairs, [&](auto rows, int64_t row) {
+            row_dots<T, decltype(rows)::value, C>(it, row, q, p, k0);
+          });
+        });
     }
   });
 }
@@ -175,15 +238,35 @@ void compress_project_p(const CompressItem<T>* items, int64_t count, int64_t ran
 template <typename T>
 void compress_project_q(const CompressItem<T>* items, int64_t count, int64_t rank, const T* p, T* q,
                        int num_threads) {
-  const auto tasks = tasks_of(items, count, false, kColBlock);
+  // Each block of rows sums into a partial Q of its own (in cache: rank x m); the partials are then added
+  // in block order, so the result does not depend on the thread count.
+  const auto tasks = tasks_of(items, count, true, kSumRows);
+  std::vector<int64_t> part_offset(tasks.size() + 1, 0), first_task(count + 1, 0);
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    part_offset[t + 1] = part_offset[t] + rank * items[tasks[t].item].m;
+    first_task[tasks[t].item + 1] = t + 1;
+  }
+  Buffer<T> parts_buf;
+  T* parts = parts_buf.grow(part_offset.back());
   parallel_region(num_threads, [&] {
 #pragma omp for schedule(dynamic)
     for (size_t t = 0; t < tasks.size(); ++t) {
       const auto& it = items[tasks[t].item];
+      T* part = parts + part_offset[t];
+      std::fill_n(part, rank * it.m, T(0));
       for (int64_t k0 = 0; k0 < rank; k0 += kRankGroup)
         by_group(rank - k0, [&](auto group) {
-          column_sums<T, decltype(group)::value>(it, p, q, k0, tasks[t].begin, tasks[t].end);
+          int64_t row = tasks[t].begin;
+          for (; row + 4 <= tasks[t].end; row += 4) column_sums<T, 4, decltype(group)::value>(it, row, p, part, k0);
+          for (; row < tasks[t].end; ++row) column_sums<T, 1, decltype(group)::value>(it, row, p, part, k0);
         });
+    }
+#pragma omp for schedule(dynamic)
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t len = rank * items[i].m;
+      T* out = q + items[i].q_offset;
+      std::copy_n(parts + part_offset[first_task[i]], len, out);
+      for (int64_t t = first_task[i] + 1; t < first_task[i + 1]; ++t) axpy(T(1), parts + part_offset[t], out, len);
     }
   });
 }
@@ -194,30 +277,15 @@ void compress_reconstruct(const CompressItem<T>* items, int64_t count, int64_t r
   const auto tasks = tasks_of(items, count, true, kRowBlock);
   const bool same = p_err == p_out && q_err == q_out;
   parallel_region(num_threads, [&] {
-    Buffer<T> out_buf, local_buf;
+    Buffer<T> coef_buf;
+    T* coef = coef_buf.grow(4 * rank);
 #pragma omp for schedule(dynamic)
     for (size_t t = 0; t < tasks.size(); ++t) {
       const auto& it = items[tasks[t].item];
-      T* out = out_buf.grow(it.m);
-      T* local = local_buf.grow(it.m);
-      for (int64_t row = tasks[t].begin; row < tasks[t].end; ++row) {
-        std::fill_n(out, it.m, T(0));
-        for (int64_t k = 0; k < rank; ++k)
-          axpy(p_out[it.p_offset + k * it.n + row], q_out + it.q_offset + k * it.m, out, it.m);
-        T* g = it.grad + row * it.m;
-        if (it.error) {
-          const T* sent = out;
-          if (!same) {
-            std::fill_n(local, it.m, T(0));
-            for (int64_t k = 0; k < rank; ++k)
-              axpy(p_err[it.p_offset + k * it.n + row], q_err + it.q_offset + k * it.m, local, it.m);
-            sent = local;
-          }
-          T* e = it.error + row * it.m;
-          for (int64_t c = 0; c < it.m; ++c) e[c] = g[c] + e[c] - sent[c];
-        }
-        std::copy_n(out, it.m, g);
-      }
+      const bool pairs = (same ? 1 : 2) * rank * it.m * static_cast<int64_t>(sizeof(T)) > kFactorL1Bytes;
+      by_rows(tasks[t].begin, tasks[t].end, pairs, [&](auto rows, int64_t row) {
+        reconstruct_rows<T, decltype(rows)::value>(it, row, rank, p_out, q_out, p_err, q_err, same, coef);
+      });
     }
   });
 }
