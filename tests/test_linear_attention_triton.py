@@ -113,11 +113,13 @@ def make_looped(batch, d, n, loops, heads, shared, seed=0, scale=0.1):
     return [x.to(DEVICE) for x in (Z, P, Q)]
 
 
-@pytest.mark.parametrize("loops,heads,shared,recompute", [(1, 1, True, False), (4, 2, True, True),
-                                                          (3, 1, False, False), (5, 1, True, True)])
+@pytest.mark.parametrize("d,n,loops,heads,shared,recompute", [
+    (5, 9, 1, 1, True, False), (5, 9, 4, 2, True, True), (5, 9, 3, 1, False, False), (5, 9, 5, 1, True, True),
+    (9, 40, 3, 2, False, True),  # the backward's chunks of columns: two whole, one part
+])
 @pytest.mark.parametrize("mask", ["last_col", "none"])
-def test_looped_forward_backward_match_reference(loops, heads, shared, recompute, mask):
-    Z, P, Q = make_looped(3, 5, 9, loops, heads, shared)
+def test_looped_forward_backward_match_reference(d, n, loops, heads, shared, recompute, mask):
+    Z, P, Q = make_looped(3, d, n, loops, heads, shared)
     leaves = [x.clone().requires_grad_() for x in (Z, P, Q)]
     out = tessel.looped_linear_attention(*leaves, loops, mask=mask, recompute=recompute)
     exact = [x.double().cpu().requires_grad_() for x in (Z, P, Q)]
