@@ -6,8 +6,8 @@ compression is the point.
 limited by a token-bucket filter (tc tbf) in both directions, starts one gloo
 worker in each (`ip netns exec`), and times a real training step (forward,
 backward with the communication hook, optimizer) of a ResNet-18-sized and a
-GPT-2-small-sized model with each hook (the mean over 5 steps, the faster of
-two rounds). The namespaces are removed on exit, also on error or Ctrl-C;
+GPT-2-small-sized model with each hook (the mean over 20 or 5 steps, the
+faster of two rounds). The namespaces are removed on exit, also on error or Ctrl-C;
 traffic flows only between them. Without the rights to make namespaces the
 bench says so and skips.
 
@@ -39,6 +39,7 @@ ADDRESSES = ("10.213.7.1", "10.213.7.2")
 RATES = {"1gbit": "1gbit", "10gbit": "10gbit", "100mbit": "100mbit"}
 RANK = 4
 ROUNDS = 2  # timed rounds of `steps` steps per provider
+STEPS = {"resnet18": 20, "gpt2-small": 5}  # per round: a round of either takes seconds
 
 
 class LinkUnavailable(RuntimeError):
@@ -284,7 +285,7 @@ def rows(rate: str, quick: bool) -> list[dict]:
 
 
 def _model_row(rate, model, quick):
-    steps = 2 if quick else 5
+    steps = 2 if quick else STEPS[model]
     timeout_s = 600
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")
