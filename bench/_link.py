@@ -284,6 +284,22 @@ def rows(rate: str, quick: bool) -> list[dict]:
         return []
 
 
+def _wait_for_workers(procs, out, stall_s) -> bool:
+    """Waits for the workers; kills them when no provider has finished for stall_s seconds (torch's
+    powerSGD_hook has hung past gloo's own timeout). Returns True when they were killed."""
+    seen, last = None, time.monotonic()
+    while any(p.poll() is None for p in procs):
+        stamp = os.path.getmtime(out) if os.path.exists(out) else None
+        if stamp != seen:
+            seen, last = stamp, time.monotonic()
+        if time.monotonic() - last > stall_s:
+            for p in procs:
+                p.kill()
+            return True
+        time.sleep(1)
+    return False
+
+
 def _model_row(rate, model, quick):
     steps = 2 if quick else STEPS[model]
     timeout_s = 600
@@ -296,15 +312,16 @@ def _model_row(rate, model, quick):
                                   env=env, stdout=log, stderr=subprocess.STDOUT)
                  for rank, (ns, log) in enumerate(zip(NAMESPACES, logs))]
         try:
-            for p in procs:
-                p.wait(timeout=timeout_s * 4)
+            hung = _wait_for_workers(procs, out, timeout_s)
         finally:
             for p in procs:
                 if p.poll() is None:
                     p.kill()
-        with open(out) as f:
-            results = json.load(f)
-        died = _abort_reason(logs)
+        results = {}
+        if os.path.exists(out):
+            with open(out) as f:
+                results = json.load(f)
+        died = f"hung: no provider finished in {timeout_s} s, workers killed" if hung else _abort_reason(logs)
     numel = sum(p.numel() for p in MODELS[model]()[0].parameters())
     row = {"suite": "compress", "case": f"{model}-r{RANK}", "mode": f"link-{rate}", "dtype": "float32",
            "device": "cpu", "params_m": numel / 1e6}

@@ -2,6 +2,9 @@
 model with each hook (tests/ddp_worker.py); every run has a timeout, so a
 hang fails instead of stalling the suite."""
 import multiprocessing
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -161,3 +164,17 @@ def test_a_worker_that_dies_mid_step_fails_the_others_without_a_hang(tmp_path):
 def test_a_caller_may_wait_on_each_bucket_before_the_next(tmp_path):
     for r in scenario(2, "wait_each_bucket", tmp_path):
         assert r["finite"] and r["iteration"] == 4, r
+
+
+def test_link_bench_kills_workers_that_stop_making_progress(tmp_path):
+    """bench compress --link: a worker hung in a collective (torch's powerSGD_hook has hung past gloo's
+    timeout) is killed once no provider has finished for the stall time; workers that finish are waited for."""
+    from bench._link import _wait_for_workers
+
+    out = str(tmp_path / "times.json")
+    hung = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    start = time.monotonic()
+    assert _wait_for_workers(hung, out, stall_s=1)
+    assert time.monotonic() - start < 10 and all(p.wait(timeout=5) is not None for p in hung)
+    done = [subprocess.Popen([sys.executable, "-c", f"open({out!r}, 'w').write('{{}}')"])]
+    assert not _wait_for_workers(done, out, stall_s=30) and done[0].returncode == 0
