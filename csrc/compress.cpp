@@ -2,7 +2,8 @@
 // reads every gradient (and error) element once, forming M = grad + error on
 // the fly, and all matrices of a bucket go in one call. OpenMP spreads
 // (matrix, block) tasks; every output element is written by one task in a
-// fixed order, so results do not depend on the thread count.
+// fixed order (the Q projection's row blocks write partial sums, added in
+// block order), so results do not depend on the thread count.
 #include "compress.h"
 
 #include <cmath>
@@ -244,8 +245,9 @@ void compress_project_q(const CompressItem<T>* items, int64_t count, int64_t ran
   std::vector<int64_t> part_offset(tasks.size() + 1, 0), first_task(count + 1, 0);
   for (size_t t = 0; t < tasks.size(); ++t) {
     part_offset[t + 1] = part_offset[t] + rank * items[tasks[t].item].m;
-    first_task[tasks[t].item + 1] = t + 1;
+    ++first_task[tasks[t].item + 1];
   }
+  for (int64_t i = 0; i < count; ++i) first_task[i + 1] += first_task[i];
   Buffer<T> parts_buf;
   T* parts = parts_buf.grow(part_offset.back());
   parallel_region(num_threads, [&] {
@@ -265,8 +267,8 @@ void compress_project_q(const CompressItem<T>* items, int64_t count, int64_t ran
     for (int64_t i = 0; i < count; ++i) {
       const int64_t len = rank * items[i].m;
       T* out = q + items[i].q_offset;
-      std::copy_n(parts + part_offset[first_task[i]], len, out);
-      for (int64_t t = first_task[i] + 1; t < first_task[i + 1]; ++t) axpy(T(1), parts + part_offset[t], out, len);
+      std::fill_n(out, len, T(0));  // a matrix without rows has no partial
+      for (int64_t t = first_task[i]; t < first_task[i + 1]; ++t) axpy(T(1), parts + part_offset[t], out, len);
     }
   });
 }

@@ -120,6 +120,19 @@ def test_fused_passes_match_reference(ops_name, rank):
             assert error_vs(a, b) <= tol * max(1.0, b.abs().max().item()), (i, dtype)
 
 
+def test_cpp_passes_do_not_depend_on_the_thread_count():
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(_run_passes(CppOps(), 4, torch.float32, LARGE_PASS_SHAPES))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
 # ---------------------------------------------------------------- PowerSGD
 
 
