@@ -82,8 +82,8 @@ constexpr int64_t kRankGroup = 4;
 constexpr int64_t kFactorL1Bytes = 16 << 10;
 
 // Each pass asks for the line this far ahead of its reads into L2 (prefetcht2): the hardware prefetchers
-// alone left the passes 1.3-1.6x under a two-stream dot product's rate over the same bytes, the software
-// prefetch took the three from 158-171 to 129-140 ms on GPT-2 small's matrices (one core; 8 and 16 KB
+// alone left the passes 1.3-1.6x under a two-stream dot product's rate over the same bytes; the software
+// prefetch took the three from 168-175 to 131-134 ms on GPT-2 small's matrices (one core; 8 and 16 KB
 // measured alike, a closer or an L1 prefetch did not help). Addresses past the end are harmless: a
 // prefetch never faults.
 constexpr uintptr_t kPrefetchBytes = 16 << 10;

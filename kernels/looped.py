@@ -17,7 +17,6 @@ from ._common import pow2_block
 from ._tiles import load_tile as _load_tile
 
 
-
 @triton.jit
 def _mix(P, Q, A, wl_base, HEADS, D1, offs_r):
     """U = sum_h P_h A Q_h."""
