@@ -60,14 +60,12 @@ struct Task {
   int64_t item, begin, end;
 };
 
-// Blocks of `block` along each item's rows (by_rows) or columns.
+// Blocks of `block` rows of each item.
 template <typename T>
-std::vector<Task> tasks_of(const CompressItem<T>* items, int64_t count, bool by_rows, int64_t block) {
+std::vector<Task> tasks_of(const CompressItem<T>* items, int64_t count, int64_t block) {
   std::vector<Task> tasks;
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t len = by_rows ? items[i].n : items[i].m;
-    for (int64_t b = 0; b < len; b += block) tasks.push_back({i, b, std::min(len, b + block)});
-  }
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t b = 0; b < items[i].n; b += block) tasks.push_back({i, b, std::min(items[i].n, b + block)});
   return tasks;
 }
 
@@ -104,13 +102,13 @@ void by_group(int64_t left, F&& f) {
   }
 }
 
-// f(std::integral_constant<int, 2>{}) for the pairs of rows in [begin, end) when `pairs`, then
-// f(std::integral_constant<int, 1>{}) for each row left; f also gets the row.
-template <typename F>
-void by_rows(int64_t begin, int64_t end, bool pairs, F&& f) {
+// f(std::integral_constant<int, N>{}, row) for the groups of N rows in [begin, end) when `grouped`, then
+// f(std::integral_constant<int, 1>{}, row) for each row left: the group size as a template argument.
+template <int N, typename F>
+void by_rows(int64_t begin, int64_t end, bool grouped, F&& f) {
   int64_t row = begin;
-  if (pairs)
-    for (; row + 2 <= end; row += 2) f(std::integral_constant<int, 2>{}, row);
+  if (grouped)
+    for (; row + N <= end; row += N) f(std::integral_constant<int, N>{}, row);
   for (; row < end; ++row) f(std::integral_constant<int, 1>{}, row);
 }
 
@@ -243,7 +241,7 @@ void reconstruct_rows(const CompressItem<T>& it, int64_t row, int64_t rank, cons
 
 template <typename T>
 void compress_project_p(const CompressItem<T>* items, int64_t count, int64_t rank, T* p, const T* q, int num_threads) {
-  const auto tasks = tasks_of(items, count, true, kRowBlock);
+  const auto tasks = tasks_of(items, count, kRowBlock);
   parallel_region(num_threads, [&] {
 #pragma omp for schedule(dynamic)
     for (size_t t = 0; t < tasks.size(); ++t) {
@@ -252,7 +250,7 @@ void compress_project_p(const CompressItem<T>* items, int64_t count, int64_t ran
         by_group(rank - k0, [&](auto group) {
           constexpr int C = decltype(group)::value;
           const bool pairs = C * it.m * static_cast<int64_t>(sizeof(T)) > kFactorL1Bytes;
-          by_rows(tasks[t].begin, tasks[t].end, pairs, [&](auto rows, int64_t row) {
+          by_rows<2>(tasks[t].begin, tasks[t].end, pairs, [&](auto rows, int64_t row) {
             row_dots<T, decltype(rows)::value, C>(it, row, q, p, k0);
           });
         });
@@ -265,7 +263,7 @@ void compress_project_q(const CompressItem<T>* items, int64_t count, int64_t ran
                        int num_threads) {
   // Each block of rows sums into a partial Q of its own (in cache: rank x m); the partials are then added
   // in block order, so the result does not depend on the thread count.
-  const auto tasks = tasks_of(items, count, true, kSumRows);
+  const auto tasks = tasks_of(items, count, kSumRows);
   std::vector<int64_t> part_offset(tasks.size() + 1, 0), first_task(count + 1, 0);
   for (size_t t = 0; t < tasks.size(); ++t) {
     part_offset[t + 1] = part_offset[t] + rank * items[tasks[t].item].m;
@@ -282,9 +280,9 @@ void compress_project_q(const CompressItem<T>* items, int64_t count, int64_t ran
       std::fill_n(part, rank * it.m, T(0));
       for (int64_t k0 = 0; k0 < rank; k0 += kRankGroup)
         by_group(rank - k0, [&](auto group) {
-          int64_t row = tasks[t].begin;
-          for (; row + 4 <= tasks[t].end; row += 4) column_sums<T, 4, decltype(group)::value>(it, row, p, part, k0);
-          for (; row < tasks[t].end; ++row) column_sums<T, 1, decltype(group)::value>(it, row, p, part, k0);
+          by_rows<4>(tasks[t].begin, tasks[t].end, true, [&](auto rows, int64_t row) {
+            column_sums<T, decltype(rows)::value, decltype(group)::value>(it, row, p, part, k0);
+          });
         });
     }
 #pragma omp for schedule(dynamic)
@@ -300,7 +298,7 @@ void compress_project_q(const CompressItem<T>* items, int64_t count, int64_t ran
 template <typename T>
 void compress_reconstruct(const CompressItem<T>* items, int64_t count, int64_t rank, const T* p_out, const T* q_out,
                          const T* p_err, const T* q_err, int num_threads) {
-  const auto tasks = tasks_of(items, count, true, kRowBlock);
+  const auto tasks = tasks_of(items, count, kRowBlock);
   const bool same = p_err == p_out && q_err == q_out;
   parallel_region(num_threads, [&] {
     Buffer<T> coef_buf;
@@ -309,7 +307,7 @@ void compress_reconstruct(const CompressItem<T>* items, int64_t count, int64_t r
     for (size_t t = 0; t < tasks.size(); ++t) {
       const auto& it = items[tasks[t].item];
       const bool pairs = (same ? 1 : 2) * rank * it.m * static_cast<int64_t>(sizeof(T)) > kFactorL1Bytes;
-      by_rows(tasks[t].begin, tasks[t].end, pairs, [&](auto rows, int64_t row) {
+      by_rows<2>(tasks[t].begin, tasks[t].end, pairs, [&](auto rows, int64_t row) {
         reconstruct_rows<T, decltype(rows)::value>(it, row, rank, p_out, q_out, p_err, q_err, same, coef);
       });
     }
