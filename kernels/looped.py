@@ -67,7 +67,8 @@ def _chunk(c0, N1, offs_r, offs_c, D1):
 
 @triton.jit
 def _key_gram(Z, D1, N1, key_cols, offs_r, offs_c, BD: tl.constexpr, BC: tl.constexpr):
-    """A = (Z M)(Z M)^T of the state at Z, summed over column chunks."""
+    """A = (Z M)(Z M)^T of the state at Z, summed over column chunks. (Keys masked by _chunk's mask and
+    key_cols, not by _tiles.load_tile: with it the backward spilled 352-384 B at d + 1 = 21, not 304-320.)"""
     A = tl.zeros([BD, BD], dtype=tl.float32)
     for c0 in range(0, key_cols, BC):
         offs, inside = _chunk(c0, N1, offs_r, offs_c, D1)
