@@ -46,12 +46,14 @@ def make_state(kind, model, rank):
     raise ValueError(kind)
 
 
-def train(kind, rank, steps, start=None):
-    """Losses of `steps` steps; `start` = (model, optimizer, hook) states to resume from."""
+def train(kind, rank, steps, start=None, overlap=True):
+    """Losses of `steps` steps; `start` = (model, optimizer, hook) states to resume from; overlap=False
+    runs each bucket on the autograd thread (the synchronous path)."""
     model = make_model()
     ddp = DDP(model)
     state, hook = make_state(kind, model, rank)
     if hook is not None:
+        state.overlap = overlap
         ddp.register_comm_hook(state, hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     first = 0
@@ -88,6 +90,9 @@ def worker(rank, world, port, kinds, out_dir):
                 path = os.path.join(out_dir, f"ckpt{rank}.pt")
                 torch.save(checkpoint, path)
                 losses, params, _ = train(base, rank, STEPS - STEPS // 2, torch.load(path, weights_only=False))
+                results[kind] = (losses, params)
+            elif kind.endswith("+sync"):
+                losses, params, _ = train(kind[: -len("+sync")], rank, STEPS, overlap=False)
                 results[kind] = (losses, params)
             else:
                 losses, params, _ = train(kind, rank, STEPS)

@@ -65,7 +65,8 @@ def _check_runs(results, kinds):
 
 
 def test_two_workers_every_hook_and_resume(tmp_path):
-    kinds = KINDS + ["powersgd+resume", "laser+resume"]
+    synced = ["powersgd", "powersgd_alternate", "laser", "zsgd"]
+    kinds = KINDS + ["powersgd+resume", "laser+resume"] + [f"{k}+sync" for k in synced]
     results = spawn(2, kinds, tmp_path)
     _check_runs(results, KINDS)
     for base in ("powersgd", "laser"):
@@ -74,6 +75,11 @@ def test_two_workers_every_hook_and_resume(tmp_path):
             # The resumed half equals the uninterrupted run's second half, bit for bit.
             assert resumed == straight[len(straight) - len(resumed):], base
             assert all(torch.equal(a, b) for a, b in zip(r[base][1], r[f"{base}+resume"][1]))
+    for base in synced:
+        for r in results:
+            # The asynchronous hook computes what the synchronous path does, bit for bit.
+            assert r[base][0] == r[f"{base}+sync"][0], base
+            assert all(torch.equal(a, b) for a, b in zip(r[base][1], r[f"{base}+sync"][1])), base
 
 
 def test_four_workers(tmp_path):
