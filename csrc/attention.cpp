@@ -35,6 +35,10 @@ constexpr int64_t kFwdBlockQ = 8 * kMicroRows;
 constexpr int64_t kFwdBlockK = 256;
 constexpr int64_t kBwdBlockQ = 8 * kMicroRows;
 constexpr int64_t kBwdBlockK = 96;
+// A block's scores fill whole panels (ncols rounds up to one): a key block that
+// is not a multiple of the widest panel would overrun the S and dS scratch.
+static_assert(kFwdBlockK % Simd<float>::panel == 0 && kBwdBlockK % Simd<float>::panel == 0,
+              "key blocks must be a multiple of the panel width");
 
 // Keys [first, last] that query row i may see (both local to the segment).
 inline void row_key_range(const Segment& s, int64_t i, int64_t* first, int64_t* last) {
