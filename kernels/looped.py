@@ -134,14 +134,20 @@ def _looped_bwd_kernel(SAVED, P, Q, DOUT, DZ, DPP, DQP, SCRATCH, B, D1, N1, key_
             dA = tl.zeros_like(A)
             for hh in range(HEADS):
                 base = (wl * HEADS + hh) * D1 * D1
-                p = _load_tile(P + base, offs_r, offs_r, D1, D1, D1)
-                q = _load_tile(Q + base, offs_r, offs_r, D1, D1, D1)
-                dp = tl.dot(tl.dot(dU, tl.trans(q), input_precision="ieee"), A, input_precision="ieee")
-                dq = tl.dot(tl.dot(A, tl.trans(p), input_precision="ieee"), dU, input_precision="ieee")
+                qt = tl.trans(_load_tile(Q + base, offs_r, offs_r, D1, D1, D1))
+                # P^T: read transposed from memory at 32-wide tiles, where transposing P in registers
+                # spilled ~300 B; transposed in registers below (read so, ptxas settled on 64 registers
+                # and spilled 84 B on sm_80).
+                if BD >= 32:
+                    pt = tl.load(P + base + offs_r[None, :] * D1 + offs_r[:, None], mask=winside, other=0.0)
+                else:
+                    pt = tl.trans(_load_tile(P + base, offs_r, offs_r, D1, D1, D1))
+                dp = tl.dot(tl.dot(dU, qt, input_precision="ieee"), A, input_precision="ieee")
+                dq = tl.dot(tl.dot(A, pt, input_precision="ieee"), dU, input_precision="ieee")
                 part = (b * WEIGHT_LOOPS * HEADS + wl * HEADS + hh) * D1 * D1 + wtile
                 tl.store(DPP + part, tl.load(DPP + part, mask=winside, other=0.0) + dp, mask=winside)
                 tl.store(DQP + part, tl.load(DQP + part, mask=winside, other=0.0) + dq, mask=winside)
-                dA += tl.dot(tl.dot(tl.trans(p), dU, input_precision="ieee"), tl.trans(q), input_precision="ieee")
+                dA += tl.dot(tl.dot(pt, dU, input_precision="ieee"), qt, input_precision="ieee")
             dA = dA + tl.trans(dA)
             tl.debug_barrier()  # every read of G above is done before G is overwritten
             # G <- G + inv_n U^T G + (dA + dA^T) Z M, chunk by chunk.

@@ -116,6 +116,7 @@ def make_looped(batch, d, n, loops, heads, shared, seed=0, scale=0.1):
 @pytest.mark.parametrize("d,n,loops,heads,shared,recompute", [
     (5, 9, 1, 1, True, False), (5, 9, 4, 2, True, True), (5, 9, 3, 1, False, False), (5, 9, 5, 1, True, True),
     (9, 40, 3, 2, False, True),  # the backward's chunks of columns: two whole, one part
+    (20, 12, 2, 2, False, True),  # 32-wide tiles: the backward reads P^T transposed from memory
 ])
 @pytest.mark.parametrize("mask", ["last_col", "none"])
 def test_looped_forward_backward_match_reference(d, n, loops, heads, shared, recompute, mask):
