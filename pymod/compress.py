@@ -112,6 +112,16 @@ def orthogonalize_(M, eps=1e-8):
 # ---------------------------------------------------------------- compressors
 
 
+def _check_named_grad(name, grad) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"a gradient's name must be a str (it keys the compression state), got "
+                        f"{type(name).__name__} {name!r}")
+    if not isinstance(grad, torch.Tensor):
+        raise TypeError(f"gradient {name!r} must be a torch.Tensor, got {type(grad).__name__}")
+    if grad.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"gradient {name!r} must be float16, bfloat16, float32 or float64, got {grad.dtype}")
+
+
 def _columns(grad: torch.Tensor) -> int:
     """m of the (shape[0], m) matrix view: the product of the other dims."""
     return math.prod(grad.shape[1:])
@@ -151,6 +161,8 @@ class Compressor:
         """Average one part of this step's gradients over the workers in place
         (no host synchronisation: the verdict on finiteness waits for end_step)."""
         named_grads = list(named_grads)
+        for nm, g in named_grads:
+            _check_named_grad(nm, g)
         names = [nm for nm, _ in named_grads]
         if len(set(names)) != len(names):
             dup = sorted({nm for nm in names if names.count(nm) > 1})
@@ -260,6 +272,7 @@ class ZSGD(Compressor):
 
     def compress(self, name, grad):
         """One step of one tensor (advances the step): (its average, None)."""
+        _check_named_grad(name, grad)
         work = grad.detach().clone()
         self.reduce([(name, work)])
         return work, None
@@ -489,6 +502,7 @@ class PowerSGD(Compressor):
         gradient, or (grad, None) for a tensor that is sent uncompressed. Error
         buffer and warm start are updated. The input is never modified; a
         skipped step (on_nonfinite="skip") returns zero factors (or zeros)."""
+        _check_named_grad(name, grad)
         work = grad.detach().clone()
         self._recording, self._last_factors = True, {}
         try:

@@ -253,6 +253,15 @@ def test_bad_arguments():
         Laser(power=-1.0)
     with pytest.raises(ValueError, match="power_allocation must be one of"):
         ZSGD(power=1.0, power_allocation="column")
+    for comp in (PowerSGD(rank=2), Laser(rank=2, power=1.0), ZSGD(power=1.0)):
+        with pytest.raises(TypeError, match="name must be a str"):
+            comp.compress(3, torch.randn(20, 30))
+        with pytest.raises(TypeError, match="gradient 'w' must be a torch.Tensor"):
+            comp.compress("w", [[1.0, 2.0]])
+        for dtype in (torch.int32, torch.complex64):
+            with pytest.raises(TypeError, match=f"gradient 'w' must be float16, .* got {dtype}"):
+                comp.compress("w", torch.ones(20, 30, dtype=dtype))
+        assert comp.iteration == 0  # nothing was taken
 
 
 # ---------------------------------------------------------------- the noisy channel
