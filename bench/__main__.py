@@ -72,19 +72,24 @@ def main(argv=None) -> None:
     sgemm = _harness.sgemm_gflops(device, args.quick)
     print(f"tessel bench on {env['device']} ({env['threads']} threads), torch {env['torch']}, "
           f"{'quick' if args.quick else 'full'}; float32 matmul: {sgemm:.1f} GFLOP/s")
-    rows = []
+    timed = []  # (suite, its cases, their rows, the rows it measures its own way)
     for suite in suites:
         module = importlib.import_module(f"bench.{suite}")
+        cases, extra = [], []
         if args.link:  # only the training steps over the link: they take minutes
             suite_rows = importlib.import_module("bench._link").rows(args.link, args.quick)
         else:
             cases = [c for c in module.cases(device, dtype, args.quick) if re.search(args.case or "", c.name)]
             suite_rows = _harness.run_cases(cases, args.quick)
-        if hasattr(module, "extra_rows") and not (args.link or args.case):  # rows a suite measures its own way
-            suite_rows += module.extra_rows(device, dtype, args.quick)
+        if hasattr(module, "extra_rows") and not (args.link or args.case):
+            extra = module.extra_rows(device, dtype, args.quick)
+        timed.append((suite, cases, suite_rows, extra))
+    rows = []
+    for suite, cases, suite_rows, extra in timed:  # memory after every timing: it changes the CPU allocator
+        _harness.measure_memory(cases, suite_rows)
         print(f"\n== {suite} ==")
-        print(_harness.format_table(suite_rows, sgemm, args.wide))
-        rows += suite_rows
+        print(_harness.format_table(suite_rows + extra, sgemm, args.wide))
+        rows += suite_rows + extra
     if args.json:
         path = _harness.write_json(args.json, env, rows, {"sgemm_gflops": sgemm, "quick": args.quick})
         print(f"\nwrote {path}")

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.utils.benchmark
 
+import tessel
 from examples._common import progress, pyplot, text_table
 
 
@@ -101,8 +102,11 @@ def _status_kib(key: str) -> int:
 
 
 def _release_freed_memory() -> None:
-    """Makes CPU RSS track live memory: large blocks are mmapped (and so
-    unmapped when freed) and free heap pages go back to the OS."""
+    """Makes CPU RSS track live memory: tessel's kernels give back the
+    scratch they keep between calls (so a call's peak counts it), large blocks
+    are mmapped (and so unmapped when freed) and free heap pages go back to
+    the OS."""
+    tessel.empty_cache()
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB, fixed
     libc.malloc_trim(0)
@@ -214,12 +218,17 @@ def run_cases(cases: list[Case], quick: bool) -> list[dict]:
             row["gbps"] = case.bytes / times["tessel"] / 1e9
         row["max_err"] = case.error() if case.error is not None else None
         rows.append(row)
-    # Memory last: on CPU, measuring it changes the allocator's settings.
+    return rows
+
+
+def measure_memory(cases: list[Case], rows: list[dict]) -> None:
+    """Adds each case's peak memory to its row (run_cases' order). On CPU
+    this changes the allocator's settings for the rest of the process: call
+    it after every timing."""
     for case, row in zip(progress(cases, "memory"), rows):
         row["peak_mb"] = peak_memory_mb(case.tessel, case.device)
         for name, fn in case.peers.items():
             row[f"{name}_peak_mb"] = peak_memory_mb(fn, case.device)
-    return rows
 
 
 def _cell(v) -> str:

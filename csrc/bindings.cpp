@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -446,6 +447,15 @@ PYBIND11_MODULE(TESSEL_MODULE, m) {
   m.attr("simd_bytes") = tessel::kVecBytes;
   m.def("cpu_levels", &cpu_levels);
   m.def("kernel_table", [] { return py::capsule(&kKernelTable, "tessel.KernelTable"); });
+  m.def(
+      "release_scratch",
+      [](int num_threads) {
+        // Each OpenMP thread (the caller among them) gives back its own cached blocks.
+        std::atomic<size_t> bytes{0};
+        tessel::parallel_region(num_threads, [&] { bytes += tessel::BlockCache::clear(); });
+        return bytes.load();
+      },
+      py::arg("num_threads"));
   m.def("looped_forward", &looped_forward, py::arg("z"), py::arg("p"), py::arg("q"), py::arg("out"),
         py::arg("saved"), py::arg("loops"), py::arg("key_cols"), py::arg("inv_n"), py::arg("every"),
         py::arg("num_threads"));

@@ -594,6 +594,16 @@ class BlockCache {
     return {::operator new(bytes, kAlign), bytes};
   }
 
+  // Gives the calling thread's cached blocks back; returns their bytes.
+  static size_t clear() {
+    Cache& c = cached();
+    const size_t bytes = c.bytes;
+    for (const Block& b : c.blocks) release(b);
+    c.blocks.clear();
+    c.bytes = 0;
+    return bytes;
+  }
+
   static void give(Block b) {
     if (b.bytes < kMinBytes || b.bytes > kMaxBytes) return release(b);
     Cache& c = cached();

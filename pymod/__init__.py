@@ -1,7 +1,7 @@
 """tessel: compiled kernels for attention, linear-attention loops and low-rank
 gradient compression, behind a thin PyTorch API."""
 from . import compress, distributed, icl, nn
-from ._dispatch import cpu_info, get_backend, set_backend, using_backend
+from ._dispatch import cpu_info, empty_cache, get_backend, set_backend, using_backend
 from .attention import attention, attention_varlen, patch_sdpa, scaled_dot_product_attention
 from .integrations.torch_sdpa import register_sdpa_provider
 from .linear_attention import linear_attention
@@ -13,6 +13,7 @@ __all__ = [
     "compress",
     "cpu_info",
     "distributed",
+    "empty_cache",
     "get_backend",
     "icl",
     "linear_attention",

@@ -112,6 +112,16 @@ def cpu_info() -> dict:
             "simd_bits": 8 * module.simd_bytes}
 
 
+def empty_cache() -> int:
+    """Gives back the scratch blocks the C++ kernels keep between calls
+    (per thread, up to 64 MB each, so that calls do not page-fault their
+    scratch in anew), on the calling thread and the OpenMP threads of
+    torch.get_num_threads(); returns the bytes given back."""
+    if _cpu_module is None:
+        return 0
+    return _cpu_module.release_scratch(torch.get_num_threads())
+
+
 def _built_levels() -> list[str]:
     return [level for level in CPU_LEVELS if importlib.util.find_spec(f"tessel._C_{level}") is not None]
 

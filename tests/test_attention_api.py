@@ -190,6 +190,17 @@ def test_backend_choice(monkeypatch):
         tessel.attention(q, q, q)
 
 
+def test_empty_cache_gives_back_the_kernels_scratch():
+    # K packed into panels: 32 x 2 heads x 256 keys x 32 floats = 2 MB, a block the kernels keep between calls.
+    q, k, v = (rand(32, 2, 256, 32, seed=s) for s in range(3))
+    first = tessel.attention(q, k, v)
+    assert error_vs(first, attention_reference(q, k, v)) < 2e-5
+    assert torch.equal(tessel.attention(q, k, v), first)  # on the blocks the first call left
+    assert tessel.empty_cache() >= 32 * 2 * 256 * 32 * 4
+    assert tessel.empty_cache() == 0
+    assert torch.equal(tessel.attention(q, k, v), first)  # on scratch allocated anew
+
+
 def test_forced_backend_that_cannot_serve_raises(monkeypatch):
     q = rand(1, 2, 9, 8)
     tessel.set_backend("triton")
