@@ -580,49 +580,45 @@ class BlockCache {
   // A block of at least `bytes` (the smallest cached one that fits, else a new one).
   static Block take(size_t bytes) {
     if (bytes >= kMinBytes) {
-      auto& blocks = cached().blocks;
-      auto best = blocks.end();
-      for (auto it = blocks.begin(); it != blocks.end(); ++it)
-        if (it->bytes >= bytes && (best == blocks.end() || it->bytes < best->bytes)) best = it;
-      if (best != blocks.end()) {
-        const Block b = *best;
-        cached().bytes -= b.bytes;
-        blocks.erase(best);
-        return b;
-      }
+      Cache& c = cached();
+      auto best = c.blocks.end();
+      for (auto it = c.blocks.begin(); it != c.blocks.end(); ++it)
+        if (it->bytes >= bytes && (best == c.blocks.end() || it->bytes < best->bytes)) best = it;
+      if (best != c.blocks.end()) return c.remove(best);
     }
     return {::operator new(bytes, kAlign), bytes};
   }
 
   // Gives the calling thread's cached blocks back; returns their bytes.
-  static size_t clear() {
-    Cache& c = cached();
-    const size_t bytes = c.bytes;
-    for (const Block& b : c.blocks) release(b);
-    c.blocks.clear();
-    c.bytes = 0;
-    return bytes;
-  }
+  static size_t clear() { return cached().release_all(); }
 
   static void give(Block b) {
     if (b.bytes < kMinBytes || b.bytes > kMaxBytes) return release(b);
     Cache& c = cached();
     c.blocks.push_back(b);
     c.bytes += b.bytes;
-    while (c.blocks.size() > kMaxBlocks || c.bytes > kMaxBytes) {
-      c.bytes -= c.blocks.front().bytes;
-      release(c.blocks.front());
-      c.blocks.erase(c.blocks.begin());
-    }
+    while (c.blocks.size() > kMaxBlocks || c.bytes > kMaxBytes) release(c.remove(c.blocks.begin()));
   }
 
  private:
   struct Cache {
     std::vector<Block> blocks;  // oldest first
     size_t bytes = 0;
-    ~Cache() {
-      for (const Block& b : blocks) release(b);
+
+    Block remove(std::vector<Block>::iterator it) {
+      const Block b = *it;
+      bytes -= b.bytes;
+      blocks.erase(it);
+      return b;
     }
+    size_t release_all() {
+      const size_t total = bytes;
+      for (const Block& b : blocks) release(b);
+      blocks.clear();
+      bytes = 0;
+      return total;
+    }
+    ~Cache() { release_all(); }
   };
   static Cache& cached() {
     static thread_local Cache cache;
