@@ -215,6 +215,9 @@ def _wall_worker(rank, world, port, model, mrank, steps, out_path):
     if rank == 0:
         torch.save(times, out_path)
     dist.destroy_process_group()
+    # gloo's threads outlive the group: one still dropping a work that holds a Python object (a hook's
+    # callback) aborts the process if interpreter finalisation has begun. The times are saved already.
+    os._exit(0)
 
 
 def _wall_row(device, world, model, rank, times):

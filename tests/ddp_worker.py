@@ -99,8 +99,22 @@ def worker(rank, world, port, kinds, out_dir):
                 results[kind] = (losses, params)
     except Exception as err:  # reported to the parent, which asserts on it
         results["error"] = f"{type(err).__name__}: {err}"
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    leave(rank, results, out_dir)
+
+
+def leave(rank, result, out_dir, teardown=True):
+    """Save this worker's result for the parent, tear the group down, exit without interpreter finalisation.
+
+    gloo's worker threads outlive destroy_process_group (the group stays referenced) and may still be
+    dropping a finished work whose captured thread-local state holds a Python object: the context torch
+    2.13 stashes during every backward (a collective issued inside it: DDP's, a hook's synchronous path) or
+    a dispatch mode (host_reads). Its decref takes the GIL, and taking the GIL once finalisation has begun
+    ends the thread inside a noexcept destructor: SIGABRT, "terminate called without an active exception"
+    (seen in 1 run of ~30). Torch's at-exit race, not the hooks': a crash before this point still fails."""
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    if teardown:
+        dist.destroy_process_group()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------- scenarios of the asynchronous hooks
@@ -256,13 +270,8 @@ def run(rank, world, port, scenario, args, out_dir, timeout_s):
         result = globals()[scenario](rank, world, *args)
     except Exception as err:  # reported to the parent, which asserts on it
         result = {"error": f"{type(err).__name__}: {err}"}
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    if scenario != "dies":  # the group lost a member there: tearing it down could wait on the dead peer
-        dist.destroy_process_group()
-    # Leave without interpreter finalisation: a gloo thread may still be releasing a finished work whose
-    # captured thread-local state holds a Python object (host_reads' dispatch mode); taking the GIL during
-    # finalisation aborts the process (torch's at-exit race, not ours). The result is saved already.
-    os._exit(0)
+    # "dies": the group lost a member there, so tearing it down could wait on the dead peer.
+    leave(rank, result, out_dir, teardown=scenario != "dies")
 
 
 def wait_each_bucket(rank, world, steps=4):
