@@ -343,8 +343,9 @@ class PowerSGD(Compressor):
     def _rank_of(self, n, m):
         return min(self.rank, n, m)
 
-    def _state(self, name, n, m, device, dtype) -> _TensorState:
-        """The tensor's state, checked against its gradient and moved to the working device and dtype."""
+    def _state(self, name, n, m, device, dtype, passes) -> _TensorState:
+        """The tensor's state, checked against its gradient and moved to the working device and dtype; a fresh
+        one's Q is orthonormalised by the step's passes."""
         st = self._tensors.get(name)
         r = self._rank_of(n, m)
         if st is None:
@@ -360,7 +361,7 @@ class PowerSGD(Compressor):
             st.q = torch.randn(r, m, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
             st.p, st.steps, st.phase = None, 0, 0
             if self.alternate:
-                orthogonalize_(st.q.T, self.eps)
+                passes.orthonormalize(st.q.view(-1), [0], [m], r, self.eps)
         st.error, st.p, st.q = (_as_work(t, device, dtype) for t in (st.error, st.p, st.q))
         if self.error_feedback and st.error is None:
             st.error = torch.zeros(n, m, device=device, dtype=dtype)
@@ -411,7 +412,7 @@ class PowerSGD(Compressor):
         self._verify_once(named_grads, mats, comm)
         device = mats[0][1].device
         backend = _dispatch.resolve_backend("compress", device)
-        dtype = work_dtype(mats[0][1].dtype, backend)
+        dtype, passes = work_dtype(mats[0][1].dtype, backend), ops(backend)
         # Tensors grouped by rank (below min(n, m) only with min_compression_rate < 2): one pass each.
         groups: dict[int, list] = {}
         for nm, g in mats:
@@ -419,14 +420,13 @@ class PowerSGD(Compressor):
         for i, (rank, members) in enumerate(sorted(groups.items())):
             sent_plain = plain if i == 0 else []
             ok = self._part([nm for nm, _ in members + sent_plain], device)
-            states = [self._state(nm, g.shape[0], _columns(g), device, dtype) for nm, g in members]
+            states = [self._state(nm, g.shape[0], _columns(g), device, dtype, passes) for nm, g in members]
             # A P step serves every tensor (each keeps an orthonormal q); a Q step needs every p.
             phase = min(st.phase for st in states) if self.alternate else 0
             self._step([(nm, g, st) for (nm, g), st in zip(members, states)], phase, rank, sent_plain, comm, ok,
-                       backend, dtype)
+                       passes, dtype)
 
-    def _step(self, members, phase, rank, plain, comm, ok, backend, dtype):
-        passes = ops(backend)
+    def _step(self, members, phase, rank, plain, comm, ok, passes, dtype):
         works = []
         for _, g, _ in members:
             work = g.reshape(g.shape[0], _columns(g))
