@@ -21,13 +21,19 @@ def numpy_view(x: torch.Tensor):
     return x.detach().numpy()
 
 
+# The ops registered here are one fragment of the tessel namespace (attention's are defined in C++,
+# csrc/ops.cpp); a registration lasts as long as its Library object.
+_LIB = torch.library.Library("tessel", "FRAGMENT")
+
+
 def kernel_op(family: str, direction: str, *, cpp, triton: str, finish=None, mutates_args=()):
-    """Register the decorated function as the fake of custom op
-    tessel::<family>_<direction>; its schema comes from that function's type
-    annotations, whose last argument is the backend name. The op's body calls
-    `cpp` (backend "cpp") or tessel.kernels.<family>.<triton> (backend
-    "triton") with the other arguments, then `finish(result, *arguments)`
-    where given (casts to the dtypes the fake promises, checks)."""
+    """Register the decorated function as the fake of op tessel::<family>_<direction>
+    and return the op (torch.library.register_autograd takes it); its schema
+    comes from that function's type annotations, whose last argument is the
+    backend name. The op's body calls `cpp` (backend "cpp") or
+    tessel.kernels.<family>.<triton> (backend "triton") with the other
+    arguments, then `finish(result, *arguments)` where given (casts to the
+    dtypes the fake promises, checks)."""
 
     def register(fake):
         def body(*args):
@@ -36,9 +42,19 @@ def kernel_op(family: str, direction: str, *, cpp, triton: str, finish=None, mut
             result = kernel(*args)
             return result if finish is None else finish(result, *args)
 
-        op = torch.library.custom_op(f"tessel::{family}_{direction}", body, mutates_args=mutates_args,
-                                     schema=infer_schema(fake, mutates_args=mutates_args))
-        op.register_fake(fake)
-        return op
+        name = f"{family}_{direction}"
+        schema = infer_schema(fake, mutates_args=mutates_args)
+        if mutates_args:
+            # torch.library.custom_op bumps the version counter of what the op mutates (the kernels write
+            # through numpy views, which autograd does not see); a kernel registered as below does not.
+            op = torch.library.custom_op(f"tessel::{name}", body, mutates_args=mutates_args, schema=schema)
+            op.register_fake(fake)
+            return op
+        # Defined with one kernel for every device: a torch.library.custom_op's kernel imports torch._dynamo
+        # on its first call (1.2 s, once per process) and costs ~11 us more on every call.
+        _LIB.define(name + schema)
+        _LIB.impl(name, body, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"tessel::{name}", fake, lib=_LIB)
+        return getattr(torch.ops.tessel, name).default
 
     return register

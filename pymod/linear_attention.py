@@ -276,7 +276,7 @@ def _linear_backward(ctx, dout, dstate):
     return dq, dk, dv, ds0, None, None, None, None
 
 
-_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+torch.library.register_autograd(_linear_fwd, _linear_backward, setup_context=_linear_setup_context)
 
 
 def _linear_attention_with(core, q, k, v, causal, feature_map, normalize, scale, initial_state, return_state, eps,

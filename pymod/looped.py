@@ -176,7 +176,7 @@ def _backward(ctx, dout, _dsaved):
     return dz, dp, dq, None, None, None, None
 
 
-_looped_fwd.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd(_looped_fwd, _backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------- public API
