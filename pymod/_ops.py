@@ -1,4 +1,4 @@
-"""How an op reaches its kernel: the custom-op registration of the families
+"""How an op reaches its kernel: the op registration of the families
 registered from Python (attention's ops are registered in C++: csrc/ops.cpp),
 the one dtype policy, and the bridge to the C++ extension's numpy buffers."""
 from __future__ import annotations
