@@ -3,6 +3,8 @@ registered from Python (attention's ops are registered in C++: csrc/ops.cpp),
 the one dtype policy, and the bridge to the C++ extension's numpy buffers."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch.library import infer_schema
 
@@ -36,23 +38,21 @@ def kernel_op(family: str, direction: str, *, cpp, triton: str, finish=None, mut
     dtypes the fake promises, checks)."""
 
     def register(fake):
+        params = list(inspect.signature(fake).parameters)
+        mutated = [params.index(name) for name in mutates_args]
+
         def body(*args):
             *args, backend = args
             kernel = cpp if backend == "cpp" else getattr(_dispatch.triton_module(family), triton)
             result = kernel(*args)
+            for i in mutated:  # written through numpy views or Triton pointers, which autograd does not see
+                torch.autograd.graph.increment_version(args[i])
             return result if finish is None else finish(result, *args)
 
+        # Defined with one kernel for every device, not as a torch.library.custom_op: a custom_op's kernel
+        # imports torch._dynamo on its first call (1.2 s, once per process) and costs ~11 us more per call.
         name = f"{family}_{direction}"
-        schema = infer_schema(fake, mutates_args=mutates_args)
-        if mutates_args:
-            # torch.library.custom_op bumps the version counter of what the op mutates (the kernels write
-            # through numpy views, which autograd does not see); a kernel registered as below does not.
-            op = torch.library.custom_op(f"tessel::{name}", body, mutates_args=mutates_args, schema=schema)
-            op.register_fake(fake)
-            return op
-        # Defined with one kernel for every device: a torch.library.custom_op's kernel imports torch._dynamo
-        # on its first call (1.2 s, once per process) and costs ~11 us more on every call.
-        _LIB.define(name + schema)
+        _LIB.define(name + infer_schema(fake, mutates_args=mutates_args))
         _LIB.impl(name, body, "CompositeExplicitAutograd")
         torch.library.register_fake(f"tessel::{name}", fake, lib=_LIB)
         return getattr(torch.ops.tessel, name).default

@@ -59,6 +59,20 @@ def test_orthogonalize_rank_deficient_stays_finite(backend):
     assert error_vs(kept.mT @ kept, torch.eye(3).expand(4, 3, 3)) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["cpp"] + (["triton"] if len(KERNEL_OPS) > 1 else []))
+def test_orthogonalize_in_place_is_seen_by_autograd(backend):
+    # The kernels write through numpy views or Triton pointers: the op itself bumps M's version counter.
+    tessel.set_backend(backend)
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    M = x * 1
+    saved_by_square = (M * M).sum()
+    version = M._version
+    compress.orthogonalize_(M)
+    assert M._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved_by_square.backward()
+
+
 def test_orthogonalize_half_and_bad_input():
     M = torch.randn(40, 3, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     compress.orthogonalize_(M)
