@@ -70,8 +70,10 @@ def main(argv=None) -> None:
 
     env = _harness.environment(device)
     sgemm = _harness.sgemm_gflops(device, args.quick)
+    peak = _harness.fma_peak_gflops(device)
     print(f"tessel bench on {env['device']} ({env['threads']} threads), torch {env['torch']}, "
-          f"{'quick' if args.quick else 'full'}; float32 matmul: {sgemm:.1f} GFLOP/s")
+          f"{'quick' if args.quick else 'full'}; float32 matmul: {sgemm:.1f} GFLOP/s"
+          + (f"; FMA peak: {peak:.1f} GFLOP/s" if peak else ""))
     timed = []  # (suite, its cases, their rows, the rows it measures its own way)
     for suite in suites:
         module = importlib.import_module(f"bench.{suite}")
@@ -91,7 +93,8 @@ def main(argv=None) -> None:
         print(_harness.format_table(suite_rows + extra, sgemm, args.wide))
         rows += suite_rows + extra
     if args.json:
-        path = _harness.write_json(args.json, env, rows, {"sgemm_gflops": sgemm, "quick": args.quick})
+        path = _harness.write_json(args.json, env, rows,
+                                   {"sgemm_gflops": sgemm, "fma_peak_gflops": peak, "quick": args.quick})
         print(f"\nwrote {path}")
     if args.plot:
         _harness.write_plot(args.plot, rows, env)

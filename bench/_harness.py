@@ -139,6 +139,17 @@ def sgemm_gflops(device: str, quick: bool) -> float:
     return 2 * n**3 / time_side_by_side({"mm": lambda: a @ b}, device, quick)["mm"] / 1e9
 
 
+def fma_peak_gflops(device: str) -> float | None:
+    """The CPU's float32 multiply-add ceiling on the run's threads at the SIMD level in use (best of five
+    short runs of independent FMA chains: a busy neighbour on the VM only lowers it), or None on GPU."""
+    if device != "cpu":
+        return None
+    from tessel import _dispatch
+
+    module = _dispatch.cpp_module()
+    return max(module.fma_peak_gflops(torch.get_num_threads(), 20_000_000) for _ in range(5))
+
+
 def environment(device: str) -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

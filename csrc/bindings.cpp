@@ -10,6 +10,7 @@
 #include <pybind11/stl.h>
 
 #include <atomic>
+#include <chrono>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -438,6 +439,31 @@ std::vector<std::string> cpu_levels() {
 #endif
 }
 
+// The float32 multiply-add rate of num_threads threads at this level, in GFLOP/s: `steps` steps of
+// independent chains on each thread (12 vectors: more than an FMA's latency times the FMA units of any
+// x86 core), no memory traffic. The ceiling the kernels' matmuls are measured against (python -m bench).
+double fma_peak_gflops(int num_threads, int64_t steps) {
+  using S = tessel::Simd<float>;
+  constexpr int kChains = 12;
+  std::atomic<int> threads{0};
+  std::atomic<float> sink{0};
+  const auto start = std::chrono::steady_clock::now();
+  tessel::parallel_region(num_threads, [&] {
+    S::vec acc[kChains];
+    for (int i = 0; i < kChains; ++i) acc[i] = S::splat(1.0f + 1e-6f * i);
+    const S::vec a = S::splat(0.999999f), b = S::splat(1e-7f);
+    for (int64_t s = 0; s < steps; ++s)
+#pragma GCC unroll 12
+      for (int i = 0; i < kChains; ++i) acc[i] = acc[i] * a + b;
+    float total = 0;
+    for (int i = 0; i < kChains; ++i) total += acc[i][0];
+    sink = sink + total;  // keeps the chains from being optimised away
+    ++threads;
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return threads.load() * double(steps) * kChains * S::width * 2 / seconds / 1e9;
+}
+
 }  // namespace
 
 // One module per SIMD level (setup.py): TESSEL_MODULE is its name, e.g. _C_avx2.
@@ -456,6 +482,7 @@ PYBIND11_MODULE(TESSEL_MODULE, m) {
         return bytes.load();
       },
       py::arg("num_threads"));
+  m.def("fma_peak_gflops", &fma_peak_gflops, py::arg("num_threads"), py::arg("steps"));
   m.def("looped_forward", &looped_forward, py::arg("z"), py::arg("p"), py::arg("q"), py::arg("out"),
         py::arg("saved"), py::arg("loops"), py::arg("key_cols"), py::arg("inv_n"), py::arg("every"),
         py::arg("num_threads"));

@@ -5,7 +5,7 @@
 #pragma once
 
 #include <omp.h>
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__SSE__)  // x86: intrinsics of whichever level this build targets
 #include <immintrin.h>
 #endif
 
@@ -473,12 +473,25 @@ inline T exp2_shifted_sum(T* x, int64_t n, T shift) {
     constexpr int W = S::width;
     auto body = [](V v) -> V {
       const V lo = S::splat(-126.0f);
-      const V xc = lo > v ? lo : v;  // NaN stays NaN
+      // max(lo, v), NaN staying NaN: x86's max returns its second operand when either is NaN (one
+      // instruction, where the generic select takes a compare and a blend).
+#if defined(__AVX512F__)
+      const V xc = (V)_mm512_max_ps((__m512)lo, (__m512)v);
+#elif defined(__AVX__)
+      const V xc = (V)_mm256_max_ps((__m256)lo, (__m256)v);
+#elif defined(__SSE__)
+      const V xc = (V)_mm_max_ps((__m128)lo, (__m128)v);
+#else
+      const V xc = lo > v ? lo : v;
+#endif
 #if defined(__AVX512F__)
       const V r = (V)_mm512_roundscale_ps((__m512)xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
-      const V magic = S::splat(12582912.0f);  // 1.5 * 2^23: round to nearest
-      const V r = (xc + magic) - magic;
+      // Adding 1.5 * 2^23 + 127 rounds to the nearest integer n and leaves n + 127 in the low mantissa
+      // bits, which one shift moves into the exponent field of 2^n (no float -> int conversion).
+      const V magic = S::splat(12583039.0f);
+      const V t = xc + magic;
+      const V r = t - magic;
 #endif
       const V f = xc - r;  // [-0.5, 0.5]
       V p = S::splat(1.327641733e-03f);
@@ -491,20 +504,31 @@ inline T exp2_shifted_sum(T* x, int64_t n, T shift) {
       return (V)_mm512_scalef_ps((__m512)p, (__m512)r);  // p * 2^r in one instruction
 #else
       typedef int32_t IV __attribute__((vector_size(kVecBytes)));
-      const IV e = (__builtin_convertvector(r, IV) + 127) << 23;
+      IV e;
+      std::memcpy(&e, &t, sizeof(V));
+      e <<= 23;
       V scale;
       std::memcpy(&scale, &e, sizeof(V));
       return p * scale;
 #endif
     };
-    V sum{};
+    // Two sums: one would chain every step's add (its latency, not the exp, would set the pace).
+    V sum0{}, sum1{};
     int64_t i = 0;
-    for (; i + W <= n; i += W) {
+    for (; i + 2 * W <= n; i += 2 * W) {
+      const V y0 = body(S::load(x + i) - shift), y1 = body(S::load(x + i + W) - shift);
+      S::store(x + i, y0);
+      S::store(x + i + W, y1);
+      sum0 += y0;
+      sum1 += y1;
+    }
+    if (i + W <= n) {
       const V y = body(S::load(x + i) - shift);
       S::store(x + i, y);
-      sum += y;
+      sum0 += y;
+      i += W;
     }
-    float total = S::hsum(sum);
+    float total = S::hsum(sum0 + sum1);
     if (i < n) {
       float tmp[W];
       for (int j = 0; j < W; ++j) tmp[j] = i + j < n ? x[i + j] - shift : -126.0f;

@@ -93,6 +93,15 @@ def test_every_level_matches_the_references(level, force_level):
     assert error_vs(m.T @ m, torch.eye(4, dtype=torch.float64)) <= 1e-6  # eps = 1e-8 in the norms
 
 
+@pytest.mark.parametrize("level", SUPPORTED)
+def test_fma_peak_is_a_rate(level):
+    """The FMA ceiling python -m bench prints: a finite positive rate, no work no flops."""
+    module = importlib.import_module(f"tessel._C_{level}")
+    rate = module.fma_peak_gflops(1, 1_000_000)
+    assert 0 < rate < float("inf")
+    assert module.fma_peak_gflops(1, 0) == 0
+
+
 def test_forcing_a_level_the_cpu_lacks_or_that_does_not_exist(force_level, monkeypatch):
     force_level("mmx")
     with pytest.raises(ValueError, match=r"TESSEL_CPU_LEVEL must be one of"):
