@@ -8,11 +8,12 @@ the feature maps already applied and s = scale:
   keys first, then o = s q S.
 - dq: one program per (batch * head, block of key dims) walks forward
   carrying S^T: dq = s (dO S^T + tril(dO v^T) k).
-- dk, dv: one program per (batch * kv head, block of value columns) walks
-  backward carrying dS (the gradient of the state after the chunk), summing
-  the q heads of its GQA group: dv = triu(k qs^T) dO + k dS, dk = triu(v dO^T)
-  qs + v dS^T (a partial sum per value block, added up after), dS += qs^T dO.
-  No atomics: deterministic.
+- dk, dv: one program per (batch * kv head, block of value columns, block of
+  key dims) walks backward carrying dS (the gradient of the state after the
+  chunk), summing the q heads of its GQA group: dv = triu(k qs^T) dO + k dS,
+  dk = triu(v dO^T) qs + v dS^T, dS += qs^T dO; dk is a partial sum per value
+  block and dv per key-dim block (one block but for FMA dots at dims from
+  128), added up after. No atomics: deterministic.
 Packed sequences (VARLEN, cu_seqlens, batch 1): the program's batch index
 picks a sequence, whose tokens it walks with its own state.
 Dots take the input dtype with fp32 accumulation; states are fp32 (cast to
@@ -36,6 +37,9 @@ STATE_TILE = 4096
 # with 4096-element blocks it spills on sm_80 at dims >= 64 in every config; 1024 (16 columns at
 # dims 64 and 128) does not (python -m bench gpu-static).
 DKDV_STATE_TILE = 1024
+# FMA dots (fp32) split dK/dV's key dims into blocks of this many (dS rows): with whole 128-dim tiles
+# dK/dV spilled up to 24 bytes (python -m bench gpu-static); a 64-dim block is the dim-64 kernel.
+FMA_DKDV_DIM_BLOCK = 64
 
 
 # fp32 inputs take FMA dots (IEEE fp32 has no tensor cores), their tiles in registers: 16-token chunks on
@@ -213,17 +217,20 @@ def _dkdv_chunk(dS, q_base, do_base, sqn, sdn, k, v, rows, offs_t, offs_d, offs_
 @triton.autotune(configs=_chunk_configs(), key=_KEY,
                  prune_configs_by={"early_config_prune": _pruner("dkdv", "BD")})
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DSF, DS0, DKP, DV_, CU, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+def _bwd_dkdv_kernel(Q, K, V, DO, DSF, DS0, DKP, DVP, CU, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                      sdb, sdh, sdn, H, G, NQ, NK, D, DV, scale, part_rows,
                      HAS_DS: tl.constexpr, CAUSAL: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                      BT: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr = False):
-    """DV_: (batch, HK, NK, DV); DKP: the value blocks' partial dK, each part_rows rows of D."""
-    iv, bhk = tl.program_id(0), tl.program_id(1)
+    """DKP: the value blocks' partial dK, each part_rows rows of D; DVP: the key-dim blocks' (BD wide)
+    partial dV, each part_rows rows of DV."""
+    block, bhk = tl.program_id(0), tl.program_id(1)
+    n_db = tl.cdiv(D, BD)
+    iv, idb = block // n_db, block % n_db
     HK = H // G
     i_b, hk = bhk // HK, bhk % HK
     out_rows = NK
     b, start, NQ, NK = _sequence(CU, i_b, NQ, NK, VARLEN)
-    offs_d = tl.arange(0, BD)
+    offs_d = idb * BD + tl.arange(0, BD)
     offs_v = iv * BV + tl.arange(0, BV)
     offs_t = tl.arange(0, BT)
     k_base = K + b * skb + hk * skh + start * skn
@@ -262,7 +269,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DSF, DS0, DKP, DV_, CU, sqb, sqh, sqn, skb, sk
                                          rows, offs_t, offs_d, offs_v, NQ, D, DV, scale, dv, dk, True,
                                          DOT_PRECISION)
         out = (b * HK + hk) * out_rows + start + rows[:, None]
-        tl.store(DV_ + out * DV + offs_v[None, :], dv, mask=(rows[:, None] < NK) & (offs_v[None, :] < DV))
+        tl.store(DVP + (idb * part_rows + out) * DV + offs_v[None, :], dv,
+                 mask=(rows[:, None] < NK) & (offs_v[None, :] < DV))
         tl.store(DKP + (iv * part_rows + out) * D + offs_d[None, :], dk,
                  mask=(rows[:, None] < NK) & (offs_d[None, :] < D))
     tl.store(DS0 + state_base + offs_d[:, None] * DV + offs_v[None, :], dS,
@@ -332,15 +340,17 @@ def linear_backward(q, k, v, state0, cu_seqlens, state, dout, dstate, scale: flo
         k, v, dout, st, dq, cu_seqlens, *strides3(k), *strides3(v), *strides3(dout), h, h // hk, nq, nk, d, dv,
         scale, HAS_S0=has_st, CAUSAL=causal, BK=bk, BVF=bvf, DOT_PRECISION=precision, VARLEN=varlen)
 
-    bv = _state_block(bd, dv, DKDV_STATE_TILE)
-    n_vb = triton.cdiv(dv, bv)
+    bdk = FMA_DKDV_DIM_BLOCK if fma_dots(q.dtype, precision) and bd > FMA_DKDV_DIM_BLOCK else bd
+    bv = _state_block(bdk, dv, DKDV_STATE_TILE)
+    n_vb, n_db = triton.cdiv(dv, bv), triton.cdiv(d, bdk)
     dk_parts = torch.empty(n_vb, b, hk, nk, d, device=q.device, dtype=torch.float32)
-    dv_ = torch.empty(b, hk, nk, dv, device=q.device, dtype=torch.float32)
+    dv_parts = torch.empty(n_db, b, hk, nk, dv, device=q.device, dtype=torch.float32)
     ds0 = torch.empty(states, hk, d, dv, device=q.device, dtype=torch.float32)
     dsf = ds0 if dstate is None else dstate.float().contiguous()
-    _bwd_dkdv_kernel[(n_vb, states * hk)](
-        q, k, v, dout, dsf, ds0, dk_parts, dv_, cu_seqlens, *strides3(q), *strides3(k), *strides3(v),
+    _bwd_dkdv_kernel[(n_vb * n_db, states * hk)](
+        q, k, v, dout, dsf, ds0, dk_parts, dv_parts, cu_seqlens, *strides3(q), *strides3(k), *strides3(v),
         *strides3(dout), h, h // hk, nq, nk, d, dv, scale, b * hk * nk, HAS_DS=dstate is not None, CAUSAL=causal,
-        BD=bd, BV=bv, DOT_PRECISION=precision, VARLEN=varlen)
+        BD=bdk, BV=bv, DOT_PRECISION=precision, VARLEN=varlen)
     dk = dk_parts[0] if n_vb == 1 else dk_parts.sum(0)
+    dv_ = dv_parts[0] if n_db == 1 else dv_parts.sum(0)
     return dq, dk, dv_, ds0

@@ -95,6 +95,23 @@ def test_head_dim_needing_several_state_blocks():
         check(name, a.cpu(), b, torch.float32)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_dkdv_in_blocks_of_key_dims(causal, monkeypatch):
+    # fp32 dK/dV split over key dims (what dims from 128 take on a GPU), here d = 40 in 16-dim blocks, the
+    # last one partial: dv summed over the blocks; GQA, an initial state and the state's gradient.
+    from tessel.kernels import linear_attention as kernels
+
+    monkeypatch.setattr(kernels, "FMA_DKDV_DIM_BLOCK", 16)
+    q, k, v = make(2, 4, 2, 23, 40, 24, torch.float32)
+    init = torch.randn(2, 2, 40, 24, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    out, state, grads = run(tessel.linear_attention, q, k, v, init, dict(causal=causal))
+    exact = [x.double().cpu() for x in (q, k, v)]
+    ref = lambda *a, **kw: linear_attention_reference(*a, method="quadratic", **kw)
+    r_out, r_state, r_grads = run(ref, *exact, init.double().cpu(), dict(causal=causal))
+    for name, a, b in zip(("dq", "dk", "dv", "dstate0"), grads, r_grads):
+        check(name, a.cpu(), b, torch.float32)
+
+
 def test_float64_is_a_clear_error():
     q, k, v = make(1, 1, 1, 4, 8, 8, torch.float32)
     with pytest.raises(TypeError, match="float16, bfloat16 and float32"):

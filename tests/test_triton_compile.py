@@ -27,11 +27,6 @@ ALLOWED_SPILLS = {
     # 128 registers of 16 warps: 32 bytes spill on sm_80 (none on sm_90 and sm_100; 8 warps: 16 bytes on
     # sm_80 at half the occupancy).
     ("looped", "_looped_bwd_kernel"): ("float32-21",),
-    # fp32 inputs take IEEE dots, which run on FMA units with their operand tiles in registers. The FMA-only
-    # block shapes (attention: 32 x 16 and 16 x 16 forward, 16 x 16 dK/dV; linear attention: 16-token chunks,
-    # 16-column state blocks from dim 128) fit but for linear-attention dK/dV at dim 128 (up to 24 bytes at
-    # the smallest dot, causal).
-    ("linear_attention", "_bwd_dkdv_kernel"): ("float32-128",),
 }
 
 
