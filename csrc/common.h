@@ -503,8 +503,8 @@ inline T exp2_shifted_sum(T* x, int64_t n, T shift) {
 #if defined(__AVX512F__)
       return (V)_mm512_scalef_ps((__m512)p, (__m512)r);  // p * 2^r in one instruction
 #else
-      typedef int32_t IV __attribute__((vector_size(kVecBytes)));
-      IV e;
+      typedef uint32_t UV __attribute__((vector_size(kVecBytes)));  // unsigned: the shift drops high bits
+      UV e;
       std::memcpy(&e, &t, sizeof(V));
       e <<= 23;
       V scale;
