@@ -168,7 +168,9 @@ def _looped_blocks(Z):
 # backward walks them in chunks of _BWD_CHUNK columns. Options the static report favours
 # (python -m bench gpu-static).
 _FWD_OPTIONS = {"num_warps": 8, "num_stages": 1}
-_BWD_CHUNK = 32
+# 64 columns: at d + 1 = 21 (32-wide tiles) chunks of 32 spilled 32 bytes on sm_80 with 16 warps and 16
+# bytes with 8 (8 warps and 16 columns: 72 on sm_100); 64 spills on no target at d + 1 = 6, 11, 21.
+_BWD_CHUNK = 64
 _BWD_OPTIONS = {"num_warps": 16, "num_stages": 1}
 
 

@@ -150,9 +150,10 @@ def test_decoder_steps_one_token_at_a_time(normalize):
         assert_close(f"token {t}", step, whole[:, :, t:t + 1], 1e-12)
 
 
+@pytest.mark.parametrize("dv", [32, 21])  # whole panels of values or not; 300 keys: a partial key block
 @pytest.mark.parametrize("causal", [True, False])
-def test_float32_accuracy_and_strided_inputs(causal):
-    q, k, v = make(2, 3, 3, 300, 32, 32)
+def test_float32_accuracy_and_strided_inputs(causal, dv):
+    q, k, v = make(2, 3, 3, 300, 32, dv)
     # (B, N, H, D) memory seen as (B, H, N, D): the kernels read strides.
     q32, k32, v32 = (x.float().transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     out = tessel.linear_attention(q32, k32, v32, causal=causal)

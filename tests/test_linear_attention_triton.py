@@ -10,6 +10,7 @@ from tessel.linear_attention import linear_attention_reference
 from tessel.looped import looped_linear_attention_reference
 
 pytest.importorskip("triton")
+from tessel.kernels.looped import _BWD_CHUNK  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -132,7 +133,7 @@ def make_looped(batch, d, n, loops, heads, shared, seed=0, scale=0.1):
 
 @pytest.mark.parametrize("d,n,loops,heads,shared,recompute", [
     (5, 9, 1, 1, True, False), (5, 9, 4, 2, True, True), (5, 9, 3, 1, False, False), (5, 9, 5, 1, True, True),
-    (9, 40, 3, 2, False, True),  # the backward's chunks of columns: two whole, one part
+    (9, 2 * _BWD_CHUNK + 20, 3, 2, False, True),  # the backward's chunks of columns: two whole, one part
     (20, 12, 2, 2, False, True),  # 32-wide tiles: the backward reads P^T transposed from memory
 ])
 @pytest.mark.parametrize("mask", ["last_col", "none"])

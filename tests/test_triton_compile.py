@@ -20,18 +20,6 @@ import pytest
 pytest.importorskip("triton")
 
 CACHE = os.path.join(os.path.dirname(__file__), "data", "triton_static.json")
-# Known exceptions, each with its reason; anything else that spills fails.
-ALLOWED_SPILLS = {
-    # The backward walks a prompt in chunks of columns, but the d x d products of a loop stay whole: with
-    # 32-wide tiles (d + 1 > 16) their FMA dots, each thread holding whole 32-long operand rows, fill the
-    # 128 registers of 16 warps: 32 bytes spill on sm_80 (none on sm_90 and sm_100; 8 warps: 16 bytes on
-    # sm_80 at half the occupancy).
-    ("looped", "_looped_bwd_kernel"): ("float32-21",),
-}
-
-
-def allowed(row) -> bool:
-    return row["case"] in ALLOWED_SPILLS.get((row["family"], row["kernel"]), ())
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +51,8 @@ def test_every_kernel_is_compiled_for_both_targets(rows):
 
 def test_no_spills_and_shared_memory_fits(rows):
     bad = [f"{r['target']} {r['family']} {r['case']} {r['kernel']} [{r['config']}]: {'; '.join(r['problems'])}"
-           for r in rows if r["problems"] and not allowed(r)]
+           for r in rows if r["problems"]]
     assert not bad, "\n".join(bad)
-    for r in rows:  # an allowed spill still fits shared memory
-        assert not any("shared memory" in p for p in r["problems"]), r
-    # The exceptions are still needed (when a kernel stops spilling, its entry goes).
-    for (family, kernel), cases in ALLOWED_SPILLS.items():
-        for case in cases:
-            found = [r for r in rows if (r["family"], r["kernel"], r["case"]) == (family, kernel, case)]
-            assert any(r["problems"] for r in found), (family, kernel, case)
 
 
 def test_half_precision_attention_uses_wgmma_on_hopper(rows):  # sm_100's tcgen05: in the bench JSON
