@@ -92,9 +92,22 @@ def main(argv=None) -> None:
         print(f"\n== {suite} ==")
         print(_harness.format_table(suite_rows + extra, sgemm, args.wide))
         rows += suite_rows + extra
+    meta = {"sgemm_gflops": sgemm, "fma_peak_gflops": peak, "quick": args.quick}
+    if device == "cuda" and not args.link:  # the measured rates beside what the compiler says of the kernels
+        from tessel.kernels._static import device_target
+
+        from . import gpu_static
+
+        try:
+            target = device_target()
+        except ValueError as unknown:  # the timings above still get written
+            print(f"\nno gpu-static table: {unknown}")
+        else:
+            meta["gpu_static"] = gpu_static.rows((target,))
+            print(f"\n== gpu-static ({target}: this device's target) ==")
+            print(gpu_static.format_table(meta["gpu_static"]))
     if args.json:
-        path = _harness.write_json(args.json, env, rows,
-                                   {"sgemm_gflops": sgemm, "fma_peak_gflops": peak, "quick": args.quick})
+        path = _harness.write_json(args.json, env, rows, meta)
         print(f"\nwrote {path}")
     if args.plot:
         _harness.write_plot(args.plot, rows, env)

@@ -40,6 +40,17 @@ TARGETS = {
     "sm_90": {"arch": 90, "shared": 227 * 1024, "regs": 65536, "max_warps": 64},
     "sm_100": {"arch": 100, "shared": 227 * 1024, "regs": 65536, "max_warps": 64},
 }
+
+
+def device_target() -> str:
+    """The TARGETS key of the current CUDA device (a clear error where its limits are not listed)."""
+    major, minor = torch.cuda.get_device_capability()
+    name = f"sm_{major}{minor}"
+    if name not in TARGETS:
+        raise ValueError(f"this GPU is {name}; the static report knows {', '.join(TARGETS)}")
+    return name
+
+
 # The ptxas and architecture name Triton uses for each target (the "a" variants have wgmma / tcgen05).
 _PTXAS = {"sm_80": ("ptxas", "sm_80"), "sm_90": ("ptxas", "sm_90a"), "sm_100": ("ptxas-blackwell", "sm_100a")}
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")

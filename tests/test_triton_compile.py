@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -47,6 +48,23 @@ def test_every_kernel_is_compiled_for_both_targets(rows):
         assert all(("attention", f"{dtype}-{d}") in cases for d in (16, 64, 128, 256))
         assert all(("linear_attention", f"{dtype}-{d}") in cases for d in (16, 64, 128))
     assert all(("looped", f"float32-{d1}") in cases for d1 in (6, 11, 21))
+
+
+def test_device_target_names_the_gpu_or_says_it_is_unknown(monkeypatch):
+    from tessel.kernels._static import device_target
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
+    assert device_target() == "sm_90"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 6))
+    with pytest.raises(ValueError, match="this GPU is sm_86; the static report knows sm_80, sm_90, sm_100"):
+        device_target()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the target of the GPU this runs on (make gpu-test)")
+def test_the_device_target_is_compiled(rows):
+    from tessel.kernels._static import device_target
+
+    assert device_target() in {r["target"] for r in rows}
 
 
 def test_no_spills_and_shared_memory_fits(rows):
