@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 import tessel
+from tessel._ops import acc_dtype
 from tessel.linear_attention import CHUNK, linear_attention_reference
 
 from ._harness import Case, forward_backward_call, forward_call
@@ -15,6 +16,10 @@ from ._harness import Case, forward_backward_call, forward_call
 FULL = [(4, 8, n, 64) for n in (1024, 2048, 4096, 8192)]
 QUICK = [(4, 8, 1024, 64), (4, 8, 4096, 64)]
 CUDA_FULL = [(4, 16, n, d) for d in (64, 128) for n in (4096, 8192, 16384)]
+# A decoder's step: one token against the state of those before it (the state in and out), where what a call
+# costs beyond its arithmetic decides; (batch, heads, dim).
+STEPS = [(1, 1, 8), (1, 16, 64), (8, 16, 128)]
+STEPS_QUICK = [(1, 16, 64)]
 # The recurrence runs one Python step per token: timed where it fits.
 RECURRENT_MAX_LEN = {"fwd": 4096, "fwd+bwd": 1024}
 
@@ -39,8 +44,32 @@ def _flops(b, h, n, d, causal):
     return b * h * (4 * n * d * d + (2 * n * CHUNK * d if causal else 0))
 
 
-def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
+def _step_cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
+    """Decoding steps: q, k, v of one token and the state (B, H, D, D), the new state returned; the peer is
+    the recurrence's step in PyTorch."""
     out = []
+    gen = torch.Generator(device=device).manual_seed(1)
+    for b, h, d in STEPS_QUICK if quick else STEPS:
+        q, k, v = (torch.randn(b, h, 1, d, device=device, dtype=dtype, generator=gen) for _ in range(3))
+        state = torch.randn(b, h, d, d, device=device, generator=gen).to(acc_dtype(dtype))
+        kw = dict(initial_state=state, return_state=True)
+        ours = lambda q, k, v, kw=kw: tessel.linear_attention(q, k, v, **kw)
+        ref = lambda q, k, v, kw=kw: linear_attention_reference(q, k, v, **kw)
+        rec = lambda q, k, v, kw=kw: linear_attention_reference(q, k, v, method="recurrent", **kw)
+
+        def err(o=ours, r=ref, x=(q, k, v)):
+            with torch.no_grad():
+                return max((a.float() - e.float()).abs().max().item() for a, e in zip(o(*x), r(*x)))
+
+        x = (q, k, v)
+        out.append(Case("linear_attention", f"B{b}-H{h}-N1-D{d}-step", "fwd", dtype, device,
+                        _flops(b, h, 1, d, False), forward_call(ours, x), forward_call(ref, x),
+                        {"recurrent": forward_call(rec, x)}, err))
+    return out
+
+
+def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
+    out = _step_cases(device, dtype, quick)
     gen = torch.Generator(device=device).manual_seed(0)
     shapes = QUICK if quick else (CUDA_FULL if device == "cuda" else FULL)
     fla = _fla_peer() if device == "cuda" else None

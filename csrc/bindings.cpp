@@ -25,7 +25,6 @@
 
 namespace py = pybind11;
 using tessel::AttentionProblem;
-using tessel::Strides4;
 
 namespace {
 
@@ -39,14 +38,11 @@ std::string shape_of(const py::array& x) {
   return s + ")";
 }
 
-enum class Layout { LastDim, Contiguous };
-
 // `x` has dtype T, rank `ndim` (and `shape` where given: -1 matches any
-// size), stride 1 in its last dim (LastDim) or C order (Contiguous), and is
-// writable when the kernel writes it.
+// size), is C-contiguous, and is writable when the kernel writes it.
 template <typename T>
 void expect(const char* binding, const char* name, const py::array& x, std::vector<int64_t> shape,
-            Layout layout = Layout::Contiguous, bool writable = false) {
+            bool writable = false) {
   auto fail = [&](const std::string& what) { internal_error(binding, std::string(name) + " " + what); };
   if (!x.dtype().is(py::dtype::of<T>()))
     fail("has dtype " + std::string(py::str(x.dtype())) + ", expected " + std::string(py::str(py::dtype::of<T>())));
@@ -54,23 +50,8 @@ void expect(const char* binding, const char* name, const py::array& x, std::vect
     fail("has shape " + shape_of(x) + ", expected rank " + std::to_string(shape.size()));
   for (size_t i = 0; i < shape.size(); ++i)
     if (shape[i] >= 0 && x.shape(i) != shape[i]) fail("has shape " + shape_of(x) + ", which does not fit");
-  const bool last_dim = x.ndim() == 0 || x.shape(x.ndim() - 1) <= 1 ||
-                        x.strides(x.ndim() - 1) == static_cast<py::ssize_t>(sizeof(T));
-  if (layout == Layout::LastDim && !last_dim) fail("must have stride 1 in its last dim");
-  if (layout == Layout::Contiguous && !(x.flags() & py::array::c_style)) fail("must be contiguous");
-  for (py::ssize_t i = 0; i < x.ndim(); ++i)
-    if (x.strides(i) < 0) fail("has a negative stride");
+  if (!(x.flags() & py::array::c_style)) fail("must be contiguous");
   if (writable && !x.writeable()) fail("must be writable");
-}
-
-template <typename T>
-void expect_optional(const char* binding, const char* name, const py::object& x, std::vector<int64_t> shape) {
-  if (!x.is_none()) expect<T>(binding, name, x.cast<py::array>(), std::move(shape));
-}
-
-Strides4 strides4(const py::array& x) {
-  const auto item = static_cast<int64_t>(x.itemsize());
-  return {x.strides(0) / item, x.strides(1) / item, x.strides(2) / item};
 }
 
 template <typename T>
@@ -88,17 +69,6 @@ template <typename Fn>
 auto by_dtype(const py::array& x, Fn&& fn) {
   if (x.dtype().is(py::dtype::of<double>())) return fn(double{});
   return fn(float{});
-}
-
-// q (B, H, Nq, D), k and v (B, Hkv, Nk, D) with H a multiple of Hkv.
-template <typename T>
-void expect_qkv(const char* fn, const py::array& q, const py::array& k, const py::array& v, int64_t dim_v = -2) {
-  expect<T>(fn, "q", q, {-1, -1, -1, -1}, Layout::LastDim);
-  expect<T>(fn, "k", k, {q.shape(0), -1, -1, q.shape(3)}, Layout::LastDim);
-  expect<T>(fn, "v", v, {q.shape(0), k.shape(1), k.shape(2), dim_v == -2 ? q.shape(3) : dim_v}, Layout::LastDim);
-  if (k.shape(1) < 1 || q.shape(1) % k.shape(1) != 0)
-    internal_error(fn, "q heads " + std::to_string(q.shape(1)) + " are not a multiple of k heads " +
-                           std::to_string(k.shape(1)));
 }
 
 // z (B, dim, cols); weights (1 or loops, heads, dim, dim); checkpoints (ceil(loops / every), B, dim, cols).
@@ -122,8 +92,8 @@ int64_t looped_forward_typed(const py::array& z, const py::array& wp, const py::
                              int num_threads) {
   constexpr const char* fn = "looped_forward";
   const auto p = looped_problem<T>(fn, z, wp, wq, saved, loops, key_cols, inv_n, every, num_threads);
-  expect<T>(fn, "out", out, {z.shape(0), z.shape(1), z.shape(2)}, Layout::Contiguous, true);
-  expect<T>(fn, "saved", saved, {-1, -1, -1, -1}, Layout::Contiguous, true);
+  expect<T>(fn, "out", out, {z.shape(0), z.shape(1), z.shape(2)}, true);
+  expect<T>(fn, "saved", saved, {-1, -1, -1, -1}, true);
   py::gil_scoped_release release;
   return tessel::looped_forward_cpu<T>(p, cdata<T>(z), cdata<T>(wp), cdata<T>(wq), data<T>(out), data<T>(saved));
 }
@@ -141,9 +111,9 @@ void looped_backward_typed(const py::array& saved, const py::array& wp, const py
                            double inv_n, int64_t every, int num_threads) {
   constexpr const char* fn = "looped_backward";
   const auto p = looped_problem<T>(fn, dout, wp, wq, saved, loops, key_cols, inv_n, every, num_threads);
-  expect<T>(fn, "dz", dz, {dout.shape(0), dout.shape(1), dout.shape(2)}, Layout::Contiguous, true);
-  expect<T>(fn, "dp", dp, {wp.shape(0), wp.shape(1), wp.shape(2), wp.shape(3)}, Layout::Contiguous, true);
-  expect<T>(fn, "dq", dq, {wp.shape(0), wp.shape(1), wp.shape(2), wp.shape(3)}, Layout::Contiguous, true);
+  expect<T>(fn, "dz", dz, {dout.shape(0), dout.shape(1), dout.shape(2)}, true);
+  expect<T>(fn, "dp", dp, {wp.shape(0), wp.shape(1), wp.shape(2), wp.shape(3)}, true);
+  expect<T>(fn, "dq", dq, {wp.shape(0), wp.shape(1), wp.shape(2), wp.shape(3)}, true);
   py::gil_scoped_release release;
   tessel::looped_backward_cpu<T>(p, cdata<T>(saved), cdata<T>(wp), cdata<T>(wq), cdata<T>(dout), data<T>(dz),
                                  data<T>(dp), data<T>(dq));
@@ -154,102 +124,6 @@ void looped_backward(const py::array& saved, const py::array& wp, const py::arra
                      int64_t every, int num_threads) {
   by_dtype(dout, [&](auto t) {
     looped_backward_typed<decltype(t)>(saved, wp, wq, dout, dz, dp, dq, loops, key_cols, inv_n, every, num_threads);
-  });
-}
-
-// q (B, H, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); causal needs Nq = Nk.
-template <typename T>
-tessel::LinearProblem linear_problem(const char* fn, const py::array& q, const py::array& k, const py::array& v,
-                                     double scale, bool causal, const py::object& cu_seqlens, int num_threads) {
-  expect<T>(fn, "v", v, {-1, -1, -1, -1}, Layout::LastDim);
-  expect_qkv<T>(fn, q, k, v, v.shape(3));
-  if (causal && q.shape(2) != k.shape(2)) internal_error(fn, "causal needs as many queries as keys");
-  const double flops = 4.0 * q.shape(0) * q.shape(1) * std::max(q.shape(2), k.shape(2)) * q.shape(3) * v.shape(3);
-  tessel::LinearProblem p{q.shape(0), q.shape(1), k.shape(1),  q.shape(2),  k.shape(2),  q.shape(3),
-                          v.shape(3), scale,      causal,      strides4(q), strides4(k), strides4(v),
-                          tessel::threads_for(flops, num_threads)};
-  if (!cu_seqlens.is_none()) {
-    const auto cu = cu_seqlens.cast<py::array>();
-    expect<int64_t>(fn, "cu_seqlens", cu, {-1});
-    const auto* bounds = cdata<int64_t>(cu);
-    p.bounds.assign(bounds, bounds + cu.shape(0));
-    if (p.batch != 1 || p.len_q != p.len_k || p.bounds.size() < 2 || p.bounds.front() != 0 ||
-        p.bounds.back() != p.len_q)
-      internal_error(fn, "cu_seqlens must run from 0 to the length of a batch of one, with Nq == Nk");
-    for (size_t s = 1; s < p.bounds.size(); ++s)
-      if (p.bounds[s] < p.bounds[s - 1]) internal_error(fn, "cu_seqlens must not decrease");
-  }
-  return p;
-}
-
-template <typename T>
-const T* optional_data(const py::object& x) {
-  return x.is_none() ? nullptr : static_cast<const T*>(x.cast<py::array>().data());
-}
-
-template <typename T>
-T* optional_mutable(const py::object& x) {
-  return x.is_none() ? nullptr : static_cast<T*>(x.cast<py::array>().mutable_data());
-}
-
-std::vector<int64_t> state_shape(const tessel::LinearProblem& p) {
-  return {p.batch * p.sequences(), p.kv_heads, p.dim, p.dim_v};
-}
-
-template <typename T>
-void linear_forward_typed(const py::array& q, const py::array& k, const py::array& v, const py::object& state0,
-                          py::array& out, py::array& state_out, double scale, bool causal,
-                          const py::object& cu_seqlens, int num_threads) {
-  constexpr const char* fn = "linear_forward";
-  const auto p = linear_problem<T>(fn, q, k, v, scale, causal, cu_seqlens, num_threads);
-  expect_optional<T>(fn, "state0", state0, state_shape(p));
-  expect<T>(fn, "out", out, {q.shape(0), q.shape(1), q.shape(2), v.shape(3)}, Layout::Contiguous, true);
-  expect<T>(fn, "state_out", state_out, state_shape(p), Layout::Contiguous, true);
-  const T* s0 = optional_data<T>(state0);
-  py::gil_scoped_release release;
-  tessel::linear_forward_cpu<T>(p, cdata<T>(q), cdata<T>(k), cdata<T>(v), s0, data<T>(out), data<T>(state_out));
-}
-
-void linear_forward(const py::array& q, const py::array& k, const py::array& v, const py::object& state0,
-                    py::array out, py::array state_out, double scale, bool causal, const py::object& cu_seqlens,
-                    int num_threads) {
-  by_dtype(q, [&](auto t) {
-    linear_forward_typed<decltype(t)>(q, k, v, state0, out, state_out, scale, causal, cu_seqlens, num_threads);
-  });
-}
-
-template <typename T>
-void linear_backward_typed(const py::array& q, const py::array& k, const py::array& v, const py::object& state0,
-                           const py::array& state_final, const py::array& dout, const py::object& dstate,
-                           py::array& dq, py::array& dk, py::array& dv, const py::object& dstate0, double scale,
-                           bool causal, const py::object& cu_seqlens, int num_threads) {
-  constexpr const char* fn = "linear_backward";
-  const auto p = linear_problem<T>(fn, q, k, v, scale, causal, cu_seqlens, num_threads);
-  const auto st = state_shape(p);
-  expect_optional<T>(fn, "state0", state0, st);
-  expect<T>(fn, "state_final", state_final, st);
-  expect<T>(fn, "dout", dout, {q.shape(0), q.shape(1), q.shape(2), v.shape(3)}, Layout::LastDim);
-  expect_optional<T>(fn, "dstate", dstate, st);
-  expect<T>(fn, "dq", dq, {q.shape(0), q.shape(1), q.shape(2), q.shape(3)}, Layout::Contiguous, true);
-  expect<T>(fn, "dk", dk, {k.shape(0), k.shape(1), k.shape(2), k.shape(3)}, Layout::Contiguous, true);
-  expect<T>(fn, "dv", dv, {v.shape(0), v.shape(1), v.shape(2), v.shape(3)}, Layout::Contiguous, true);
-  if (!dstate0.is_none()) expect<T>(fn, "dstate0", dstate0.cast<py::array>(), st, Layout::Contiguous, true);
-  const T* s0 = optional_data<T>(state0);
-  const T* ds = optional_data<T>(dstate);
-  T* ds0 = optional_mutable<T>(dstate0);
-  const Strides4 dos = strides4(dout);
-  py::gil_scoped_release release;
-  tessel::linear_backward_cpu<T>(p, cdata<T>(q), cdata<T>(k), cdata<T>(v), s0, cdata<T>(state_final),
-                                 cdata<T>(dout), dos, ds, data<T>(dq), data<T>(dk), data<T>(dv), ds0);
-}
-
-void linear_backward(const py::array& q, const py::array& k, const py::array& v, const py::object& state0,
-                     const py::array& state_final, const py::array& dout, const py::object& dstate, py::array dq,
-                     py::array dk, py::array dv, const py::object& dstate0, double scale, bool causal,
-                     const py::object& cu_seqlens, int num_threads) {
-  by_dtype(q, [&](auto t) {
-    linear_backward_typed<decltype(t)>(q, k, v, state0, state_final, dout, dstate, dq, dk, dv, dstate0, scale,
-                                       causal, cu_seqlens, num_threads);
   });
 }
 
@@ -274,11 +148,11 @@ std::vector<tessel::CompressItem<T>> compress_items(const char* fn, const py::li
   std::vector<tessel::CompressItem<T>> items;
   for (size_t i = 0; i < grads.size(); ++i) {
     py::array g = as_array(fn, "grads[i]", grads[i]);
-    expect<T>(fn, "grads[i]", g, {-1, -1}, Layout::Contiguous, true);
+    expect<T>(fn, "grads[i]", g, {-1, -1}, true);
     T* error = nullptr;
     if (!errors[i].is_none()) {
       py::array e = as_array(fn, "errors[i]", errors[i]);
-      expect<T>(fn, "errors[i]", e, {g.shape(0), g.shape(1)}, Layout::Contiguous, true);
+      expect<T>(fn, "errors[i]", e, {g.shape(0), g.shape(1)}, true);
       error = data<T>(e);
     }
     items.push_back({data<T>(g), error, g.shape(0), g.shape(1), rank * sizes.p_size, rank * sizes.q_size});
@@ -296,8 +170,8 @@ void project_typed(const py::list& grads, const py::list& errors, py::array& p, 
   constexpr const char* fn = "compress_project";
   Factors sizes;
   const auto items = compress_items<T>(fn, grads, errors, rank, sizes);
-  expect<T>(fn, "p", p, {sizes.p_size}, Layout::Contiguous, onto_p);
-  expect<T>(fn, "q", q, {sizes.q_size}, Layout::Contiguous, !onto_p);
+  expect<T>(fn, "p", p, {sizes.p_size}, onto_p);
+  expect<T>(fn, "q", q, {sizes.q_size}, !onto_p);
   py::gil_scoped_release release;
   if (onto_p)
     tessel::compress_project_p<T>(items.data(), items.size(), rank, data<T>(p), cdata<T>(q), num_threads);
@@ -342,7 +216,7 @@ template <typename T>
 void orthonormalize_typed(py::array& buf, const py::array& offsets, const py::array& lengths, int64_t rank,
                           int64_t vector_stride, int64_t element_stride, double eps, int num_threads) {
   constexpr const char* fn = "orthonormalize";
-  expect<T>(fn, "buf", buf, {-1}, Layout::Contiguous, true);
+  expect<T>(fn, "buf", buf, {-1}, true);
   expect<int64_t>(fn, "offsets", offsets, {-1});
   expect<int64_t>(fn, "lengths", lengths, {offsets.shape(0)});
   if (rank < 1 || vector_stride < 0 || element_stride < 1) internal_error(fn, "rank or strides out of range");
@@ -409,6 +283,29 @@ constexpr tessel::AttentionKernels<In, T> attention_kernels() {
   return {&table_attention_forward<In, K, T>, &table_attention_backward<In, K, T>};
 }
 
+tessel::LinearProblem problem_of(const tessel::LinearCall& c) {
+  const double flops = 4.0 * c.batch * c.heads * std::max(c.len_q, c.len_k) * c.dim * c.dim_v;
+  tessel::LinearProblem p{c.batch,         c.heads,         c.kv_heads,      c.len_q,
+                          c.len_k,         c.dim,           c.dim_v,         c.scale,
+                          c.causal != 0,   strides_of(c.q), strides_of(c.k), strides_of(c.v),
+                          tessel::threads_for(flops, c.num_threads)};
+  if (c.bounds) p.bounds.assign(c.bounds, c.bounds + c.num_bounds);
+  return p;
+}
+
+template <typename T>
+void table_linear_forward(const tessel::LinearCall* c, const T* q, const T* k, const T* v, const T* state0, T* out,
+                          T* state_out) {
+  tessel::linear_forward_cpu<T>(problem_of(*c), q, k, v, state0, out, state_out);
+}
+
+template <typename T>
+void table_linear_backward(const tessel::LinearCall* c, const T* q, const T* k, const T* v, const T* state0,
+                           const T* state_final, const T* dout, const T* dstate, T* dq, T* dk, T* dv, T* dstate0) {
+  tessel::linear_backward_cpu<T>(problem_of(*c), q, k, v, state0, state_final, dout, strides_of(c->dout), dstate,
+                                 dq, dk, dv, dstate0);
+}
+
 const tessel::KernelTable kKernelTable{
     tessel::kKernelTableVersion,
     TESSEL_LEVEL,
@@ -416,6 +313,8 @@ const tessel::KernelTable kKernelTable{
     attention_kernels<double, double>(),
     attention_kernels<uint16_t, tessel::Bf16>(),
     attention_kernels<uint16_t, tessel::Half>(),
+    {&table_linear_forward<float>, &table_linear_backward<float>},
+    {&table_linear_forward<double>, &table_linear_backward<double>},
 };
 
 // The SIMD levels this CPU runs, lowest first (x86-64-v2, v3 and v4 by their features; v4 with AVX512-BF16).
@@ -489,12 +388,6 @@ PYBIND11_MODULE(TESSEL_MODULE, m) {
   m.def("looped_backward", &looped_backward, py::arg("saved"), py::arg("p"), py::arg("q"), py::arg("dout"),
         py::arg("dz"), py::arg("dp"), py::arg("dq"), py::arg("loops"), py::arg("key_cols"), py::arg("inv_n"),
         py::arg("every"), py::arg("num_threads"));
-  m.def("linear_forward", &linear_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("state0"),
-        py::arg("out"), py::arg("state_out"), py::arg("scale"), py::arg("causal"), py::arg("cu_seqlens"),
-        py::arg("num_threads"));
-  m.def("linear_backward", &linear_backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("state0"),
-        py::arg("state_final"), py::arg("dout"), py::arg("dstate"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
-        py::arg("dstate0"), py::arg("scale"), py::arg("causal"), py::arg("cu_seqlens"), py::arg("num_threads"));
   m.def("compress_project", &compress_project, py::arg("grads"), py::arg("errors"), py::arg("p"), py::arg("q"),
         py::arg("rank"), py::arg("onto_p"), py::arg("num_threads"));
   m.def("compress_reconstruct", &compress_reconstruct, py::arg("grads"), py::arg("errors"), py::arg("p_out"),

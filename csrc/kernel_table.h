@@ -10,7 +10,7 @@
 namespace tessel {
 
 // Bumped whenever a struct below changes: _C_ops refuses a table of another version.
-constexpr uint32_t kKernelTableVersion = 2;
+constexpr uint32_t kKernelTableVersion = 3;
 
 // One attention problem, as AttentionProblem (attention.h) holds it.
 struct AttentionCall {
@@ -34,6 +34,28 @@ struct AttentionKernels {
                    const T* lse, const T* dlse, T* dq, T* dk, T* dv);
 };
 
+// One linear-attention problem, as LinearProblem (linear_attention.h) holds it.
+struct LinearCall {
+  int64_t batch, heads, kv_heads, len_q, len_k, dim, dim_v;
+  double scale;
+  int causal;
+  const int64_t* bounds;  // packed sequences' cu_seqlens (num_bounds values), or null
+  int64_t num_bounds;
+  // Element strides (batch, head, row) of operands whose last dim is contiguous: q, k, v; dout.
+  int64_t q[3], k[3], v[3], dout[3];
+  int num_threads;
+};
+
+template <typename T>
+struct LinearKernels {
+  // out (B, H, Nq, Dv) and state_out (states, Hkv, D, Dv) contiguous; state0 may be null (zero).
+  void (*forward)(const LinearCall* call, const T* q, const T* k, const T* v, const T* state0, T* out,
+                  T* state_out);
+  // state_final: the forward's final state; dstate and dstate0 may be null; dq, dk, dv contiguous.
+  void (*backward)(const LinearCall* call, const T* q, const T* k, const T* v, const T* state0,
+                   const T* state_final, const T* dout, const T* dstate, T* dq, T* dk, T* dv, T* dstate0);
+};
+
 struct KernelTable {
   uint32_t version;
   const char* level;
@@ -41,6 +63,8 @@ struct KernelTable {
   AttentionKernels<double, double> attention_f64;
   AttentionKernels<uint16_t, float> attention_bf16;  // bfloat16 bits in, float out
   AttentionKernels<uint16_t, float> attention_f16;   // float16 bits in, float out
+  LinearKernels<float> linear_f32;
+  LinearKernels<double> linear_f64;
 };
 
 }  // namespace tessel

@@ -1,15 +1,18 @@
-// tessel._C_ops: the attention ops in torch's dispatcher, so that a call goes
-// from Python to the kernel through C++ alone (no Python dispatch, no numpy).
+// tessel._C_ops: the attention and linear-attention ops in torch's
+// dispatcher, so that a call goes from Python to the kernel through C++ alone
+// (no Python dispatch, no numpy).
 //
 //   tessel::attention_fwd / _bwd          dense (B, H, N, D) batches
 //   tessel::attention_varlen_fwd / _bwd   packed sequences (total, H, D)
+//   tessel::linear_attention_fwd / _bwd   linear attention, dense or packed (cu_seqlens)
 //
 // Per op: its schema; the CPU and CUDA kernels, which run the C++ kernels of
 // the SIMD level tessel chose (through its KernelTable) when backend is "cpp"
 // and otherwise the Triton kernels (Python callables that tessel.attention
 // sets: CUDA tensors, or CPU tensors in Triton's interpreter); and autograd
 // (a C++ autograd Function whose backward is the _bwd op). The fakes that
-// torch.compile traces with are registered in Python (tessel.attention).
+// torch.compile traces with are registered in Python (tessel.attention,
+// tessel.linear_attention).
 //
 // User input is validated in Python before an op is called; the checks here
 // are internal invariants (a wrong caller gets a RuntimeError, never memory
@@ -42,6 +45,18 @@ struct TritonKernels {
   PyObject* attention_bwd = nullptr;
   PyObject* attention_varlen_fwd = nullptr;
   PyObject* attention_varlen_bwd = nullptr;
+  PyObject* linear_attention_fwd = nullptr;
+  PyObject* linear_attention_bwd = nullptr;
+
+  PyObject** slot(const std::string& op) {
+    if (op == "attention_fwd") return &attention_fwd;
+    if (op == "attention_bwd") return &attention_bwd;
+    if (op == "attention_varlen_fwd") return &attention_varlen_fwd;
+    if (op == "attention_varlen_bwd") return &attention_varlen_bwd;
+    if (op == "linear_attention_fwd") return &linear_attention_fwd;
+    if (op == "linear_attention_bwd") return &linear_attention_bwd;
+    throw std::invalid_argument("no tessel op " + op + " runs Triton kernels");
+  }
 } triton;
 
 [[noreturn]] void internal_error(const char* op, const std::string& what) {
@@ -78,7 +93,7 @@ std::string kernel_level() {
 template <typename Result, typename... Args>
 Result call_triton(const char* op, PyObject* fn, Args&&... args) {
   py::gil_scoped_acquire gil;
-  if (!fn) internal_error(op, "no Triton kernel was set (import tessel.attention first)");
+  if (!fn) internal_error(op, "no Triton kernel was set (import tessel first)");
   return py::reinterpret_borrow<py::function>(fn)(std::forward<Args>(args)...).template cast<Result>();
 }
 
@@ -110,15 +125,16 @@ void strides3(const Tensor& x, int64_t* out) {
   for (int i = 0; i < 3; ++i) out[i] = x.stride(i);
 }
 
-// q (B, H, Nq, D), k and v (B, Hkv, Nk, D), H a multiple of Hkv, all CPU tensors of one dtype.
-void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
+// q (B, H, Nq, D), k (B, Hkv, Nk, D) and v (B, Hkv, Nk, Dv), H a multiple of Hkv, all CPU tensors of one
+// dtype; Dv == D unless any_dim_v.
+void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, bool any_dim_v = false) {
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4) internal_error(op, "q, k, v must be 4-D");
   if (!q.device().is_cpu() || !k.device().is_cpu() || !v.device().is_cpu())
     internal_error(op, "backend 'cpp' takes CPU tensors");
   if (k.scalar_type() != q.scalar_type() || v.scalar_type() != q.scalar_type())
     internal_error(op, "q, k, v must share a dtype");
-  if (k.size(0) != q.size(0) || k.size(3) != q.size(3) || !v.sizes().equals(k.sizes()) || k.size(1) < 1 ||
-      q.size(1) % k.size(1) != 0)
+  if (k.size(0) != q.size(0) || k.size(3) != q.size(3) || !v.sizes().slice(0, 3).equals(k.sizes().slice(0, 3)) ||
+      (!any_dim_v && v.size(3) != k.size(3)) || k.size(1) < 1 || q.size(1) % k.size(1) != 0)
     internal_error(op, "shapes " + c10::str(q.sizes(), k.sizes(), v.sizes()) + " do not fit");
 }
 
@@ -240,6 +256,79 @@ Tensor in_dtype(const Tensor& x, const Tensor& like) {
 // (total, H, D) as the (1, H, total, D) view the kernels take.
 Tensor as_batch(const Tensor& x) { return x.transpose(0, 1).unsqueeze(0); }
 
+// The linear-attention states' shape: (states, Hkv, D, Dv), a state per batch element or packed sequence.
+std::vector<int64_t> linear_state_shape(const Tensor& k, const Tensor& v, const std::optional<Tensor>& cu_seqlens) {
+  return {cu_seqlens ? cu_seqlens->size(0) - 1 : k.size(0), k.size(1), k.size(3), v.size(3)};
+}
+
+// cu_seqlens as the kernels read it (CPU int64, from 0 to Nq, never decreasing, a batch of one with
+// Nq == Nk), or an undefined tensor.
+Tensor linear_bounds(const char* op, const std::optional<Tensor>& cu_seqlens, const Tensor& q, const Tensor& k) {
+  if (!cu_seqlens) return Tensor();
+  if (cu_seqlens->dim() != 1 || cu_seqlens->size(0) < 2 || !cu_seqlens->device().is_cpu() ||
+      !at::isIntegralType(cu_seqlens->scalar_type(), false))
+    internal_error(op, "cu_seqlens must be a 1-D CPU integer tensor of at least 2 values");
+  const Tensor b = cu_seqlens->to(at::kLong).contiguous();
+  const int64_t* v = b.const_data_ptr<int64_t>();
+  const int64_t n = b.size(0);
+  bool ordered = v[0] == 0 && v[n - 1] == q.size(2) && q.size(0) == 1 && q.size(2) == k.size(2);
+  for (int64_t i = 1; i < n && ordered; ++i) ordered = v[i] >= v[i - 1];
+  if (!ordered) internal_error(op, "cu_seqlens must run from 0 to the length of a batch of one, with Nq == Nk");
+  return b;
+}
+
+// An optional state of `shape` in the work dtype, contiguous (undefined when absent).
+Tensor linear_state(const char* op, const char* name, const std::optional<Tensor>& x, at::IntArrayRef shape,
+                    at::ScalarType work) {
+  if (!x) return Tensor();
+  if (!x->device().is_cpu()) internal_error(op, std::string(name) + " must be a CPU tensor");
+  check_shape(op, name, *x, shape);
+  return x->to(work).contiguous();
+}
+
+tessel::LinearCall linear_call(const Tensor& q, const Tensor& k, const Tensor& v, double scale, bool causal,
+                               const Tensor& bounds) {
+  tessel::LinearCall c{};
+  c.batch = q.size(0);
+  c.heads = q.size(1);
+  c.kv_heads = k.size(1);
+  c.len_q = q.size(2);
+  c.len_k = k.size(2);
+  c.dim = q.size(3);
+  c.dim_v = v.size(3);
+  c.scale = scale;
+  c.causal = causal;
+  c.bounds = bounds.defined() ? bounds.const_data_ptr<int64_t>() : nullptr;
+  c.num_bounds = bounds.defined() ? bounds.size(0) : 0;
+  strides3(q, c.q);
+  strides3(k, c.k);
+  strides3(v, c.v);
+  c.num_threads = at::get_num_threads();
+  return c;
+}
+
+template <typename T>
+const tessel::LinearKernels<T>& linear_kernels() {
+  if constexpr (std::is_same_v<T, double>)
+    return kernels().linear_f64;
+  else
+    return kernels().linear_f32;
+}
+
+// Calls fn(T{}) with the work dtype's element type.
+template <typename Fn>
+void by_work_dtype(at::ScalarType work, Fn&& fn) {
+  if (work == at::kDouble)
+    fn(double{});
+  else
+    fn(float{});
+}
+
+template <typename T>
+const T* data_or_null(const Tensor& x) {
+  return x.defined() ? x.const_data_ptr<T>() : nullptr;
+}
+
 // ---------------------------------------------------------------- the ops' kernels (CPU and CUDA keys)
 
 using Pair = std::tuple<Tensor, Tensor>;
@@ -302,6 +391,67 @@ Triple attention_varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor& k
   backward_cpp(op, as_batch(dout), as_batch(q), as_batch(k), as_batch(v), as_batch(out), lse.unsqueeze(0),
                dlse_batch, scale, segments_of(op, segments), as_batch(dq), as_batch(dk), as_batch(dv));
   return {in_dtype(dq, q), in_dtype(dk, k), in_dtype(dv, v)};
+}
+
+using Quad = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+Pair linear_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& state0,
+                          const std::optional<Tensor>& cu_seqlens, double scale, bool causal,
+                          c10::string_view backend) {
+  if (backend != "cpp")
+    return call_triton<Pair>("linear_attention_fwd", triton.linear_attention_fwd, q, k, v, state0, cu_seqlens, scale,
+                             causal);
+  constexpr const char* op = "linear_attention_fwd";
+  check_qkv(op, q, k, v, true);
+  if (causal && q.size(2) != k.size(2)) internal_error(op, "causal needs as many queries as keys");
+  const Tensor bounds = linear_bounds(op, cu_seqlens, q, k);
+  const auto work = work_dtype(q);
+  const auto shape = linear_state_shape(k, v, cu_seqlens);
+  const Tensor qw = as_work(q, work), kw = as_work(k, work), vw = as_work(v, work);
+  const Tensor s0 = linear_state(op, "state0", state0, shape, work);
+  Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options().dtype(work));
+  Tensor state = at::empty(shape, q.options().dtype(work));
+  const tessel::LinearCall c = linear_call(qw, kw, vw, scale, causal, bounds);
+  by_work_dtype(work, [&](auto t) {
+    using T = decltype(t);
+    linear_kernels<T>().forward(&c, qw.const_data_ptr<T>(), kw.const_data_ptr<T>(), vw.const_data_ptr<T>(),
+                                data_or_null<T>(s0), out.data_ptr<T>(), state.data_ptr<T>());
+  });
+  return {in_dtype(out, q), state};
+}
+
+// state: the forward's final state (the non-causal backward reads it as S). The state gradient comes in the
+// work dtype whether or not there was a state0.
+Quad linear_attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& state0,
+                          const std::optional<Tensor>& cu_seqlens, const Tensor& state, const Tensor& dout,
+                          const std::optional<Tensor>& dstate, double scale, bool causal, c10::string_view backend) {
+  if (backend != "cpp")
+    return call_triton<Quad>("linear_attention_bwd", triton.linear_attention_bwd, q, k, v, state0, cu_seqlens, state,
+                             dout, dstate, scale, causal);
+  constexpr const char* op = "linear_attention_bwd";
+  check_qkv(op, q, k, v, true);
+  if (causal && q.size(2) != k.size(2)) internal_error(op, "causal needs as many queries as keys");
+  check_shape(op, "dout", dout, {q.size(0), q.size(1), q.size(2), v.size(3)});
+  const Tensor bounds = linear_bounds(op, cu_seqlens, q, k);
+  const auto work = work_dtype(q);
+  const auto shape = linear_state_shape(k, v, cu_seqlens);
+  const Tensor qw = as_work(q, work), kw = as_work(k, work), vw = as_work(v, work), dw = as_work(dout, work);
+  const Tensor s0 = linear_state(op, "state0", state0, shape, work);
+  const Tensor sf = linear_state(op, "state", state, shape, work);
+  const Tensor ds = linear_state(op, "dstate", dstate, shape, work);
+  const auto opts = q.options().dtype(work);
+  Tensor dq = at::empty(q.sizes(), opts), dk = at::empty(k.sizes(), opts), dv = at::empty(v.sizes(), opts);
+  Tensor ds0 = at::empty(shape, opts);
+  tessel::LinearCall c = linear_call(qw, kw, vw, scale, causal, bounds);
+  strides3(dw, c.dout);
+  by_work_dtype(work, [&](auto t) {
+    using T = decltype(t);
+    linear_kernels<T>().backward(&c, qw.const_data_ptr<T>(), kw.const_data_ptr<T>(), vw.const_data_ptr<T>(),
+                                 data_or_null<T>(s0), sf.const_data_ptr<T>(), dw.const_data_ptr<T>(),
+                                 data_or_null<T>(ds), dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
+                                 ds0.data_ptr<T>());
+  });
+  return {in_dtype(dq, q), in_dtype(dk, k), in_dtype(dv, v), ds0};
 }
 
 // ---------------------------------------------------------------- autograd
@@ -432,6 +582,66 @@ Pair attention_varlen_fwd_autograd(const Tensor& q, const Tensor& k, const Tenso
                                      backend);
 }
 
+c10::TypedOperatorHandle<Pair(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                              const std::optional<Tensor>&, double, bool, c10::string_view)>
+linear_fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("tessel::linear_attention_fwd", "")
+                             .typed<Pair(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                         const std::optional<Tensor>&, double, bool, c10::string_view)>();
+  return op;
+}
+
+std::optional<Tensor> defined_or_none(const Tensor& x) {
+  return x.defined() ? std::optional<Tensor>(x) : std::nullopt;
+}
+
+// Linear attention's autograd: out and the final state are differentiable, in q, k, v and state0.
+struct LinearFunction : public torch::autograd::Function<LinearFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                               const std::optional<Tensor>& state0, const std::optional<Tensor>& cu_seqlens,
+                               double scale, bool causal, c10::string_view backend) {
+    ctx->set_materialize_grads(false);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, state] = linear_fwd_op().call(q, k, v, state0, cu_seqlens, scale, causal, backend);
+    ctx->save_for_backward({q, k, v, state0.value_or(Tensor()), cu_seqlens.value_or(Tensor()), state});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["backend"] = std::string(backend);
+    return {out, state};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("tessel::linear_attention_bwd", "")
+                               .typed<Quad(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                           const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                                           const std::optional<Tensor>&, double, bool, c10::string_view)>();
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &q = saved[0], &k = saved[1], &v = saved[2], &state0 = saved[3];
+    const Tensor dout =
+        grads[0].defined() ? grads[0] : at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+    auto& d = ctx->saved_data;
+    const std::string backend = d["backend"].toStringRef();
+    auto [dq, dk, dv, ds0] = op.call(q, k, v, defined_or_none(state0), defined_or_none(saved[4]), saved[5], dout,
+                                     defined_or_none(grads[1]), d["scale"].toDouble(), d["causal"].toBool(), backend);
+    // No gradient for cu_seqlens, scale, causal, backend.
+    return {dq, dk, dv, state0.defined() ? ds0 : Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Pair linear_attention_fwd_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                   const std::optional<Tensor>& state0, const std::optional<Tensor>& cu_seqlens,
+                                   double scale, bool causal, c10::string_view backend) {
+  const bool graph = records_graph(q, k, v) || (at::GradMode::is_enabled() && state0 && state0->requires_grad());
+  if (!graph) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return linear_fwd_op().call(q, k, v, state0, cu_seqlens, scale, causal, backend);
+  }
+  auto r = LinearFunction::apply(q, k, v, state0, cu_seqlens, scale, causal, backend);
+  return {r[0], r[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tessel, m) {
@@ -447,11 +657,21 @@ TORCH_LIBRARY(tessel, m) {
         "-> (Tensor, Tensor, Tensor)");
 }
 
+TORCH_LIBRARY_FRAGMENT(tessel, m) {
+  m.set_python_module("tessel.linear_attention");  // registers the fakes
+  m.def("linear_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? state0, Tensor? cu_seqlens, float scale, "
+        "bool causal, str backend) -> (Tensor, Tensor)");
+  m.def("linear_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor? state0, Tensor? cu_seqlens, Tensor state, "
+        "Tensor dout, Tensor? dstate, float scale, bool causal, str backend) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(tessel, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
   m.impl("attention_varlen_fwd", &attention_varlen_fwd);
   m.impl("attention_varlen_bwd", &attention_varlen_bwd);
+  m.impl("linear_attention_fwd", &linear_attention_fwd);
+  m.impl("linear_attention_bwd", &linear_attention_bwd);
 }
 
 TORCH_LIBRARY_IMPL(tessel, CUDA, m) {
@@ -459,40 +679,46 @@ TORCH_LIBRARY_IMPL(tessel, CUDA, m) {
   m.impl("attention_bwd", &attention_bwd);
   m.impl("attention_varlen_fwd", &attention_varlen_fwd);
   m.impl("attention_varlen_bwd", &attention_varlen_bwd);
+  m.impl("linear_attention_fwd", &linear_attention_fwd);
+  m.impl("linear_attention_bwd", &linear_attention_bwd);
 }
 
 TORCH_LIBRARY_IMPL(tessel, Autograd, m) {
   m.impl("attention_fwd", &attention_fwd_autograd);
   m.impl("attention_varlen_fwd", &attention_varlen_fwd_autograd);
+  m.impl("linear_attention_fwd", &linear_attention_fwd_autograd);
   // Not twice differentiable: a clear error instead of a silently detached gradient.
   m.impl("attention_bwd", torch::autograd::autogradNotImplementedFallback());
   m.impl("attention_varlen_bwd", torch::autograd::autogradNotImplementedFallback());
+  m.impl("linear_attention_bwd", torch::autograd::autogradNotImplementedFallback());
 }
 
 PYBIND11_MODULE(_C_ops, m) {
-  m.doc() = "tessel's attention ops in torch's dispatcher (see csrc/ops.cpp)";
+  m.doc() = "tessel's attention and linear-attention ops in torch's dispatcher (see csrc/ops.cpp)";
   m.def("set_kernel_table", &set_kernel_table, py::arg("table"),
         "Run the C++ kernels of this tessel._C_<level>.kernel_table() from now on.");
-  // The eager fast path of tessel.attention: the op through the dispatcher (autograd, modes and all) from
-  // a pybind call, without torch.ops' generic argument parsing. torch.compile traces torch.ops instead.
+  // The eager fast paths of tessel.attention and tessel.linear_attention: the op through the dispatcher
+  // (autograd, modes and all) from a pybind call, without torch.ops' generic argument parsing.
+  // torch.compile traces torch.ops instead.
   m.def(
       "attention_fwd",
       [](const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t band_lo, int64_t band_hi,
          const std::string& backend) { return fwd_op().call(q, k, v, scale, band_lo, band_hi, backend); },
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "linear_attention_fwd",
+      [](const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& state0,
+         const std::optional<Tensor>& cu_seqlens, double scale, bool causal, const std::string& backend) {
+        return linear_fwd_op().call(q, k, v, state0, cu_seqlens, scale, causal, backend);
+      },
+      py::call_guard<py::gil_scoped_release>());
   m.def("kernel_level", &kernel_level, "The SIMD level whose kernels run ('' before the first choice).");
   m.def(
-      "set_triton_kernels",
-      [](py::object fwd, py::object bwd, py::object varlen_fwd, py::object varlen_bwd) {
-        auto keep = [](PyObject** slot, py::object fn) {
-          Py_XDECREF(*slot);
-          *slot = fn.release().ptr();
-        };
-        keep(&triton.attention_fwd, std::move(fwd));
-        keep(&triton.attention_bwd, std::move(bwd));
-        keep(&triton.attention_varlen_fwd, std::move(varlen_fwd));
-        keep(&triton.attention_varlen_bwd, std::move(varlen_bwd));
+      "set_triton_kernel",
+      [](const std::string& op, py::object fn) {
+        PyObject** slot = triton.slot(op);
+        Py_XDECREF(*slot);
+        *slot = fn.release().ptr();
       },
-      py::arg("attention_fwd"), py::arg("attention_bwd"), py::arg("attention_varlen_fwd"),
-      py::arg("attention_varlen_bwd"), "The Python callables of the ops' Triton path (backend 'triton').");
+      py::arg("op"), py::arg("fn"), "The Python callable that op tessel::<op> runs with backend 'triton'.");
 }

@@ -94,8 +94,10 @@ def resolve_backend(op: str, device: torch.device) -> str:
         )
     elif name == "triton" and kind not in ("cpu", "cuda"):
         raise RuntimeError(f"tessel.{op}: backend 'triton' serves CUDA tensors, got a {kind} tensor")
-    if name == "cpp" and _cpu_module is None:
-        cpp_module()  # choose the SIMD level now: the C++ ops run its kernels
+    if name == "cpp" and _cpu_module is None and not torch.compiler.is_compiling():
+        # Choose the SIMD level now: the C++ ops run its kernels. (A graph being traced chooses it when it
+        # first runs an op: dynamo cannot trace the import.)
+        cpp_module()
     return name
 
 

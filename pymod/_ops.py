@@ -1,6 +1,7 @@
 """How an op reaches its kernel: the op registration of the families
-registered from Python (attention's ops are registered in C++: csrc/ops.cpp),
-the one dtype policy, and the bridge to the C++ extension's numpy buffers."""
+registered from Python (attention's and linear attention's are registered
+in C++: csrc/ops.cpp), the one dtype policy, and the bridge to the C++
+extension's numpy buffers."""
 from __future__ import annotations
 
 import inspect
@@ -23,8 +24,8 @@ def numpy_view(x: torch.Tensor):
     return x.detach().numpy()
 
 
-# The ops registered here are one fragment of the tessel namespace (attention's are defined in C++,
-# csrc/ops.cpp); a registration lasts as long as its Library object.
+# The ops registered here are one fragment of the tessel namespace (attention's and linear attention's are
+# defined in C++, csrc/ops.cpp); a registration lasts as long as its Library object.
 _LIB = torch.library.Library("tessel", "FRAGMENT")
 
 

@@ -194,7 +194,10 @@ def _triton_varlen_backward(dout, q, k, v, out, lse, dlse, segments, max_seqlen_
     return tuple(g.to(x.dtype).contiguous() for g, x in zip(grads, (q, k, v)))
 
 
-_C_ops.set_triton_kernels(_triton_forward, _triton_backward, _triton_varlen_forward, _triton_varlen_backward)
+_C_ops.set_triton_kernel("attention_fwd", _triton_forward)
+_C_ops.set_triton_kernel("attention_bwd", _triton_backward)
+_C_ops.set_triton_kernel("attention_varlen_fwd", _triton_varlen_forward)
+_C_ops.set_triton_kernel("attention_varlen_bwd", _triton_varlen_backward)
 
 
 def _forward(q, k, v, scale, band_lo, band_hi, backend):

@@ -23,10 +23,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _dispatch
+from . import _C_ops, _dispatch
 from ._dispatch import check_same, check_scale, check_tensor
-from ._ops import acc_dtype, kernel_op, numpy_view
-from .kernels._common import last_dim_contiguous
+from ._ops import acc_dtype
 
 FEATURE_MAPS = ("identity", "elu1", "relu")
 # Added to the normaliser s phi(q_t) z_t (as in Katharopoulos et al.'s fast-transformers).
@@ -198,85 +197,44 @@ def _state_shape(k, v, cu_seqlens):
     return states, k.shape[1], k.shape[-1], v.shape[-1]
 
 
-def _bounds_cpp(cu_seqlens):
-    return None if cu_seqlens is None else numpy_view(cu_seqlens.to(torch.int64).contiguous())
+# Defined in C++ (csrc/ops.cpp, tessel._C_ops): schema, CPU kernels through tessel._C_<level>, autograd. Here:
+# their fakes for torch.compile, and the Triton kernels their backend "triton" runs.
+_linear_fwd = torch.ops.tessel.linear_attention_fwd.default
+_linear_bwd = torch.ops.tessel.linear_attention_bwd.default
 
 
-def _linear_forward_cpp(q, k, v, state0, cu_seqlens, scale, causal):
-    work = acc_dtype(q.dtype)
-    q, k, v = (last_dim_contiguous(x.to(work)) for x in (q, k, v))
+@torch.library.register_fake("tessel::linear_attention_fwd")
+def _linear_fwd_fake(q, k, v, state0, cu_seqlens, scale, causal, backend):
     b, h, nq, _ = q.shape
-    out = torch.empty(b, h, nq, v.shape[-1], dtype=work)
-    state = torch.empty(_state_shape(k, v, cu_seqlens), dtype=work)
-    s0 = None if state0 is None else numpy_view(state0.to(work).contiguous())
-    _dispatch.cpp_module().linear_forward(
-        numpy_view(q), numpy_view(k), numpy_view(v), s0, numpy_view(out), numpy_view(state),
-        scale, causal, _bounds_cpp(cu_seqlens), torch.get_num_threads(),
-    )
-    return out, state
+    return q.new_empty(b, h, nq, v.shape[-1]), q.new_empty(_state_shape(k, v, cu_seqlens), dtype=acc_dtype(q.dtype))
 
 
-def _linear_backward_cpp(q, k, v, state0, cu_seqlens, state, dout, dstate, scale, causal):
-    work = acc_dtype(q.dtype)
-    q, k, v, dout = (last_dim_contiguous(x.to(work)) for x in (q, k, v, dout))
-    s0 = None if state0 is None else numpy_view(state0.to(work).contiguous())
-    state = numpy_view(state.to(work).contiguous())
-    ds = None if dstate is None else numpy_view(dstate.to(work).contiguous())
-    dq, dk, dv = torch.empty(q.shape, dtype=work), torch.empty(k.shape, dtype=work), torch.empty(v.shape, dtype=work)
-    ds0 = torch.empty(_state_shape(k, v, cu_seqlens), dtype=work)
-    _dispatch.cpp_module().linear_backward(
-        numpy_view(q), numpy_view(k), numpy_view(v), s0, state, numpy_view(dout), ds,
-        numpy_view(dq), numpy_view(dk), numpy_view(dv), numpy_view(ds0), scale, causal, _bounds_cpp(cu_seqlens),
-        torch.get_num_threads(),
-    )
-    return dq, dk, dv, ds0
-
-
-def _forward_outputs(result, q, *_):
-    out, state = result
-    return out.to(q.dtype), state.to(acc_dtype(q.dtype))
-
-
-@kernel_op("linear_attention", "fwd", cpp=_linear_forward_cpp, triton="linear_forward", finish=_forward_outputs)
-def _linear_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state0: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-    scale: float, causal: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    b, h, nq, _ = q.shape
-    out = q.new_empty(b, h, nq, v.shape[-1])
-    return out, q.new_empty(_state_shape(k, v, cu_seqlens), dtype=acc_dtype(q.dtype))
-
-
-def _backward_outputs(result, q, k, v, *_):
-    dq, dk, dv, ds0 = result
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds0.to(acc_dtype(q.dtype))
-
-
-# state: the forward's final state; the non-causal backward reads it as S.
-@kernel_op("linear_attention", "bwd", cpp=_linear_backward_cpp, triton="linear_backward", finish=_backward_outputs)
-def _linear_bwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state0: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-    state: torch.Tensor, dout: torch.Tensor, dstate: torch.Tensor | None, scale: float, causal: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.register_fake("tessel::linear_attention_bwd")
+def _linear_bwd_fake(q, k, v, state0, cu_seqlens, state, dout, dstate, scale, causal, backend):
     ds0 = q.new_empty(_state_shape(k, v, cu_seqlens), dtype=acc_dtype(q.dtype))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), ds0
 
 
-def _linear_setup_context(ctx, inputs, output):
-    q, k, v, state0, cu_seqlens, scale, causal, backend = inputs
-    ctx.save_for_backward(q, k, v, state0, cu_seqlens, output[1])
-    ctx.args = (scale, causal, backend)
-    ctx.state0_dtype = None if state0 is None else state0.dtype
+def _triton_forward(q, k, v, state0, cu_seqlens, scale, causal):
+    out, state = _dispatch.triton_module("linear_attention").linear_forward(q, k, v, state0, cu_seqlens, scale, causal)
+    return out.to(q.dtype), state.to(acc_dtype(q.dtype))
 
 
-def _linear_backward(ctx, dout, dstate):
-    q, k, v, state0, cu_seqlens, state = ctx.saved_tensors
-    dq, dk, dv, ds0 = _linear_bwd(q, k, v, state0, cu_seqlens, state, dout, dstate, *ctx.args)
-    ds0 = None if ctx.state0_dtype is None else ds0.to(ctx.state0_dtype)
-    return dq, dk, dv, ds0, None, None, None, None
+def _triton_backward(q, k, v, state0, cu_seqlens, state, dout, dstate, scale, causal):
+    dq, dk, dv, ds0 = _dispatch.triton_module("linear_attention").linear_backward(
+        q, k, v, state0, cu_seqlens, state, dout, dstate, scale, causal)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds0.to(acc_dtype(q.dtype))
 
 
-torch.library.register_autograd(_linear_fwd, _linear_backward, setup_context=_linear_setup_context)
+_C_ops.set_triton_kernel("linear_attention_fwd", _triton_forward)
+_C_ops.set_triton_kernel("linear_attention_bwd", _triton_backward)
+
+
+def _forward(q, k, v, state0, cu_seqlens, scale, causal, backend):
+    """tessel::linear_attention_fwd: eagerly called from C++ (_C_ops.linear_attention_fwd, through the same
+    dispatcher); torch.compile traces torch.ops."""
+    forward = _linear_fwd if torch.compiler.is_compiling() else _C_ops.linear_attention_fwd
+    return forward(q, k, v, state0, cu_seqlens, scale, causal, backend)
 
 
 def _linear_attention_with(core, q, k, v, causal, feature_map, normalize, scale, initial_state, return_state, eps,
@@ -333,7 +291,7 @@ def linear_attention(q, k, v, *, causal=True, feature_map="identity", normalize=
                                           eps=eps, cu_seqlens=cu_seqlens)
 
     def core(fq, fk, v, state0, scale, causal):
-        return _linear_fwd(fq, fk, v, state0, cu_seqlens, scale, causal, backend)
+        return _forward(fq, fk, v, state0, cu_seqlens, scale, causal, backend)
 
     return _linear_attention_with(core, q, k, v, causal, feature_map, normalize, scale, initial_state,
                                   return_state, eps, cu_seqlens)

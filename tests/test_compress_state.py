@@ -233,16 +233,6 @@ def _np(*shape, dtype=np.float32):
     lambda C: C.compress_reconstruct([_np(4, 5)], [None], _np(8), _np(10), _np(8), _np(10), _np(1), 2, 1),
     lambda C: C.orthonormalize(_np(10), np.array([4], dtype=np.int64), np.array([4], dtype=np.int64), 2, 0, 1,
                                0.0, 1),
-    lambda C: C.linear_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 6), None, _np(1, 2, 3, 4),
-                               _np(1, 2, 4, 6), 1.0, True, None, 1),
-    lambda C: C.linear_forward(_np(1, 2, 3, 4), _np(1, 2, 5, 4), _np(1, 2, 5, 6), None, _np(1, 2, 3, 6),
-                               _np(1, 2, 4, 6), 1.0, True, None, 1),
-    lambda C: C.linear_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 6), None, _np(1, 2, 3, 6),
-                               _np(1, 2, 4, 6), 1.0, True, np.array([0, 2, 3], dtype=np.int64), 1),
-    lambda C: C.linear_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 6), None, _np(1, 2, 3, 6),
-                               _np(2, 2, 4, 6), 1.0, True, np.array([0, 2, 4], dtype=np.int64), 1),
-    lambda C: C.linear_forward(_np(2, 2, 3, 4), _np(2, 2, 3, 4), _np(2, 2, 3, 6), None, _np(2, 2, 3, 6),
-                               _np(2, 2, 4, 6), 1.0, True, np.array([0, 3], dtype=np.int64), 1),
     lambda C: C.looped_forward(_np(2, 3, 5), _np(1, 1, 3, 3), _np(1, 1, 3, 3), _np(2, 3, 5), _np(1, 2, 3, 5),
                                4, 4, 0.25, 1, 1),
     lambda C: C.looped_forward(_np(2, 3, 5), _np(2, 1, 3, 3), _np(2, 1, 3, 3), _np(2, 3, 5), _np(4, 2, 3, 5),
@@ -254,11 +244,11 @@ def test_cpp_bindings_raise_on_buffers_that_do_not_fit(call):
 
 
 def test_a_read_only_output_is_refused():
-    out = _np(1, 2, 3, 6)
+    out = _np(2, 3, 5)
     out.setflags(write=False)
     with pytest.raises(RuntimeError, match="out must be writable"):
-        tessel._dispatch.cpp_module().linear_forward(_np(1, 2, 3, 4), _np(1, 2, 3, 4), _np(1, 2, 3, 6), None, out,
-                                                     _np(1, 2, 4, 6), 1.0, True, None, 1)
+        tessel._dispatch.cpp_module().looped_forward(_np(2, 3, 5), _np(1, 1, 3, 3), _np(1, 1, 3, 3), out,
+                                                     _np(2, 2, 3, 5), 4, 4, 0.25, 2, 1)
 
 
 def _t(*shape, dtype=torch.float32):
@@ -288,6 +278,24 @@ _ops = torch.ops.tessel
     lambda: _ops.attention_varlen_fwd(_t(3, 2, 4), _t(3, 2, 4), _t(3, 2, 4), _segments((0, 4, 0, -1, 0, 0)), 4, 4,
                                       1.0, "cpp"),
     lambda: _ops.attention_varlen_fwd(_t(3, 2, 4), _t(3, 2, 4), _t(3, 2, 4), _segments().int(), 3, 3, 1.0, "cpp"),
+    # Linear attention: q (1, 2, 3, 4), k (1, 2, 3, 4), v (1, 2, 3, 6) fit; each case breaks one thing.
+    lambda: _ops.linear_attention_fwd(_t(1, 2, 3, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 6), None, None, 1.0, True, "cpp"),
+    lambda: _ops.linear_attention_fwd(_t(1, 3, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 6), None, None, 1.0, True, "cpp"),
+    lambda: _ops.linear_attention_fwd(_t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 4, 6), None, None, 1.0, True, "cpp"),
+    lambda: _ops.linear_attention_fwd(_t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 6), _t(1, 2, 4, 5), None, 1.0,
+                                      True, "cpp"),
+    lambda: _ops.linear_attention_fwd(_t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 6), None,
+                                      torch.tensor([0, 2, 4]), 1.0, True, "cpp"),
+    lambda: _ops.linear_attention_fwd(_t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 6), None,
+                                      torch.tensor([0, 2, 1, 3]), 1.0, True, "cpp"),
+    lambda: _ops.linear_attention_fwd(_t(2, 2, 3, 4), _t(2, 2, 3, 4), _t(2, 2, 3, 6), None, torch.tensor([0, 3]),
+                                      1.0, True, "cpp"),
+    lambda: _ops.linear_attention_fwd(_t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 6), None,
+                                      torch.tensor([0.0, 3.0]), 1.0, True, "cpp"),
+    lambda: _ops.linear_attention_bwd(_t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 6), None, None, _t(1, 2, 4, 6),
+                                      _t(1, 2, 3, 4), None, 1.0, True, "cpp"),
+    lambda: _ops.linear_attention_bwd(_t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 6), None, None, _t(1, 2, 6, 4),
+                                      _t(1, 2, 3, 6), None, 1.0, True, "cpp"),
 ])
 def test_cpp_ops_raise_on_tensors_that_do_not_fit(call):
     with pytest.raises(RuntimeError, match="internal check failed"):

@@ -3,9 +3,13 @@ autograd registration and AOT dispatch checked together, on each backend that
 runs here (C++; Triton in the interpreter)."""
 import importlib
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import torch
+
+import tessel
 
 # The modules (tessel.attention and tessel.linear_attention are also the functions' names).
 attention, compress, linear_attention, looped = (importlib.import_module(f"tessel.{name}") for name in
@@ -73,3 +77,16 @@ def test_every_custom_op_passes_opcheck(backend):
                                                     "attention_varlen_bwd", "linear_attention_fwd",
                                                     "linear_attention_bwd", "looped_fwd", "looped_bwd",
                                                     "compress_orthogonalize_")}, seen
+
+
+@pytest.mark.parametrize("call", ["tessel.attention(x, x, x, causal=True)", "tessel.linear_attention(x, x, x)"])
+def test_a_process_whose_first_call_is_compiled(call):
+    """The SIMD level is chosen when the first op runs, not while dynamo traces (it cannot trace the import)."""
+    code = ("import torch, tessel\n"
+            f"f = torch.compile(lambda x: {call}, fullgraph=True, backend='aot_eager')\n"
+            "x = torch.randn(1, 2, 9, 8, requires_grad=True)\n"
+            "f(x).sum().backward()\n"
+            "print(tessel.cpu_info()['level'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == tessel.cpu_info()["level"]
