@@ -116,16 +116,49 @@ inline int64_t head_cols(int64_t D) {
   return D <= Simd<T>::width ? Simd<T>::width : round_up(D, Simd<T>::panel);
 }
 
-// C (m x Dp) (+)= A (m x k) * B (k x Dp), B row-major (rows ldb apart), Dp = head_cols(D).
+// C (m x Dp) (+)= A (m x k) * B (k x Dp), Dp = head_cols(D): B row-major (rows ldb apart), or row panels
+// (b_panel_stride apart, rows ldb apart within one).
 template <typename T, bool ATrans, int64_t kLda>
 void gemm_head_cols(int64_t m, int64_t Dp, int64_t k, const T* a, const T* b, int64_t ldb, T* c, int64_t ldc,
-                    bool accumulate) {
+                    bool accumulate, int64_t b_panel_stride = Simd<T>::panel) {
   constexpr int W = Simd<T>::width, NR = Simd<T>::panel;
   if (Dp == W)
     gemm_panels<T, ATrans, kLda, 1>(m, 1, k, a, b, ldb, W, c, ldc, accumulate);
   else
-    gemm_panels<T, ATrans, kLda>(m, Dp / NR, k, a, b, ldb, NR, c, ldc, accumulate);
+    gemm_panels<T, ATrans, kLda>(m, Dp / NR, k, a, b, ldb, b_panel_stride, c, ldc, accumulate);
 }
+
+// V as the B operand of the forward's O += P V: per kv head, row panels of V's
+// head_cols(D) columns (one vector wide when that is all, else the
+// micro-kernel's two vectors), [n][width] each, so that a key block's panel is
+// one contiguous block that stays in L1 while the block's row tiles pass over
+// it. Read in place, the 256 rows of a key block lie 4 * D bytes apart: at
+// D = 64 they map to a quarter of L1's sets, and the panel did not stay.
+template <typename T>
+struct ValuePanels {
+  int64_t n, width, head_size;
+  Buffer<T> panels;  // [batch * kv head][panel][n][width]
+
+  template <typename In>
+  ValuePanels(const AttentionProblem& p, const In* v)
+      : n(p.len_k),
+        width(head_cols<T>(p.head_dim) == Simd<T>::width ? Simd<T>::width : Simd<T>::panel),
+        head_size(head_cols<T>(p.head_dim) * p.len_k),
+        panels(p.batch * p.kv_heads * head_size) {
+    parallel_region(p.num_threads, [&] {
+#pragma omp for collapse(2)
+      for (int64_t b = 0; b < p.batch; ++b)
+        for (int64_t hk = 0; hk < p.kv_heads; ++hk)
+          pack_row_panels(v + b * p.v.b + hk * p.v.h, n, p.head_dim, p.v.n, width,
+                          panels.data() + (b * p.kv_heads + hk) * head_size);
+    });
+  }
+  // Key row `key` of kv head (b, hk), in its first panel.
+  const T* at(const AttentionProblem& p, int64_t b, int64_t hk, int64_t key) const {
+    return panels.data() + (b * p.kv_heads + hk) * head_size + key * width;
+  }
+  int64_t panel_stride() const { return n * width; }
+};
 
 // Rows of a (B, heads, n, D) operand as the B operand of a GEMM, which needs
 // rows of head_cols(D) values of type T: read in place when they are that,
@@ -204,7 +237,7 @@ struct ForwardScratch {
 
 template <typename In>
 void forward_query_block(const AttentionProblem& p, const In* q, const PanelHeads<In>& kp,
-                         const RowOperand<acc_t<In>>& vr, int64_t b, int64_t h, QueryBlock blk, acc_t<In>* out,
+                         const ValuePanels<acc_t<In>>& vp, int64_t b, int64_t h, QueryBlock blk, acc_t<In>* out,
                          acc_t<In>* lse, ForwardScratch<In>& ws) {
   using T = acc_t<In>;
   using U = gemm_unit_t<In>;
@@ -259,7 +292,8 @@ void forward_query_block(const AttentionProblem& p, const In* q, const PanelHead
     }
     // O += P V over the block's real keys: [mq, nvalid] @ [nvalid, Dp]
     const int64_t nvalid = std::min(ncols, seg.len_k - k0);
-    gemm_head_cols<T, false, kFwdBlockK>(mq, Dp, nvalid, S, vr.row(b, hk, seg.k_start + k0), vr.ld, O, Dp, true);
+    gemm_head_cols<T, false, kFwdBlockK>(mq, Dp, nvalid, S, vp.at(p, b, hk, seg.k_start + k0), vp.width, O, Dp,
+                                         true, vp.panel_stride());
   }
 
   const int64_t row0 = (b * p.heads + h) * p.len_q + seg.q_start + q0;
@@ -414,7 +448,7 @@ void attention_forward_cpu(const AttentionProblem& p, const In* q, const In* k, 
                            acc_t<In>* lse) {
   if (use_decode(p)) return decode_forward(p, q, k, v, out, lse);
   const PanelHeads<In> kp(p, k, p.k);
-  const RowOperand<acc_t<In>> vr(p, v, p.v, p.kv_heads, p.len_k);
+  const ValuePanels<acc_t<In>> vp(p, v);
   const std::vector<QueryBlock> blocks = query_blocks(p, kFwdBlockQ);
   const int64_t nblocks = static_cast<int64_t>(blocks.size());
   parallel_region(p.num_threads, [&] {
@@ -422,7 +456,7 @@ void attention_forward_cpu(const AttentionProblem& p, const In* q, const In* k, 
 #pragma omp for collapse(3) schedule(dynamic)
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t h = 0; h < p.heads; ++h)
-        for (int64_t i = 0; i < nblocks; ++i) forward_query_block(p, q, kp, vr, b, h, blocks[i], out, lse, ws);
+        for (int64_t i = 0; i < nblocks; ++i) forward_query_block(p, q, kp, vp, b, h, blocks[i], out, lse, ws);
   });
 }
 

@@ -446,6 +446,28 @@ void pack_transposed_panels(const In* x, int64_t n, int64_t cols, int64_t ld, U*
   }
 }
 
+// Packs rows [0, n) of a row-major matrix (row stride ld, `cols` columns) as
+// row panels of `width` columns, converting: panel j holds columns
+// [j*width, j*width+width) laid out [n][width], zero beyond cols. The result is
+// a B operand (ldb = width, panel stride n * width) whose panel over a block of
+// rows is one contiguous block.
+template <typename In, typename T>
+void pack_row_panels(const In* x, int64_t n, int64_t cols, int64_t ld, int64_t width, T* out) {
+  for (int64_t c0 = 0; c0 < cols; c0 += width) {
+    const int64_t w = std::min(width, cols - c0);
+    T* panel = out + c0 * n;
+    for (int64_t r = 0; r < n; ++r) {
+      const In* row = x + r * ld + c0;
+      T* dst = panel + r * width;
+      if constexpr (std::is_same_v<In, T>)
+        std::memcpy(dst, row, w * sizeof(T));
+      else
+        for (int64_t c = 0; c < w; ++c) dst[c] = to_acc(row[c]);
+      std::fill(dst + w, dst + width, T(0));
+    }
+  }
+}
+
 // Copies n rows of `cols` values (row stride ld) into rows of padded_cols
 // values of type T, converting, and zero-fills the padding.
 template <typename In, typename T>
