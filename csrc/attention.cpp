@@ -20,6 +20,8 @@
 // afterwards, so results are deterministic for a given thread count.
 #include "attention.h"
 
+#include <optional>
+
 #include "common.h"
 
 namespace tessel {
@@ -128,38 +130,6 @@ void gemm_head_cols(int64_t m, int64_t Dp, int64_t k, const T* a, const T* b, in
     gemm_panels<T, ATrans, kLda>(m, Dp / NR, k, a, b, ldb, b_panel_stride, c, ldc, accumulate);
 }
 
-// V as the B operand of the forward's O += P V: per kv head, row panels of V's
-// head_cols(D) columns (one vector wide when that is all, else the
-// micro-kernel's two vectors), [n][width] each, so that a key block's panel is
-// one contiguous block that stays in L1 while the block's row tiles pass over
-// it. Read in place, the 256 rows of a key block lie 4 * D bytes apart: at
-// D = 64 they map to a quarter of L1's sets, and the panel did not stay.
-template <typename T>
-struct ValuePanels {
-  int64_t n, width, head_size;
-  Buffer<T> panels;  // [batch * kv head][panel][n][width]
-
-  template <typename In>
-  ValuePanels(const AttentionProblem& p, const In* v)
-      : n(p.len_k),
-        width(head_cols<T>(p.head_dim) == Simd<T>::width ? Simd<T>::width : Simd<T>::panel),
-        head_size(head_cols<T>(p.head_dim) * p.len_k),
-        panels(p.batch * p.kv_heads * head_size) {
-    parallel_region(p.num_threads, [&] {
-#pragma omp for collapse(2)
-      for (int64_t b = 0; b < p.batch; ++b)
-        for (int64_t hk = 0; hk < p.kv_heads; ++hk)
-          pack_row_panels(v + b * p.v.b + hk * p.v.h, n, p.head_dim, p.v.n, width,
-                          panels.data() + (b * p.kv_heads + hk) * head_size);
-    });
-  }
-  // Key row `key` of kv head (b, hk), in its first panel.
-  const T* at(const AttentionProblem& p, int64_t b, int64_t hk, int64_t key) const {
-    return panels.data() + (b * p.kv_heads + hk) * head_size + key * width;
-  }
-  int64_t panel_stride() const { return n * width; }
-};
-
 // Rows of a (B, heads, n, D) operand as the B operand of a GEMM, which needs
 // rows of head_cols(D) values of type T: read in place when they are that,
 // else from zero-padded (and converted) copies.
@@ -190,6 +160,45 @@ struct RowOperand {
     ld = Dp;
   }
   const T* row(int64_t b, int64_t h, int64_t i) const { return base + b * stride_b + h * stride_h + i * ld; }
+};
+
+// V as the B operand of the forward's O += P V. With several panels of
+// head_cols(D) columns, V is packed per kv head as row panels ([panel][n][NR]),
+// so that a key block's panel is one contiguous block that stays in L1 while
+// the block's row tiles pass over it: read in place, the 256 rows of a key
+// block lie 4 * D bytes apart, at D = 64 on a quarter of L1's sets, and the
+// panel did not stay (perf: P V 1.09x the Q K^T micro-kernel's samples, 0.97x
+// packed). One panel's rows are read as RowOperand reads them (packing them
+// cost the small heads 4-7%).
+template <typename T>
+struct ValueOperand {
+  static constexpr int NR = Simd<T>::panel;
+  std::optional<RowOperand<T>> rows;  // one panel
+  int64_t n, kv_heads, head_size;
+  Buffer<T> panels;  // [batch * kv head][panel][n][NR]
+
+  template <typename In>
+  ValueOperand(const AttentionProblem& p, const In* v)
+      : n(p.len_k), kv_heads(p.kv_heads), head_size(head_cols<T>(p.head_dim) * p.len_k) {
+    if (head_cols<T>(p.head_dim) <= NR) {
+      rows.emplace(p, v, p.v, p.kv_heads, p.len_k);
+      return;
+    }
+    panels = Buffer<T>(p.batch * p.kv_heads * head_size);
+    parallel_region(p.num_threads, [&] {
+#pragma omp for collapse(2)
+      for (int64_t b = 0; b < p.batch; ++b)
+        for (int64_t hk = 0; hk < p.kv_heads; ++hk)
+          pack_row_panels(v + b * p.v.b + hk * p.v.h, n, p.head_dim, p.v.n,
+                          panels.data() + (b * p.kv_heads + hk) * head_size);
+    });
+  }
+  // Key row `key` of kv head (b, hk) (in its first panel), the rows' stride and the panels'.
+  const T* at(int64_t b, int64_t hk, int64_t key) const {
+    return rows ? rows->row(b, hk, key) : panels.data() + (b * kv_heads + hk) * head_size + key * NR;
+  }
+  int64_t ldb() const { return rows ? rows->ld : NR; }
+  int64_t panel_stride() const { return rows ? NR : n * NR; }
 };
 
 // One online-softmax step of a row: its visible scores s[0, n) (exp2 units)
@@ -237,7 +246,7 @@ struct ForwardScratch {
 
 template <typename In>
 void forward_query_block(const AttentionProblem& p, const In* q, const PanelHeads<In>& kp,
-                         const ValuePanels<acc_t<In>>& vp, int64_t b, int64_t h, QueryBlock blk, acc_t<In>* out,
+                         const ValueOperand<acc_t<In>>& vp, int64_t b, int64_t h, QueryBlock blk, acc_t<In>* out,
                          acc_t<In>* lse, ForwardScratch<In>& ws) {
   using T = acc_t<In>;
   using U = gemm_unit_t<In>;
@@ -292,7 +301,7 @@ void forward_query_block(const AttentionProblem& p, const In* q, const PanelHead
     }
     // O += P V over the block's real keys: [mq, nvalid] @ [nvalid, Dp]
     const int64_t nvalid = std::min(ncols, seg.len_k - k0);
-    gemm_head_cols<T, false, kFwdBlockK>(mq, Dp, nvalid, S, vp.at(p, b, hk, seg.k_start + k0), vp.width, O, Dp,
+    gemm_head_cols<T, false, kFwdBlockK>(mq, Dp, nvalid, S, vp.at(b, hk, seg.k_start + k0), vp.ldb(), O, Dp,
                                          true, vp.panel_stride());
   }
 
@@ -448,7 +457,7 @@ void attention_forward_cpu(const AttentionProblem& p, const In* q, const In* k, 
                            acc_t<In>* lse) {
   if (use_decode(p)) return decode_forward(p, q, k, v, out, lse);
   const PanelHeads<In> kp(p, k, p.k);
-  const ValuePanels<acc_t<In>> vp(p, v);
+  const ValueOperand<acc_t<In>> vp(p, v);
   const std::vector<QueryBlock> blocks = query_blocks(p, kFwdBlockQ);
   const int64_t nblocks = static_cast<int64_t>(blocks.size());
   parallel_region(p.num_threads, [&] {

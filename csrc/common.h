@@ -447,23 +447,28 @@ void pack_transposed_panels(const In* x, int64_t n, int64_t cols, int64_t ld, U*
 }
 
 // Packs rows [0, n) of a row-major matrix (row stride ld, `cols` columns) as
-// row panels of `width` columns, converting: panel j holds columns
-// [j*width, j*width+width) laid out [n][width], zero beyond cols. The result is
-// a B operand (ldb = width, panel stride n * width) whose panel over a block of
-// rows is one contiguous block.
+// row panels, converting: panel j holds columns [j*NR, j*NR+NR) laid out
+// [n][NR], zero beyond cols. The result is a B operand (ldb = NR, panel stride
+// n * NR) whose panel over a block of rows is one contiguous block.
 template <typename In, typename T>
-void pack_row_panels(const In* x, int64_t n, int64_t cols, int64_t ld, int64_t width, T* out) {
-  for (int64_t c0 = 0; c0 < cols; c0 += width) {
-    const int64_t w = std::min(width, cols - c0);
+void pack_row_panels(const In* x, int64_t n, int64_t cols, int64_t ld, T* out) {
+  constexpr int64_t NR = Simd<T>::panel;
+  for (int64_t c0 = 0; c0 < cols; c0 += NR) {
+    const int64_t w = std::min(NR, cols - c0);
     T* panel = out + c0 * n;
     for (int64_t r = 0; r < n; ++r) {
       const In* row = x + r * ld + c0;
-      T* dst = panel + r * width;
-      if constexpr (std::is_same_v<In, T>)
+      T* dst = panel + r * NR;
+      if constexpr (std::is_same_v<In, T>) {
+        if (w == NR) {  // a fixed size: vector moves, not a call per row
+          std::memcpy(dst, row, NR * sizeof(T));
+          continue;
+        }
         std::memcpy(dst, row, w * sizeof(T));
-      else
+      } else {
         for (int64_t c = 0; c < w; ++c) dst[c] = to_acc(row[c]);
-      std::fill(dst + w, dst + width, T(0));
+      }
+      std::fill(dst + w, dst + NR, T(0));
     }
   }
 }

@@ -9,10 +9,10 @@
 // Per op: its schema; the CPU and CUDA kernels, which run the C++ kernels of
 // the SIMD level tessel chose (through its KernelTable) when backend is "cpp"
 // and otherwise the Triton kernels (Python callables that tessel.attention
-// sets: CUDA tensors, or CPU tensors in Triton's interpreter); and autograd
-// (a C++ autograd Function whose backward is the _bwd op). The fakes that
-// torch.compile traces with are registered in Python (tessel.attention,
-// tessel.linear_attention).
+// and tessel.linear_attention set: CUDA tensors, or CPU tensors in Triton's
+// interpreter); and autograd (a C++ autograd Function whose backward is the
+// _bwd op). The fakes that torch.compile traces with are registered in Python
+// (tessel.attention, tessel.linear_attention).
 //
 // User input is validated in Python before an op is called; the checks here
 // are internal invariants (a wrong caller gets a RuntimeError, never memory
@@ -168,22 +168,29 @@ Segments segments_of(const char* op, const Tensor& segments) {
   return {segments.data_ptr<int64_t>(), segments.size(0)};
 }
 
-tessel::AttentionCall attention_call(const Tensor& q, const Tensor& k, const Tensor& v, double scale,
-                                     Segments segments) {
-  tessel::AttentionCall c{};
+// The fields of a kernel call (AttentionCall, LinearCall) that every family fills alike.
+template <typename Call>
+Call call_of(const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
+  Call c{};
   c.batch = q.size(0);
   c.heads = q.size(1);
   c.kv_heads = k.size(1);
   c.len_q = q.size(2);
   c.len_k = k.size(2);
-  c.head_dim = q.size(3);
   c.scale = scale;
-  c.segments = segments.rows;
-  c.num_segments = segments.count;
   strides3(q, c.q);
   strides3(k, c.k);
   strides3(v, c.v);
   c.num_threads = at::get_num_threads();
+  return c;
+}
+
+tessel::AttentionCall attention_call(const Tensor& q, const Tensor& k, const Tensor& v, double scale,
+                                     Segments segments) {
+  auto c = call_of<tessel::AttentionCall>(q, k, v, scale);
+  c.head_dim = q.size(3);
+  c.segments = segments.rows;
+  c.num_segments = segments.count;
   return c;
 }
 
@@ -288,22 +295,12 @@ Tensor linear_state(const char* op, const char* name, const std::optional<Tensor
 
 tessel::LinearCall linear_call(const Tensor& q, const Tensor& k, const Tensor& v, double scale, bool causal,
                                const Tensor& bounds) {
-  tessel::LinearCall c{};
-  c.batch = q.size(0);
-  c.heads = q.size(1);
-  c.kv_heads = k.size(1);
-  c.len_q = q.size(2);
-  c.len_k = k.size(2);
+  auto c = call_of<tessel::LinearCall>(q, k, v, scale);
   c.dim = q.size(3);
   c.dim_v = v.size(3);
-  c.scale = scale;
   c.causal = causal;
   c.bounds = bounds.defined() ? bounds.const_data_ptr<int64_t>() : nullptr;
   c.num_bounds = bounds.defined() ? bounds.size(0) : 0;
-  strides3(q, c.q);
-  strides3(k, c.k);
-  strides3(v, c.v);
-  c.num_threads = at::get_num_threads();
   return c;
 }
 
