@@ -41,6 +41,13 @@ inline T max_nan(T a, T b) {
   return (b > a) | (b != b) ? b : a;
 }
 
+// a where a > b, else b (b where either is NaN): x86's max, one instruction
+// (max_nan takes two compares and a blend).
+template <typename T>
+inline T max_or_b(T a, T b) {
+  return a > b ? a : b;
+}
+
 template <typename T>
 struct Simd {
   typedef T vec __attribute__((vector_size(kVecBytes)));
@@ -486,58 +493,54 @@ void pack_rows_padded(const In* x, int64_t n, int64_t cols, int64_t ld, T* out, 
   }
 }
 
-// x[i] = 2^(x[i] - shift) for x[i] - shift <= 128, returning the sum.
-// float: a degree-5 polynomial (minimax for 2^f on [-0.5, 0.5]: relative
-// error under 2.4e-7, 4 ulp, in float arithmetic; degree 7 gave 1.6 ulp for
-// two more FMAs on the exp pass, which bounds attention at small head dims);
-// arguments below -126 (-inf included) give 2^-126, negligible next to the
-// row maximum's 2^0; double: libm.
+// x[i] = 2^(x[i] - shift) for x[i] - shift < 127.9, returning the sum.
+// float: x = n + j/8 + f with f in [-1/16, 1/16]; 2^(j/8) comes from an
+// 8-entry table (one permute), 2^f from a degree-3 polynomial (minimax,
+// relative 2.5e-8), and n goes into the table entry's exponent field by an
+// integer add. Relative error under 1.6e-7 (1.3 ulp) over [-126, 128); the
+// degree-5 polynomial on [-1/2, 1/2] before it had 2.1e-7 and a dependency
+// chain 8 cycles longer, which held the exp pass to half the core's add and
+// FMA rate (the scheduler fills with waiting work). Arguments below -126
+// (-inf included) give 2^-126, negligible next to the row maximum's 2^0;
+// NaN stays NaN. double: libm.
 template <typename T>
 inline T exp2_shifted_sum(T* x, int64_t n, T shift) {
   if constexpr (std::is_same_v<T, float>) {
     using S = Simd<float>;
     using V = S::vec;
     constexpr int W = S::width;
+    typedef uint32_t UV __attribute__((vector_size(kVecBytes)));  // unsigned: the shift drops high bits
+    // 2^(j/8)'s bits less j << 20 (twice, for AVX-512's 16-entry permute): t's bits shifted left by 20 below
+    // add j << 20 back and put n in the exponent field.
+    alignas(64) static constexpr uint32_t kTable[16] = {
+        0x3f800000, 0x3f8b95c2 - (1 << 20), 0x3f9837f0 - (2 << 20), 0x3fa5fed7 - (3 << 20),
+        0x3fb504f3 - (4 << 20), 0x3fc5672a - (5 << 20), 0x3fd744fd - (6 << 20), 0x3feac0c7 - (7 << 20),
+        0x3f800000, 0x3f8b95c2 - (1 << 20), 0x3f9837f0 - (2 << 20), 0x3fa5fed7 - (3 << 20),
+        0x3fb504f3 - (4 << 20), 0x3fc5672a - (5 << 20), 0x3fd744fd - (6 << 20), 0x3feac0c7 - (7 << 20)};
     auto body = [](V v) -> V {
-      const V lo = S::splat(-126.0f);
-      // max(lo, v), NaN staying NaN: x86's max returns its second operand when either is NaN (one
-      // instruction, where the generic select takes a compare and a blend).
-#if defined(__AVX512F__)
-      const V xc = (V)_mm512_max_ps((__m512)lo, (__m512)v);
-#elif defined(__AVX__)
-      const V xc = (V)_mm256_max_ps((__m256)lo, (__m256)v);
-#elif defined(__SSE__)
-      const V xc = (V)_mm_max_ps((__m128)lo, (__m128)v);
-#else
-      const V xc = lo > v ? lo : v;
-#endif
-#if defined(__AVX512F__)
-      const V r = (V)_mm512_roundscale_ps((__m512)xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-#else
-      // Adding 1.5 * 2^23 + 127 rounds to the nearest integer n and leaves n + 127 in the low mantissa
-      // bits, which one shift moves into the exponent field of 2^n (no float -> int conversion).
-      const V magic = S::splat(12583039.0f);
+      const V xc = max_or_b(S::splat(-126.0f), v);  // NaN stays NaN
+      // Adding 1.5 * 2^20 rounds to the nearest 1/8 and leaves 8n + j in t's low mantissa bits.
+      const V magic = S::splat(1572864.0f);
       const V t = xc + magic;
-      const V r = t - magic;
-#endif
-      const V f = xc - r;  // [-0.5, 0.5]
-      V p = S::splat(1.327641733e-03f);
-      p = p * f + 9.675540897e-03f;
-      p = p * f + 5.550713443e-02f;
-      p = p * f + 2.402211973e-01f;
-      p = p * f + 6.931469670e-01f;
-      p = p * f + 1.000000072e+00f;
+      const V f = xc - (t - magic);  // exact
+      V p = S::splat(0.05549622f);
+      p = p * f + 0.24025762f;
+      p = p * f + 0.69314724f;
+      p = p * f + 1.0f;
+      UV bits;
+      std::memcpy(&bits, &t, sizeof(V));
 #if defined(__AVX512F__)
-      return (V)_mm512_scalef_ps((__m512)p, (__m512)r);  // p * 2^r in one instruction
+      const UV entry = (UV)_mm512_permutexvar_epi32((__m512i)bits, _mm512_load_si512(kTable));
+#elif defined(__AVX2__)
+      const UV entry = (UV)_mm256_permutevar8x32_epi32(_mm256_load_si256((const __m256i*)kTable), (__m256i)bits);
 #else
-      typedef uint32_t UV __attribute__((vector_size(kVecBytes)));  // unsigned: the shift drops high bits
-      UV e;
-      std::memcpy(&e, &t, sizeof(V));
-      e <<= 23;
-      V scale;
-      std::memcpy(&scale, &e, sizeof(V));
-      return p * scale;
+      UV entry;
+      for (int i = 0; i < W; ++i) entry[i] = kTable[bits[i] & 7];
 #endif
+      const UV scale_bits = entry + (bits << 20);
+      V scale;
+      std::memcpy(&scale, &scale_bits, sizeof(V));
+      return p * scale;
     };
     // Two sums: one would chain every step's add (its latency, not the exp, would set the pace).
     V sum0{}, sum1{};
@@ -576,26 +579,30 @@ inline T exp2_shifted_sum(T* x, int64_t n, T shift) {
   }
 }
 
+// The maximum of x[0, n), n > 0, by x86's max: a NaN entry may or may not
+// win, which the online softmax does not need, a NaN score reaching the row's
+// output and lse through the exp pass's sum either way (max_nan's compares
+// and blend made this pass 2.3x slower).
 template <typename T>
 inline T row_max(const T* x, int64_t n) {
   using S = Simd<T>;
   constexpr int W = S::width;
-  T m = -std::numeric_limits<T>::infinity();
+  T m = x[0];
   int64_t i = 0;
   if (n >= W) {
-    // Two running maxima: one would chain every step's compare and blend.
+    // Two running maxima: one would chain every step's max.
     auto m0 = S::load(x), m1 = m0;
     for (i = W; i + 2 * W <= n; i += 2 * W) {
-      m0 = max_nan(m0, S::load(x + i));
-      m1 = max_nan(m1, S::load(x + i + W));
+      m0 = max_or_b(m0, S::load(x + i));
+      m1 = max_or_b(m1, S::load(x + i + W));
     }
     if (i + W <= n) {
-      m0 = max_nan(m0, S::load(x + i));
+      m0 = max_or_b(m0, S::load(x + i));
       i += W;
     }
-    m = S::hmax(max_nan(m0, m1));  // NaN wins, as in torch's max
+    m = S::hmax(max_or_b(m0, m1));
   }
-  for (; i < n; ++i) m = max_nan(m, x[i]);
+  for (; i < n; ++i) m = max_or_b(m, x[i]);
   return m;
 }
 
