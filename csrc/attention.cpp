@@ -342,25 +342,6 @@ inline bool use_decode(const AttentionProblem& p) {
   return rows <= 2 || (rows <= kDecodeMaxRows && p.segments[0].len_k * p.head_dim >= kDecodeMinElems);
 }
 
-template <typename T, typename In>
-inline T dot(const T* a, const In* b, int64_t n) {
-  using S = Simd<T>;
-  typename S::vec acc{};
-  int64_t i = 0;
-  for (; i + S::width <= n; i += S::width) acc += S::load(a + i) * load_acc(b + i);
-  T sum = S::hsum(acc);
-  for (; i < n; ++i) sum += a[i] * to_acc(b[i]);
-  return sum;
-}
-
-template <typename T, typename In>
-inline void axpy(T a, const In* x, T* y, int64_t n) {
-  using S = Simd<T>;
-  int64_t i = 0;
-  for (; i + S::width <= n; i += S::width) S::store(y + i, S::load(y + i) + S::splat(a) * load_acc(x + i));
-  for (; i < n; ++i) y[i] += a * to_acc(x[i]);
-}
-
 // The partial softmax state of every (batch, kv head, split) and query row of its group.
 template <typename T>
 struct DecodeParts {
@@ -527,9 +508,7 @@ QueryPack<In> pack_queries(const AttentionProblem& p, const In* q, const T* out,
             const int64_t row = bh * Nq + seg.q_start + i;
             const T* o = out + b * p.o.b + h * p.o.h + (seg.q_start + i) * p.o.n;
             const In* g = gh + i * ds.n;
-            T dot = 0;
-            for (int64_t d = 0; d < D; ++d) dot += o[d] * to_acc(g[d]);
-            qp.delta[row] = dot - (dlse ? dlse[row] : T(0));
+            qp.delta[row] = dot(o, g, D) - (dlse ? dlse[row] : T(0));
             // A row without keys (by the band, not by its lse: a NaN or inf row must stay NaN) has
             // P = 0: +inf makes exp2 give 0.
             int64_t first, last;

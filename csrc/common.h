@@ -607,6 +607,36 @@ inline T row_max(const T* x, int64_t n) {
 }
 
 // x[i] *= a
+// sum a[i] * b[i], b converted to T. Two running sums: one would chain every
+// step's add.
+template <typename T, typename In = T>
+inline T dot(const T* a, const In* b, int64_t n) {
+  using S = Simd<T>;
+  constexpr int W = S::width;
+  typename S::vec acc0{}, acc1{};
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    acc0 += S::load(a + i) * load_acc(b + i);
+    acc1 += S::load(a + i + W) * load_acc(b + i + W);
+  }
+  if (i + W <= n) {
+    acc0 += S::load(a + i) * load_acc(b + i);
+    i += W;
+  }
+  T total = S::hsum(acc0 + acc1);
+  for (; i < n; ++i) total += a[i] * to_acc(b[i]);
+  return total;
+}
+
+// y += alpha * x, x converted to T.
+template <typename T, typename In = T>
+inline void axpy(T alpha, const In* x, T* y, int64_t n) {
+  using S = Simd<T>;
+  int64_t i = 0;
+  for (; i + S::width <= n; i += S::width) S::store(y + i, S::load(y + i) + S::splat(alpha) * load_acc(x + i));
+  for (; i < n; ++i) y[i] += alpha * to_acc(x[i]);
+}
+
 template <typename T>
 inline void scale_inplace(T* x, int64_t n, T a) {
   using S = Simd<T>;

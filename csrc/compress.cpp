@@ -18,29 +18,6 @@ namespace {
 template <typename T>
 using S = Simd<T>;
 
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  constexpr int W = S<T>::width;
-  typename S<T>::vec acc0{}, acc1{};
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    acc0 += S<T>::load(a + i) * S<T>::load(b + i);
-    acc1 += S<T>::load(a + i + W) * S<T>::load(b + i + W);
-  }
-  T total = S<T>::hsum(acc0 + acc1);
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
-
-// y += alpha * x
-template <typename T>
-void axpy(T alpha, const T* x, T* y, int64_t n) {
-  constexpr int W = S<T>::width;
-  int64_t i = 0;
-  for (; i + W <= n; i += W) S<T>::store(y + i, S<T>::load(y + i) + alpha * S<T>::load(x + i));
-  for (; i < n; ++i) y[i] += alpha * x[i];
-}
-
 // |v| without overflow or underflow: the plain sum of squares, or, where
 // it leaves the normal range, the sum of (v / max|v|)^2 scaled back.
 template <typename T>
