@@ -41,12 +41,6 @@ inline T max_nan(T a, T b) {
   return (b > a) | (b != b) ? b : a;
 }
 
-// a where a > b, else b (b where either is NaN): x86's max, one instruction
-// (max_nan takes two compares and a blend).
-template <typename T>
-inline T max_or_b(T a, T b) {
-  return a > b ? a : b;
-}
 
 template <typename T>
 struct Simd {
@@ -491,6 +485,21 @@ void pack_rows_padded(const In* x, int64_t n, int64_t cols, int64_t ld, T* out, 
       for (int64_t c = 0; c < cols; ++c) out[r * padded_cols + c] = to_acc(x[r * ld + c]);
     std::fill(out + r * padded_cols + cols, out + (r + 1) * padded_cols, T(0));
   }
+}
+
+// a where a > b, else b (b where either is NaN): x86's max, one instruction
+// (max_nan takes two compares and a blend). The intrinsic for float vectors:
+// given a constant a, GCC makes a compare and a blend of the generic select.
+template <typename V>
+inline V max_or_b(V a, V b) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<V, Simd<float>::vec>) return (V)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__)
+  if constexpr (std::is_same_v<V, Simd<float>::vec>) return (V)_mm256_max_ps((__m256)a, (__m256)b);
+#elif defined(__SSE__)
+  if constexpr (std::is_same_v<V, Simd<float>::vec>) return (V)_mm_max_ps((__m128)a, (__m128)b);
+#endif
+  return a > b ? a : b;
 }
 
 // x[i] = 2^(x[i] - shift) for x[i] - shift < 127.9, returning the sum.
