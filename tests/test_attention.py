@@ -181,7 +181,7 @@ def test_large_logits_do_not_overflow():
 
 
 def test_softmax_probabilities_within_a_few_ulp():
-    """The float32 kernel's exp2 (a table and a polynomial) has a documented bound (relative 1.6e-7): with V the
+    """The float32 kernel's exp2 (a table and a polynomial) has a documented error (relative 1.6e-7): with V the
     identity, the output row is the softmax itself, compared entry by entry with float64 softmax of the
     same float32 scores (in [-4, 4], where the score's own rounding adds ~2.4e-7)."""
     n = 64
