@@ -12,6 +12,7 @@ Build with `pip install --no-build-isolation .` so the build sees the torch and
 numpy already installed instead of resolving its own. TESSEL_CPU_LEVELS=avx2
 (comma-separated) builds only those levels, for quick development builds.
 """
+import glob
 import os
 import platform
 
@@ -28,6 +29,9 @@ elif platform.machine().lower() in ("aarch64", "arm64"):
     LEVELS = {"neon": []}
 else:
     LEVELS = {"generic": []}
+# A header change rebuilds every extension (setuptools compares only the listed
+# sources and depends with the built module).
+HEADERS = sorted(glob.glob("csrc/*.h"))
 wanted = os.environ.get("TESSEL_CPU_LEVELS")
 if wanted:
     LEVELS = {level: LEVELS[level] for level in wanted.split(",")}
@@ -39,6 +43,7 @@ def extension(level: str, isa_flags: list[str]) -> Pybind11Extension:
         sources=["csrc/bindings.cpp", "csrc/attention.cpp", "csrc/linear_attention.cpp", "csrc/looped.cpp",
                  "csrc/compress.cpp"],
         include_dirs=["csrc"],
+        depends=HEADERS,
         define_macros=[("TESSEL_MODULE", f"_C_{level}"), ("TESSEL_LEVEL", f'"{level}"')],
         cxx_std=17,
         extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast"] + isa_flags,
@@ -51,6 +56,7 @@ def torch_ops() -> CppExtension:
         "tessel._C_ops",
         sources=["csrc/ops.cpp"],
         include_dirs=["csrc"],
+        depends=HEADERS,
         define_macros=[("_GLIBCXX_USE_CXX11_ABI", str(int(torch.compiled_with_cxx11_abi())))],
         extra_compile_args=["-O2", "-std=c++17"],
     )

@@ -6,6 +6,7 @@ whole CPU attention suite from the wheel: test_wheel.py), and a level's
 module holds no instruction of a higher one."""
 import importlib
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -91,6 +92,27 @@ def test_every_level_matches_the_references(level, force_level):
     m = torch.randn(50, 4, generator=gen, dtype=torch.float64)
     tessel.compress.orthogonalize_(m)
     assert error_vs(m.T @ m, torch.eye(4, dtype=torch.float64)) <= 1e-6  # eps = 1e-8 in the norms
+
+
+@pytest.mark.parametrize("level", SUPPORTED)
+def test_every_level_exp2_over_its_range(level, force_level):
+    """The float32 exp2 (a table entry times a polynomial, 2^n added to the entry's exponent; one permute per
+    level, or a lane loop) over arguments from 0 down to -120: one query row with V the identity gives the
+    softmax itself, and out[j] / out[0] is exp2 of the kernel's own float32 argument (q = log2(e) rounded to
+    float32, times the score, rounded once; the row maximum 0) up to the two roundings of the final scaling.
+    250 keys: whole vectors and a tail."""
+    force_level(level)
+    n = 250
+    scores = -torch.linspace(0, 120, n, dtype=torch.float64) / math.log2(math.e)
+    q = torch.zeros(1, 1, 1, n)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, n, n)
+    k[0, 0, :, 0] = scores.float()
+    out = tessel.attention(q, k, torch.eye(n).view(1, 1, n, n), scale=1.0)[0, 0, 0].double()
+    log2e = torch.tensor(math.log2(math.e), dtype=torch.float32)
+    args = (log2e * k[0, 0, :, 0]).double()  # float32 product, one rounding, as the kernel's
+    rel = (out / out[0] / torch.exp2(args) - 1).abs().max().item()
+    assert rel < 3e-7, rel  # exp2: 1.6e-7 measured (1.4 ulp), the scaling: two half-ulp roundings
 
 
 @pytest.mark.parametrize("level", SUPPORTED)
