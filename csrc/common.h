@@ -41,7 +41,6 @@ inline T max_nan(T a, T b) {
   return (b > a) | (b != b) ? b : a;
 }
 
-
 template <typename T>
 struct Simd {
   typedef T vec __attribute__((vector_size(kVecBytes)));
@@ -507,11 +506,12 @@ inline V max_or_b(V a, V b) {
 // 8-entry table (one permute), 2^f from a degree-3 polynomial (minimax,
 // relative 2.5e-8), and n goes into the table entry's exponent field by an
 // integer add. Relative error measured over [-126, 128): 1.56e-7 (1.3 ulp)
-// with FMA, 1.62e-7 without (the sse level); the degree-5 polynomial on [-1/2, 1/2] before it had 2.1e-7 and a dependency
-// chain 8 cycles longer, which held the exp pass to half the core's add and
-// FMA rate (the scheduler fills with waiting work). Arguments below -126
-// (-inf included) give 2^-126, negligible next to the row maximum's 2^0;
-// NaN stays NaN. double: libm.
+// with FMA, 1.62e-7 without (the sse level); the degree-5 polynomial on
+// [-1/2, 1/2] before it had 2.1e-7 and a dependency chain 8 cycles longer,
+// which held the exp pass to half the core's add and FMA rate (the scheduler
+// fills with waiting work). Arguments below -126 (-inf included) give
+// 2^-126, negligible next to the row maximum's 2^0; NaN stays NaN. double:
+// libm.
 template <typename T>
 inline T exp2_shifted_sum(T* x, int64_t n, T shift) {
   if constexpr (std::is_same_v<T, float>) {
@@ -615,7 +615,6 @@ inline T row_max(const T* x, int64_t n) {
   return m;
 }
 
-// x[i] *= a
 // sum a[i] * b[i], b converted to T. Two running sums: one would chain every
 // step's add.
 template <typename T, typename In = T>
@@ -646,6 +645,7 @@ inline void axpy(T alpha, const In* x, T* y, int64_t n) {
   for (; i < n; ++i) y[i] += alpha * to_acc(x[i]);
 }
 
+// x[i] *= a
 template <typename T>
 inline void scale_inplace(T* x, int64_t n, T a) {
   using S = Simd<T>;
