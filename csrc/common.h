@@ -41,6 +41,23 @@ inline T max_nan(T a, T b) {
   return (b > a) | (b != b) ? b : a;
 }
 
+typedef float FloatVec __attribute__((vector_size(kVecBytes)));
+
+// a where a > b, else b (b where either is NaN): x86's max, one instruction
+// (max_nan takes two compares and a blend). The intrinsic for float vectors:
+// given a constant a, GCC makes a compare and a blend of the generic select.
+template <typename V>
+inline V max_or_b(V a, V b) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<V, FloatVec>) return (V)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__)
+  if constexpr (std::is_same_v<V, FloatVec>) return (V)_mm256_max_ps((__m256)a, (__m256)b);
+#elif defined(__SSE__)
+  if constexpr (std::is_same_v<V, FloatVec>) return (V)_mm_max_ps((__m128)a, (__m128)b);
+#endif
+  return a > b ? a : b;
+}
+
 template <typename T>
 struct Simd {
   typedef T vec __attribute__((vector_size(kVecBytes)));
@@ -55,33 +72,37 @@ struct Simd {
   }
   static inline void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
   static inline vec splat(T x) { return vec{} + x; }
-  // NaN-propagating max and sum of the lanes, by halving (log2(width) vector steps, not width scalar ones).
+  // Max (x86's: a NaN lane may or may not win) and sum of the lanes, by halving: log2(width) vector steps,
+  // not width scalar ones.
   static inline T hmax(vec v) {
-    return reduce<kVecBytes>(v, [](auto a, auto b) { return max_nan(a, b); });
+    return reduce<width>(v, [](auto a, auto b) { return max_or_b(a, b); });
   }
   static inline T hsum(vec v) {
-    return reduce<kVecBytes>(v, [](auto a, auto b) { return a + b; });
+    return reduce<width>(v, [](auto a, auto b) { return a + b; });
   }
 
  private:
-  template <int Bytes>
+  template <int N>
   struct Part {
-    typedef T type __attribute__((vector_size(Bytes)));
+    typedef T type __attribute__((vector_size(N * sizeof(T))));
   };
-  template <int Bytes, typename Op>
-  static inline T reduce(typename Part<Bytes>::type v, Op op) {
-    if constexpr (Bytes == 2 * static_cast<int>(sizeof(T))) {
-      return op(v[0], v[1]);
+  // Half of a vector by shuffle, lanes [Off, Off + N/2): one extract (copied lane by lane, GCC built each
+  // half from N/2 inserts).
+  template <int Off, int N, int... I>
+  static inline typename Part<N / 2>::type half(typename Part<N>::type v, std::integer_sequence<int, I...>) {
+#if __has_builtin(__builtin_shufflevector)  // GCC 12, clang
+    return __builtin_shufflevector(v, v, (Off + I)...);
+#else
+    return typename Part<N / 2>::type{v[Off + I]...};
+#endif
+  }
+  template <int N, typename Op>
+  static inline T reduce(typename Part<N>::type v, Op op) {
+    if constexpr (N == 1) {
+      return v[0];
     } else {
-      // Lane by lane, which GCC turns into one extract (a memcpy of the halves put v in memory).
-      constexpr int half = Bytes / 2 / static_cast<int>(sizeof(T));
-      typename Part<Bytes / 2>::type lo, hi;
-#pragma GCC unroll 16
-      for (int i = 0; i < half; ++i) {
-        lo[i] = v[i];
-        hi[i] = v[i + half];
-      }
-      return reduce<Bytes / 2>(op(lo, hi), op);
+      using Lo = std::make_integer_sequence<int, N / 2>;
+      return reduce<N / 2>(op(half<0, N>(v, Lo{}), half<N / 2, N>(v, Lo{})), op);
     }
   }
 };
@@ -484,21 +505,6 @@ void pack_rows_padded(const In* x, int64_t n, int64_t cols, int64_t ld, T* out, 
       for (int64_t c = 0; c < cols; ++c) out[r * padded_cols + c] = to_acc(x[r * ld + c]);
     std::fill(out + r * padded_cols + cols, out + (r + 1) * padded_cols, T(0));
   }
-}
-
-// a where a > b, else b (b where either is NaN): x86's max, one instruction
-// (max_nan takes two compares and a blend). The intrinsic for float vectors:
-// given a constant a, GCC makes a compare and a blend of the generic select.
-template <typename V>
-inline V max_or_b(V a, V b) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<V, Simd<float>::vec>) return (V)_mm512_max_ps((__m512)a, (__m512)b);
-#elif defined(__AVX__)
-  if constexpr (std::is_same_v<V, Simd<float>::vec>) return (V)_mm256_max_ps((__m256)a, (__m256)b);
-#elif defined(__SSE__)
-  if constexpr (std::is_same_v<V, Simd<float>::vec>) return (V)_mm_max_ps((__m128)a, (__m128)b);
-#endif
-  return a > b ? a : b;
 }
 
 // x[i] = 2^(x[i] - shift) for x[i] - shift < 127.9, returning the sum.
