@@ -532,7 +532,7 @@ struct BackwardRows {
 template <typename In, typename T = acc_t<In>>
 void backward_key_block(const AttentionProblem& p, const QueryPack<In>& qp, const PanelHeads<In>& kp,
                         const PanelHeads<In>& vp, const BackwardRows<T>& rows, int64_t b, int64_t hk, int64_t s,
-                        int64_t k0, T* dq_acc, T* dk, T* dv, BackwardScratch<T>& ws) {
+                        int64_t k0, T* dq_acc, Strides4 dq_st, T* dk, T* dv, BackwardScratch<T>& ws) {
   using U = gemm_unit_t<In>;
   constexpr int NR = Simd<T>::panel;
   const Segment& seg = p.segments[s];  // k0 and every query and key index below are local to it
@@ -559,7 +559,7 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<In>& qp, cons
     const int64_t bh = b * p.heads + h;
     const T* lse2 = qp.lse2.data() + bh * Nq + seg.q_start;
     const T* delta = qp.delta.data() + bh * Nq + seg.q_start;
-    T* dQh = dq_acc + (bh * Nq + seg.q_start) * Dp;
+    T* dQh = dq_acc + b * dq_st.b + h * dq_st.h + seg.q_start * dq_st.n;
     for (int64_t q0 = i_first / kBwdBlockQ * kBwdBlockQ; q0 <= i_last; q0 += kBwdBlockQ) {
       const int64_t mq = std::min(kBwdBlockQ, i_last + 1 - q0);
       // S (log2 units) = Q K^T * scale * log2 e and dP = dO V^T: [mq, D] @ [D, ncols]
@@ -591,7 +591,7 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<In>& qp, cons
       gemm_head_cols<T, true, kBwdBlockK>(ncols, Dp, mq, dS, rows.q.row(b, h, qrow), rows.q.ld, dK, Dp, true);
       // dQ += dS K over the block's real keys: [mq, nk] @ [nk, Dp]
       gemm_head_cols<T, false, kBwdBlockK>(mq, Dp, nk, dS, rows.k.row(b, hk, seg.k_start + k0), rows.k.ld,
-                                           dQh + q0 * Dp, Dp, true);
+                                           dQh + q0 * dq_st.n, dq_st.n, true);
     }
   }
 
@@ -619,18 +619,29 @@ void attention_backward_cpu(const AttentionProblem& p, const In* q, const In* k,
   const int64_t tasks = p.batch * p.kv_heads * nseg;
 
   // Split the key blocks of a segment's head across tasks only when there are
-  // too few (head, segment) pairs to keep every thread busy; each split has
-  // its own dQ accumulator.
+  // too few (head, segment) pairs to keep every thread busy.
   int64_t nkb = 1;
   for (const Segment& seg : p.segments) nkb = std::max(nkb, ceil_div(seg.len_k, kBwdBlockK));
   const int64_t nsplit = std::clamp<int64_t>(ceil_div(4 * p.num_threads, tasks), 1, nkb);
-  const int64_t D = p.head_dim, Dp = head_cols<T>(D);
-  const int64_t dq_size = p.batch * p.heads * p.len_q * Dp;
-  Buffer<T> dq_acc(nsplit * dq_size);
+  const int64_t D = p.head_dim, Dp = head_cols<T>(D), Nq = p.len_q;
+  // Each split accumulates its own dQ: split 0 into dq itself where its rows hold whole panels (Dp == D),
+  // the others (all of them otherwise) into rows of Dp in dq_acc, added to dq in split order afterwards.
+  const bool direct = Dp == D;
+  const int64_t acc_splits = nsplit - direct, dq_size = p.batch * p.heads * Nq * Dp;
+  const Strides4 acc_st{p.heads * Nq * Dp, Nq * Dp, Dp};
+  Buffer<T> dq_acc(acc_splits * dq_size);
+  const int64_t dq_rows = p.batch * p.heads * Nq;
+  auto dq_row = [&](int64_t r) {
+    return dq + r / (p.heads * Nq) * p.o.b + r / Nq % p.heads * p.o.h + r % Nq * p.o.n;
+  };
   parallel_region(p.num_threads, [&] {
+    if (direct) {
+#pragma omp for nowait
+      for (int64_t r = 0; r < dq_rows; ++r) std::fill(dq_row(r), dq_row(r) + D, T(0));
+    }
 #pragma omp for
-    for (int64_t s = 0; s < nsplit * p.batch * p.heads; ++s)
-      std::fill(dq_acc.data() + s * p.len_q * Dp, dq_acc.data() + (s + 1) * p.len_q * Dp, T(0));
+    for (int64_t r = 0; r < acc_splits * dq_rows; ++r)
+      std::fill(dq_acc.data() + r * Dp, dq_acc.data() + (r + 1) * Dp, T(0));
   });
 
   parallel_region(p.num_threads, [&] {
@@ -639,21 +650,23 @@ void attention_backward_cpu(const AttentionProblem& p, const In* q, const In* k,
     for (int64_t split = 0; split < nsplit; ++split)
       for (int64_t b = 0; b < p.batch; ++b)
         for (int64_t s = 0; s < nseg; ++s)
-          for (int64_t hk = 0; hk < p.kv_heads; ++hk)
+          for (int64_t hk = 0; hk < p.kv_heads; ++hk) {
+            const bool to_dq = direct && split == 0;
+            T* target = to_dq ? dq : dq_acc.data() + (split - direct) * dq_size;
             // Interleaved key blocks balance causal masks across splits.
             for (int64_t k0 = split * kBwdBlockK; k0 < p.segments[s].len_k; k0 += nsplit * kBwdBlockK)
-              backward_key_block(p, qp, kp, vp, rows, b, hk, s, k0, dq_acc.data() + split * dq_size, dk, dv, ws);
+              backward_key_block(p, qp, kp, vp, rows, b, hk, s, k0, target, to_dq ? p.o : acc_st, dk, dv, ws);
+          }
   });
 
-  const int64_t dq_rows = p.batch * p.heads * p.len_q;
+  if (acc_splits == 0) return;
   parallel_region(p.num_threads, [&] {
 #pragma omp for
     for (int64_t r = 0; r < dq_rows; ++r) {
-      const int64_t b = r / (p.heads * p.len_q), h = r / p.len_q % p.heads, n = r % p.len_q;
-      T* row = dq + b * p.o.b + h * p.o.h + n * p.o.n;
+      T* row = dq_row(r);
       for (int64_t d = 0; d < D; ++d) {
-        T acc = 0;
-        for (int64_t s = 0; s < nsplit; ++s) acc += dq_acc[s * dq_size + r * Dp + d];
+        T acc = direct ? row[d] : T(0);
+        for (int64_t s = 0; s < acc_splits; ++s) acc += dq_acc[s * dq_size + r * Dp + d];
         row[d] = acc;
       }
     }
