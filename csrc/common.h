@@ -21,6 +21,13 @@
 #include <utility>
 #include <vector>
 
+// GCC >= 12 and clang: extracting half a vector is one shuffle.
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define TESSEL_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
+
 namespace tessel {
 
 #if defined(__AVX512F__)
@@ -90,7 +97,7 @@ struct Simd {
   // half from N/2 inserts).
   template <int Off, int N, int... I>
   static inline typename Part<N / 2>::type half(typename Part<N>::type v, std::integer_sequence<int, I...>) {
-#if __has_builtin(__builtin_shufflevector)  // GCC 12, clang
+#if TESSEL_HAS_SHUFFLEVECTOR
     return __builtin_shufflevector(v, v, (Off + I)...);
 #else
     return typename Part<N / 2>::type{v[Off + I]...};
