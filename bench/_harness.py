@@ -132,11 +132,23 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
         return None
 
 
+SGEMM_N = 2048
+
+
+def sgemm_call(device: str) -> Callable[[], object]:
+    """A float32 matmul of two SGEMM_N x SGEMM_N matrices: the machine's matmul rate."""
+    a, b = (torch.randn(SGEMM_N, SGEMM_N, device=device) for _ in range(2))
+    return lambda: a @ b
+
+
+def sgemm_rate(seconds: float) -> float:
+    """GFLOP/s of one sgemm_call taking `seconds`."""
+    return 2 * SGEMM_N**3 / seconds / 1e9
+
+
 def sgemm_gflops(device: str, quick: bool) -> float:
-    """This machine's float32 matmul throughput, measured in the same run."""
-    n = 2048
-    a, b = (torch.randn(n, n, device=device) for _ in range(2))
-    return 2 * n**3 / time_side_by_side({"mm": lambda: a @ b}, device, quick)["mm"] / 1e9
+    """This machine's float32 matmul throughput at the start of the run (each row also times its own)."""
+    return sgemm_rate(time_side_by_side({"mm": sgemm_call(device)}, device, quick)["mm"])
 
 
 def fma_peak_gflops(device: str) -> float | None:
@@ -211,8 +223,13 @@ def timing_columns(times: dict[str, float], bounds: tuple[str, ...] = ()) -> dic
     return cols
 
 
+# The provider name of the matmul a row's rate is compared with (timed beside it, not a peer).
+MATMUL = "sgemm"
+
+
 def run_cases(cases: list[Case], quick: bool) -> list[dict]:
     rows = []
+    matmuls = {}  # device -> sgemm_call, made once
     for case in progress(cases, "time"):
         row = {
             "suite": case.suite, "case": case.name, "mode": case.mode,
@@ -222,9 +239,15 @@ def run_cases(cases: list[Case], quick: bool) -> list[dict]:
         if case.reference is not None:
             providers["reference"] = case.reference
         providers.update(case.peers)
+        if case.flops:
+            # The matmul rate a row's is a fraction of, timed in the same rounds: the VMs here drift by tens of
+            # percent over a run, so a rate taken at its start compared different conditions.
+            providers[MATMUL] = matmuls.setdefault(case.device, sgemm_call(case.device))
         times = time_side_by_side(providers, case.device, quick)
+        matmul_s = times.pop(MATMUL, None)
         row.update(timing_columns(times, case.bounds))
         row["gflops"] = case.flops / times["tessel"] / 1e9 if case.flops else None
+        row["matmul_gflops"] = sgemm_rate(matmul_s) if matmul_s else None
         if case.bytes:
             row["gbps"] = case.bytes / times["tessel"] / 1e9
         row["max_err"] = case.error() if case.error is not None else None
@@ -253,9 +276,10 @@ def _cell(v) -> str:
 
 
 def _rate(row: dict, sgemm: float | None) -> str:
-    """GFLOP/s (with the fraction of the run's sgemm rate) or GB/s, or '-'."""
+    """GFLOP/s (with the fraction of the sgemm rate timed beside the row, else of the run's) or GB/s, or '-'."""
     if row.get("gflops"):
-        return f"{row['gflops']:.1f} GF/s" + (f" ({row['gflops'] / sgemm:.2f})" if sgemm else "")
+        matmul = row.get("matmul_gflops") or sgemm
+        return f"{row['gflops']:.1f} GF/s" + (f" ({row['gflops'] / matmul:.2f})" if matmul else "")
     if row.get("gbps"):
         return f"{row['gbps']:.1f} GB/s"
     return "-"
