@@ -240,9 +240,11 @@ def run_cases(cases: list[Case], quick: bool) -> list[dict]:
             providers["reference"] = case.reference
         providers.update(case.peers)
         if case.flops:
-            # The matmul rate a row's is a fraction of, timed in the same rounds: the VMs here drift by tens of
-            # percent over a run, so a rate taken at its start compared different conditions.
-            providers[MATMUL] = matmuls.setdefault(case.device, sgemm_call(case.device))
+            # The row's rate is given as a fraction of this matmul's, timed in the same rounds: the VMs here
+            # drift by tens of percent over a run, so a rate taken at its start compared different conditions.
+            if case.device not in matmuls:
+                matmuls[case.device] = sgemm_call(case.device)
+            providers[MATMUL] = matmuls[case.device]
         times = time_side_by_side(providers, case.device, quick)
         matmul_s = times.pop(MATMUL, None)
         row.update(timing_columns(times, case.bounds))
