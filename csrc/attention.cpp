@@ -562,12 +562,20 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<In>& qp, cons
     T* dQh = dq_acc + b * dq_st.b + h * dq_st.h + seg.q_start * dq_st.n;
     for (int64_t q0 = i_first / kBwdBlockQ * kBwdBlockQ; q0 <= i_last; q0 += kBwdBlockQ) {
       const int64_t mq = std::min(kBwdBlockQ, i_last + 1 - q0);
-      // S (log2 units) = Q K^T * scale * log2 e and dP = dO V^T: [mq, D] @ [D, ncols]
-      gemm_panels<U, true, kBwdBlockQ>(mq, ncols / NR, Du, qp.qt.data() + qp.tile(bh, s, q0),
-                                       kp.at(kv_head, s, k0), NR, Du * NR, P, kBwdBlockK, false, Triangle::kNone,
-                                       kBwdBlockQ, sc.alpha);
-      gemm_panels<U, true, kBwdBlockQ>(mq, ncols / NR, Du, qp.doutt.data() + qp.tile(bh, s, q0),
-                                       vp.at(kv_head, s, k0), NR, Du * NR, dS, kBwdBlockK, false);
+      // The block's columns [c0, c1) that some row of these queries sees, in whole panels: a causal or
+      // windowed block's edge panels are skipped for the query blocks they are masked from.
+      int64_t first, last, unused;
+      row_key_range(seg, q0, &first, &unused);
+      row_key_range(seg, q0 + mq - 1, &unused, &last);
+      const int64_t c0 = std::max<int64_t>(first - k0, 0) / NR * NR;
+      const int64_t c1 = std::min(ncols, round_up(last + 1 - k0, NR));
+      const int64_t nc = c1 - c0, nkc = std::min(c1, nk) - c0;  // columns, and real keys among them
+      // S (log2 units) = Q K^T * scale * log2 e and dP = dO V^T: [mq, D] @ [D, nc]
+      gemm_panels<U, true, kBwdBlockQ>(mq, nc / NR, Du, qp.qt.data() + qp.tile(bh, s, q0),
+                                       kp.at(kv_head, s, k0 + c0), NR, Du * NR, P + c0, kBwdBlockK, false,
+                                       Triangle::kNone, kBwdBlockQ, sc.alpha);
+      gemm_panels<U, true, kBwdBlockQ>(mq, nc / NR, Du, qp.doutt.data() + qp.tile(bh, s, q0),
+                                       vp.at(kv_head, s, k0 + c0), NR, Du * NR, dS + c0, kBwdBlockK, false);
       for (int64_t r = 0; r < mq; ++r) {
         const int64_t i = q0 + r;
         T* prow = P + r * kBwdBlockK;
@@ -575,23 +583,25 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<In>& qp, cons
         int64_t a, e;
         row_block_cols(seg, i, k0, nk, &a, &e);
         if (a >= e) {
-          std::fill(prow, prow + ncols, T(0));
-          std::fill(dsrow, dsrow + ncols, T(0));
+          std::fill(prow + c0, prow + c1, T(0));
+          std::fill(dsrow + c0, dsrow + c1, T(0));
           continue;
         }
-        std::fill(prow, prow + a, T(0));
-        std::fill(prow + e, prow + ncols, T(0));
+        std::fill(prow + c0, prow + a, T(0));
+        std::fill(prow + e, prow + c1, T(0));
         exp2_shifted_sum(prow + a, e - a, lse2[i]);
         // dS = P * (dP - delta) * scale; zero wherever P is.
-        for (int64_t c = 0; c < ncols; ++c) dsrow[c] = prow[c] * (dsrow[c] - delta[i]) * scale;
+        for (int64_t c = c0; c < c1; ++c) dsrow[c] = prow[c] * (dsrow[c] - delta[i]) * scale;
       }
-      // dV += P^T dO, dK += dS^T Q: [ncols, mq] @ [mq, Dp]
+      // dV += P^T dO, dK += dS^T Q: [nc, mq] @ [mq, Dp]
       const int64_t qrow = seg.q_start + q0;
-      gemm_head_cols<T, true, kBwdBlockK>(ncols, Dp, mq, P, rows.dout.row(b, h, qrow), rows.dout.ld, dV, Dp, true);
-      gemm_head_cols<T, true, kBwdBlockK>(ncols, Dp, mq, dS, rows.q.row(b, h, qrow), rows.q.ld, dK, Dp, true);
-      // dQ += dS K over the block's real keys: [mq, nk] @ [nk, Dp]
-      gemm_head_cols<T, false, kBwdBlockK>(mq, Dp, nk, dS, rows.k.row(b, hk, seg.k_start + k0), rows.k.ld,
-                                           dQh + q0 * dq_st.n, dq_st.n, true);
+      gemm_head_cols<T, true, kBwdBlockK>(nc, Dp, mq, P + c0, rows.dout.row(b, h, qrow), rows.dout.ld, dV + c0 * Dp,
+                                          Dp, true);
+      gemm_head_cols<T, true, kBwdBlockK>(nc, Dp, mq, dS + c0, rows.q.row(b, h, qrow), rows.q.ld, dK + c0 * Dp, Dp,
+                                          true);
+      // dQ += dS K over the real keys: [mq, nkc] @ [nkc, Dp]
+      gemm_head_cols<T, false, kBwdBlockK>(mq, Dp, nkc, dS + c0, rows.k.row(b, hk, seg.k_start + k0 + c0),
+                                           rows.k.ld, dQh + q0 * dq_st.n, dq_st.n, true);
     }
   }
 
