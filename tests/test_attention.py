@@ -54,6 +54,13 @@ def test_long_sequence_with_gqa(causal):
     check_against_reference(*make_qkv(1, 4, 2, 1000, 1000, 64), causal=causal)
 
 
+@pytest.mark.parametrize("nq,nk,kw", [(1100, 1100, {}), (1100, 1100, {"causal": True}), (1030, 1250, {"causal": True}),
+                                      (1100, 1100, {"window": (200, 50)})])
+def test_long_sequences_backward_on_long_key_blocks(nq, nk, kw):
+    # One head's Q of 512 KB or more (here 1030-1100 rows of 128 floats) runs the backward on 192-key blocks.
+    check_against_reference(*make_qkv(1, 2, 1, nq, nk, 128), **kw)
+
+
 @pytest.mark.parametrize("nq,nk", [(17, 100), (100, 17), (1, 1000), (127, 64), (64, 300)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_query_and_key_lengths_differ(nq, nk, causal):
@@ -222,9 +229,10 @@ def test_expanded_kv_heads_read_in_place():
     assert error_vs(got, tessel.attention(q, k, v)) == 0.0
 
 
-def test_backward_is_deterministic():
+@pytest.mark.parametrize("n,d", [(300, 32), (1030, 128)])  # the second on long key blocks, in six splits
+def test_backward_is_deterministic(n, d):
     assert_backward_deterministic(lambda q, k, v: tessel.attention(q, k, v, causal=True),
-                                  make_qkv(1, 2, 1, 300, 300, 32))
+                                  make_qkv(1, 2, 1, n, n, d))
 
 
 def _peak_rss_growth_mb(fn) -> float:
