@@ -33,11 +33,11 @@ constexpr double kLn2 = 0.6931471805599453;
 // Queries per block: a multiple of the micro-kernel's rows. Keys per block: a
 // multiple of the panel width. Sized so the S tile and the K/V panels of a
 // block stay in L2. The backward streams every query block's Q, dO and dQ past
-// each key block: where a sequence's Q (one head) is past kBwdLongHeadBytes
-// (they come from L3 then), a key block twice as long halves that traffic (perf, AVX2 EPYC:
-// 7-8% less micro-kernel time at N = 4096, D = 64 and N = 2048, D = 128, none
-// at N = 1024, D = 64, where the finer block keeps splits and causal diagonals
-// smaller).
+// each key block; where a sequence's Q (one head) reaches kBwdLongHeadBytes
+// they come from L3, and a key block twice as long halves that traffic (perf,
+// AVX2 EPYC: 7-8% less micro-kernel time at N = 4096, D = 64 and N = 2048,
+// D = 128; none at N = 1024, D = 64, where the shorter block keeps the splits
+// and causal diagonals finer).
 constexpr int64_t kFwdBlockQ = 8 * kMicroRows;
 constexpr int64_t kFwdBlockK = 256;
 constexpr int64_t kBwdBlockQ = 8 * kMicroRows;
@@ -603,12 +603,12 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<In>& qp, cons
       // dV += P^T dO, dK += dS^T Q: [nc, mq] @ [mq, Dp]
       const int64_t qrow = seg.q_start + q0;
       gemm_head_cols<T, true, kBlockK>(nc, Dp, mq, P + c0, rows.dout.row(b, h, qrow), rows.dout.ld, dV + c0 * Dp,
-                                          Dp, true);
+                                       Dp, true);
       gemm_head_cols<T, true, kBlockK>(nc, Dp, mq, dS + c0, rows.q.row(b, h, qrow), rows.q.ld, dK + c0 * Dp, Dp,
-                                          true);
+                                       true);
       // dQ += dS K over the real keys: [mq, nkc] @ [nkc, Dp]
-      gemm_head_cols<T, false, kBlockK>(mq, Dp, nkc, dS + c0, rows.k.row(b, hk, seg.k_start + k0 + c0),
-                                           rows.k.ld, dQh + q0 * dq_st.n, dq_st.n, true);
+      gemm_head_cols<T, false, kBlockK>(mq, Dp, nkc, dS + c0, rows.k.row(b, hk, seg.k_start + k0 + c0), rows.k.ld,
+                                        dQh + q0 * dq_st.n, dq_st.n, true);
     }
   }
 
@@ -635,13 +635,13 @@ void attention_backward_cpu(const AttentionProblem& p, const In* q, const In* k,
   const int64_t nseg = static_cast<int64_t>(p.segments.size());
   const int64_t tasks = p.batch * p.kv_heads * nseg;
 
-  // Split the key blocks of a segment's head across tasks only when there are
-  // too few (head, segment) pairs to keep every thread busy.
   const int64_t D = p.head_dim, Dp = head_cols<T>(D), Nq = p.len_q;
   int64_t longest_q = 0;
   for (const Segment& seg : p.segments) longest_q = std::max(longest_q, seg.len_q);
   const bool long_head = longest_q * Dp * static_cast<int64_t>(sizeof(T)) >= kBwdLongHeadBytes;
   const int64_t block_k = long_head ? kBwdLongBlockK : kBwdBlockK;
+  // Split the key blocks of a segment's head across tasks only when there are
+  // too few (head, segment) pairs to keep every thread busy.
   int64_t nkb = 1;
   for (const Segment& seg : p.segments) nkb = std::max(nkb, ceil_div(seg.len_k, block_k));
   const int64_t nsplit = std::clamp<int64_t>(ceil_div(4 * p.num_threads, tasks), 1, nkb);

@@ -229,7 +229,7 @@ def test_expanded_kv_heads_read_in_place():
     assert error_vs(got, tessel.attention(q, k, v)) == 0.0
 
 
-@pytest.mark.parametrize("n,d", [(300, 32), (1030, 128)])  # the second on long key blocks, in six splits
+@pytest.mark.parametrize("n,d", [(300, 32), (1030, 128)])  # the second on long key blocks, in several splits
 def test_backward_is_deterministic(n, d):
     assert_backward_deterministic(lambda q, k, v: tessel.attention(q, k, v, causal=True),
                                   make_qkv(1, 2, 1, n, n, d))
