@@ -55,6 +55,14 @@ inline void row_key_range(const Segment& s, int64_t i, int64_t* first, int64_t* 
   *last = std::min<int64_t>(s.len_k - 1, i + s.band_hi);
 }
 
+// Keys [first, last] that some row of queries [q0, q0 + mq) may see: both
+// ends of the band grow with the row.
+inline void rows_key_range(const Segment& s, int64_t q0, int64_t mq, int64_t* first, int64_t* last) {
+  int64_t unused;
+  row_key_range(s, q0, first, &unused);
+  row_key_range(s, q0 + mq - 1, &unused, last);
+}
+
 // Columns [a, e) of a key block starting at k0 with `ncols` columns that row i
 // may see (a >= e when none).
 inline void row_block_cols(const Segment& s, int64_t i, int64_t k0, int64_t ncols, int64_t* a, int64_t* e) {
@@ -278,9 +286,8 @@ void forward_query_block(const AttentionProblem& p, const In* q, const PanelHead
   std::fill(m, m + mq, neg_inf);
   std::fill(l, l + mq, T(0));
 
-  int64_t first_key, last_key, unused;
-  row_key_range(seg, q0, &first_key, &unused);
-  row_key_range(seg, q0 + mq - 1, &unused, &last_key);
+  int64_t first_key, last_key;
+  rows_key_range(seg, q0, mq, &first_key, &last_key);
 
   for (int64_t k0 = first_key / NR * NR; k0 <= last_key; k0 += kFwdBlockK) {
     const int64_t ncols = std::min(kFwdBlockK, round_up(last_key + 1 - k0, NR));
@@ -571,9 +578,8 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<In>& qp, cons
       const int64_t mq = std::min(kBwdBlockQ, i_last + 1 - q0);
       // The block's columns [c0, c1) that some row of these queries sees, in whole panels: a causal or
       // windowed block's edge panels are skipped for the query blocks they are masked from.
-      int64_t first, last, unused;
-      row_key_range(seg, q0, &first, &unused);
-      row_key_range(seg, q0 + mq - 1, &unused, &last);
+      int64_t first, last;
+      rows_key_range(seg, q0, mq, &first, &last);
       const int64_t c0 = std::max<int64_t>(first - k0, 0) / NR * NR;
       const int64_t c1 = std::min(ncols, round_up(last + 1 - k0, NR));
       const int64_t nc = c1 - c0, nkc = std::min(c1, nk) - c0;  // columns, and real keys among them
