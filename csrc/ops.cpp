@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
@@ -639,6 +640,28 @@ Pair linear_attention_fwd_autograd(const Tensor& q, const Tensor& k, const Tenso
   return {r[0], r[1]};
 }
 
+// True when q, k, v certainly pass tessel.attention's input checks (check_attention_inputs): plain strided
+// tensors of one floating dtype on one device, non-empty, of rank 4 (B, H, N, D), or 3 (total, H, D) when
+// packed, with k's batch and head dim, v of k's shape and H a multiple of Hkv. False sends the call to the
+// Python checks, which raise the error or pass what this does not look at (subclasses, other layouts).
+bool attention_inputs_fit(py::handle q_obj, py::handle k_obj, py::handle v_obj, bool packed) {
+  for (py::handle x : {q_obj, k_obj, v_obj})
+    if (!THPVariable_CheckExact(x.ptr())) return false;
+  const Tensor& q = THPVariable_Unpack(q_obj.ptr());
+  const Tensor& k = THPVariable_Unpack(k_obj.ptr());
+  const Tensor& v = THPVariable_Unpack(v_obj.ptr());
+  const int64_t rank = packed ? 3 : 4;
+  const auto dtype = q.scalar_type();
+  for (const Tensor* x : {&q, &k, &v}) {
+    if (x->layout() != at::kStrided || x->is_nested() || x->dim() != rank || x->scalar_type() != dtype ||
+        x->device() != q.device() || x->numel() == 0)
+      return false;
+  }
+  if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kBFloat16 && dtype != at::kHalf) return false;
+  return (packed || k.size(0) == q.size(0)) && k.size(-1) == q.size(-1) && v.sizes().equals(k.sizes()) &&
+         q.size(1) % k.size(1) == 0;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tessel, m) {
@@ -709,6 +732,8 @@ PYBIND11_MODULE(_C_ops, m) {
         return linear_fwd_op().call(q, k, v, state0, cu_seqlens, scale, causal, backend);
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def("attention_inputs_fit", &attention_inputs_fit, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("packed"), "True when q, k, v certainly pass tessel.attention's checks (False: check in Python).");
   m.def("kernel_level", &kernel_level, "The SIMD level whose kernels run ('' before the first choice).");
   m.def(
       "set_triton_kernel",

@@ -200,10 +200,10 @@ _C_ops.set_triton_kernel("attention_varlen_fwd", _triton_varlen_forward)
 _C_ops.set_triton_kernel("attention_varlen_bwd", _triton_varlen_backward)
 
 
-def _forward(q, k, v, scale, band_lo, band_hi, backend):
+def _forward(q, k, v, scale, band_lo, band_hi, backend, compiling):
     """tessel::attention_fwd: eagerly called from C++ (_C_ops.attention_fwd, through the same dispatcher, a few
     microseconds less than torch.ops' argument parsing); torch.compile traces torch.ops."""
-    forward = _attention_fwd if torch.compiler.is_compiling() else _C_ops.attention_fwd
+    forward = _attention_fwd if compiling else _C_ops.attention_fwd
     return forward(q, k, v, scale, band_lo, band_hi, backend)
 
 
@@ -226,7 +226,10 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, return_lse=Fals
     as torch's logsumexp, where a score is +inf and none is NaN), and masked
     keys never reach a row or its gradient.
     """
-    check_attention_inputs(q, k, v)
+    compiling = torch.compiler.is_compiling()
+    # Eagerly, one C++ call accepts the common inputs (a quarter of a tiny call's time in Python checks).
+    if compiling or not _C_ops.attention_inputs_fit(q, k, v, False):
+        check_attention_inputs(q, k, v)
     check_scale(scale)
     _check_window(window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -234,7 +237,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, return_lse=Fals
     if backend == "reference":
         return attention_reference(q, k, v, causal=causal, scale=scale, window=window, return_lse=return_lse)
     lo, hi = _band(q.shape[-2], k.shape[-2], causal, window)
-    out, lse = _forward(q, k, v, scale, lo, hi, backend)
+    out, lse = _forward(q, k, v, scale, lo, hi, backend, compiling)
     return (out, lse) if return_lse else out
 
 
@@ -286,7 +289,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     with return_lse, lse (H, total_q) in float32 (float64 for float64).
     No work is spent on padding: blocks never cross a sequence boundary.
     """
-    check_attention_inputs(q, k, v, packed=True)
+    if torch.compiler.is_compiling() or not _C_ops.attention_inputs_fit(q, k, v, True):
+        check_attention_inputs(q, k, v, packed=True)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, "max_seqlen_q")
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, "max_seqlen_k",
                       like=cu_seqlens_q)
@@ -302,32 +306,39 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return (out, lse) if return_lse else out
 
 
-def _kernel_band_for_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
-    """(lo, hi) when tessel's kernel covers this SDPA call exactly, else None."""
+def _kernel_for_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+    """(backend, lo, hi) when tessel's kernel covers this SDPA call exactly, else None."""
     if attn_mask is not None or dropout_p != 0.0:
         return None
-    tensors = (query, key, value)
-    if any(not isinstance(x, torch.Tensor) or x.dim() != 4 or x.numel() == 0 or x.is_nested for x in tensors):
+    if (torch.compiler.is_compiling() or not _C_ops.attention_inputs_fit(query, key, value, False)) and \
+            not _sdpa_inputs_fit(query, key, value):
         return None
-    if len({(x.device, x.dtype) for x in tensors}) != 1 or query.dtype not in _dispatch.FLOAT_DTYPES:
-        return None
-    (b, h, _, d), (bk, hk, _, dk) = query.shape, key.shape
-    if bk != b or dk != d or value.shape != key.shape:
-        return None
+    h, hk, d = query.shape[1], key.shape[1], query.shape[3]
     if hk != h and not (enable_gqa and h % hk == 0):
-        return None
-    if _dispatch.get_backend() == "reference":
         return None
     try:
         backend = _dispatch.resolve_backend("scaled_dot_product_attention", query.device)
     except RuntimeError:
+        return None
+    if backend == "reference":
         return None
     if backend == "cpp" and query.dtype not in (torch.float32, torch.float64):
         return None  # torch has native half-precision CPU kernels; ours would upcast
     if backend == "triton" and not _triton_supports(query.dtype, d):
         return None
     # torch's is_causal is top-left aligned: query i sees keys j <= i.
-    return (-BAND_INF, 0) if is_causal else (-BAND_INF, BAND_INF)
+    return (backend, -BAND_INF, 0) if is_causal else (backend, -BAND_INF, BAND_INF)
+
+
+def _sdpa_inputs_fit(query, key, value) -> bool:
+    """Non-empty 4-D floating tensors of one device and dtype, with one batch and head dim, v of k's shape."""
+    tensors = (query, key, value)
+    if any(not isinstance(x, torch.Tensor) or x.dim() != 4 or x.numel() == 0 or x.is_nested for x in tensors):
+        return False
+    if len({(x.device, x.dtype) for x in tensors}) != 1 or query.dtype not in _dispatch.FLOAT_DTYPES:
+        return False
+    (b, _, _, d), (bk, _, _, dk) = query.shape, key.shape
+    return bk == b and dk == d and value.shape == key.shape
 
 
 def _triton_supports(dtype: torch.dtype, head_dim: int) -> bool:
@@ -347,16 +358,16 @@ def scaled_dot_product_attention(
     exactly (4-D inputs, no attn_mask, no dropout, matching head dims, GQA only
     with enable_gqa); everything else goes to torch's own implementation.
     """
-    band = _kernel_band_for_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-    if band is None:
+    kernel = _kernel_for_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if kernel is None:
         kwargs = {"scale": scale}
         if enable_gqa:
             kwargs["enable_gqa"] = True
         return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, **kwargs)
     check_scale(scale)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    backend = _dispatch.resolve_backend("scaled_dot_product_attention", query.device)
-    out, _ = _forward(query, key, value, scale, band[0], band[1], backend)
+    backend, lo, hi = kernel
+    out, _ = _forward(query, key, value, scale, lo, hi, backend, torch.compiler.is_compiling())
     return out
 
 

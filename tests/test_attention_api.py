@@ -244,12 +244,35 @@ GOOD = (1, 2, 5, 8)
     ],
 )
 def test_bad_shapes(q_shape, k_shape, v_shape, error, match):
+    q, k, v = torch.randn(q_shape), torch.randn(k_shape), torch.randn(v_shape)
+    assert not tattn._C_ops.attention_inputs_fit(q, k, v, False)  # the C++ fast check sends it to Python's
     with pytest.raises(error, match=match):
-        tessel.attention(torch.randn(q_shape), torch.randn(k_shape), torch.randn(v_shape))
+        tessel.attention(q, k, v)
+
+
+class _Marked(torch.Tensor):
+    """A tensor subclass: it may change semantics, so the Python checks look at it."""
+
+
+def test_common_inputs_skip_the_python_checks(monkeypatch):
+    checked = []
+    monkeypatch.setattr(tattn, "check_attention_inputs", lambda *args, **kwargs: checked.append(args))
+    q, k = rand(2, 4, 7, 8), rand(2, 2, 9, 8, seed=1)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        tessel.attention(q.to(dtype), k.to(dtype), k.to(dtype))
+    tessel.attention(torch.nn.Parameter(q), k.transpose(-1, -2).contiguous().transpose(-1, -2), k)
+    packed = rand(7, 4, 8)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    tessel.attention_varlen(packed, packed[:, :2], packed[:, :2], cu, cu, 4, 4)
+    assert checked == []
+    tessel.attention(q.as_subclass(_Marked), k, k)
+    assert len(checked) == 1
 
 
 def test_bad_dtypes_and_devices():
     q = torch.randn(GOOD)
+    for bad in ((q.int(), q, q), (q, q, q.double()), (q, q.to("meta"), q), (q.numpy(), q, q), (q, q, q.to_sparse())):
+        assert not tattn._C_ops.attention_inputs_fit(*bad, False)
     with pytest.raises(TypeError, match="q must be float16, bfloat16, float32 or float64, got torch.int32"):
         tessel.attention(q.int(), q, q)
     with pytest.raises(TypeError, match="v has dtype torch.float64 but q has torch.float32"):
