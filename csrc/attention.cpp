@@ -255,7 +255,7 @@ struct QueryScale {
 template <typename In>
 struct ForwardScratch {
   using T = acc_t<In>;
-  Buffer<gemm_unit_t<In>> qt;
+  Buffer<gemm_unit_t<In>> qt, qt_rows;  // Q^T in micro-tiles, and as packed before tiling
   Buffer<T> s, o, m, l;
 };
 
@@ -277,7 +277,7 @@ void forward_query_block(const AttentionProblem& p, const In* q, const PanelHead
 
   // Q^T, S = Q K^T * scale * log2(e) comes out of the matmul in exp2's units.
   U* Qt = ws.qt.grow(kp.head_units * kFwdBlockQ);
-  pack_transposed_scaled(qb, mq, D, p.q.n, sc.pack, Qt, kFwdBlockQ);
+  pack_transposed_tiles<kMicroRows>(qb, mq, D, p.q.n, sc.pack, ws.qt_rows.grow(kp.head_units * kFwdBlockQ), Qt);
   T* S = ws.s.grow(kFwdBlockQ * kFwdBlockK);
   T* O = ws.o.grow(kFwdBlockQ * Dp);
   T* m = ws.m.grow(kFwdBlockQ);
@@ -295,11 +295,13 @@ void forward_query_block(const AttentionProblem& p, const In* q, const PanelHead
     // above them; the softmax step zeroes what it does not read).
     for (int64_t j = 0; j < ncols / NR; ++j) {
       const int64_t c0 = k0 + j * NR;
-      const int64_t r0 = std::clamp<int64_t>(c0 - seg.band_hi - q0, 0, mq);
+      // From the micro-tile holding the first such row.
+      const int64_t r0 = std::clamp<int64_t>(c0 - seg.band_hi - q0, 0, mq) / kMicroRows * kMicroRows;
       const int64_t r1 = std::clamp<int64_t>(c0 + NR - 1 - seg.band_lo - q0 + 1, r0, mq);
-      gemm_panels<U, true, kFwdBlockQ>(r1 - r0, 1, kp.head_units, Qt + r0, kp.at(kv_head, blk.seg, c0), NR,
-                                       kp.head_units * NR, S + r0 * kFwdBlockK + j * NR, kFwdBlockK, false,
-                                       Triangle::kNone, kFwdBlockQ, sc.alpha);
+      gemm_panels<U, true, kMicroRows>(r1 - r0, 1, kp.head_units, Qt + r0 * kp.head_units,
+                                       kp.at(kv_head, blk.seg, c0), NR, kp.head_units * NR,
+                                       S + r0 * kFwdBlockK + j * NR, kFwdBlockK, false, Triangle::kNone, kMicroRows,
+                                       sc.alpha);
     }
     for (int64_t r = 0; r < mq; ++r) {
       T* srow = S + r * kFwdBlockK;
@@ -471,8 +473,8 @@ struct BackwardScratch {
   Buffer<T> s, dp, dk, dv;
 };
 
-// Per q head: Q and dO as transposed tiles of kBwdBlockQ rows in GEMM units
-// (A operands; Q scaled as QueryScale says), each segment starting a new tile;
+// Per q head: Q and dO as blocks of kBwdBlockQ rows transposed in GEMM units, micro-tile by micro-tile
+// (pack_transposed_tiles; A operands, Q scaled as QueryScale says), each segment starting a new block;
 // lse in log2 units and delta = rowsum(dO * O) - dlse, by row of the whole axis.
 template <typename In>
 struct QueryPack {
@@ -503,6 +505,7 @@ QueryPack<In> pack_queries(const AttentionProblem& p, const In* q, const T* out,
   qp.lse2 = Buffer<T>(heads * Nq);
   qp.delta = Buffer<T>(heads * Nq);
   parallel_region(p.num_threads, [&] {
+    Buffer<U> scratch(qp.head_units * kBwdBlockQ);
 #pragma omp for collapse(3)
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t h = 0; h < p.heads; ++h)
@@ -513,10 +516,10 @@ QueryPack<In> pack_queries(const AttentionProblem& p, const In* q, const T* out,
           const In* gh = dout + b * ds.b + h * ds.h + seg.q_start * ds.n;
           for (int64_t q0 = 0; q0 < seg.len_q; q0 += kBwdBlockQ) {
             const int64_t rows = std::min(kBwdBlockQ, seg.len_q - q0);
-            pack_transposed_scaled(qh + q0 * p.q.n, rows, D, p.q.n, sc.pack, qp.qt.data() + qp.tile(bh, s, q0),
-                                   kBwdBlockQ);
-            pack_transposed_scaled(gh + q0 * ds.n, rows, D, ds.n, T(1), qp.doutt.data() + qp.tile(bh, s, q0),
-                                   kBwdBlockQ);
+            pack_transposed_tiles<kMicroRows>(qh + q0 * p.q.n, rows, D, p.q.n, sc.pack, scratch.data(),
+                                              qp.qt.data() + qp.tile(bh, s, q0));
+            pack_transposed_tiles<kMicroRows>(gh + q0 * ds.n, rows, D, ds.n, T(1), scratch.data(),
+                                              qp.doutt.data() + qp.tile(bh, s, q0));
           }
           for (int64_t i = 0; i < seg.len_q; ++i) {
             const int64_t row = bh * Nq + seg.q_start + i;
@@ -584,10 +587,10 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<In>& qp, cons
       const int64_t c1 = std::min(ncols, round_up(last + 1 - k0, NR));
       const int64_t nc = c1 - c0, nkc = std::min(c1, nk) - c0;  // columns, and real keys among them
       // S (log2 units) = Q K^T * scale * log2 e and dP = dO V^T: [mq, D] @ [D, nc]
-      gemm_panels<U, true, kBwdBlockQ>(mq, nc / NR, Du, qp.qt.data() + qp.tile(bh, s, q0),
+      gemm_panels<U, true, kMicroRows>(mq, nc / NR, Du, qp.qt.data() + qp.tile(bh, s, q0),
                                        kp.at(kv_head, s, k0 + c0), NR, Du * NR, P + c0, kBlockK, false,
-                                       Triangle::kNone, kBwdBlockQ, sc.alpha);
-      gemm_panels<U, true, kBwdBlockQ>(mq, nc / NR, Du, qp.doutt.data() + qp.tile(bh, s, q0),
+                                       Triangle::kNone, kMicroRows, sc.alpha);
+      gemm_panels<U, true, kMicroRows>(mq, nc / NR, Du, qp.doutt.data() + qp.tile(bh, s, q0),
                                        vp.at(kv_head, s, k0 + c0), NR, Du * NR, dS + c0, kBlockK, false);
       for (int64_t r = 0; r < mq; ++r) {
         const int64_t i = q0 + r;
