@@ -306,11 +306,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return (out, lse) if return_lse else out
 
 
-def _kernel_for_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+def _kernel_for_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, compiling):
     """(backend, lo, hi) when tessel's kernel covers this SDPA call exactly, else None."""
     if attn_mask is not None or dropout_p != 0.0:
         return None
-    if (torch.compiler.is_compiling() or not _C_ops.attention_inputs_fit(query, key, value, False)) and \
+    if (compiling or not _C_ops.attention_inputs_fit(query, key, value, False)) and \
             not _sdpa_inputs_fit(query, key, value):
         return None
     h, hk, d = query.shape[1], key.shape[1], query.shape[3]
@@ -358,7 +358,8 @@ def scaled_dot_product_attention(
     exactly (4-D inputs, no attn_mask, no dropout, matching head dims, GQA only
     with enable_gqa); everything else goes to torch's own implementation.
     """
-    kernel = _kernel_for_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    compiling = torch.compiler.is_compiling()
+    kernel = _kernel_for_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, compiling)
     if kernel is None:
         kwargs = {"scale": scale}
         if enable_gqa:
@@ -367,7 +368,7 @@ def scaled_dot_product_attention(
     check_scale(scale)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     backend, lo, hi = kernel
-    out, _ = _forward(query, key, value, scale, lo, hi, backend, torch.compiler.is_compiling())
+    out, _ = _forward(query, key, value, scale, lo, hi, backend, compiling)
     return out
 
 
