@@ -200,6 +200,12 @@ _C_ops.set_triton_kernel("attention_varlen_fwd", _triton_varlen_forward)
 _C_ops.set_triton_kernel("attention_varlen_bwd", _triton_varlen_backward)
 
 
+def _inputs_fit(q, k, v, packed, compiling) -> bool:
+    """Eagerly, one C++ call accepts the common inputs (the Python checks took a quarter of a tiny call's time);
+    False sends them to check_attention_inputs, as does tracing (dynamo does not trace into the C++ call)."""
+    return not compiling and _C_ops.attention_inputs_fit(q, k, v, packed)
+
+
 def _forward(q, k, v, scale, band_lo, band_hi, backend, compiling):
     """tessel::attention_fwd: eagerly called from C++ (_C_ops.attention_fwd, through the same dispatcher, a few
     microseconds less than torch.ops' argument parsing); torch.compile traces torch.ops."""
@@ -227,8 +233,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, return_lse=Fals
     keys never reach a row or its gradient.
     """
     compiling = torch.compiler.is_compiling()
-    # Eagerly, one C++ call accepts the common inputs (a quarter of a tiny call's time in Python checks).
-    if compiling or not _C_ops.attention_inputs_fit(q, k, v, False):
+    if not _inputs_fit(q, k, v, False, compiling):
         check_attention_inputs(q, k, v)
     check_scale(scale)
     _check_window(window)
@@ -289,7 +294,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     with return_lse, lse (H, total_q) in float32 (float64 for float64).
     No work is spent on padding: blocks never cross a sequence boundary.
     """
-    if torch.compiler.is_compiling() or not _C_ops.attention_inputs_fit(q, k, v, True):
+    if not _inputs_fit(q, k, v, True, torch.compiler.is_compiling()):
         check_attention_inputs(q, k, v, packed=True)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, "max_seqlen_q")
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, "max_seqlen_k",
@@ -310,8 +315,7 @@ def _kernel_for_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_
     """(backend, lo, hi) when tessel's kernel covers this SDPA call exactly, else None."""
     if attn_mask is not None or dropout_p != 0.0:
         return None
-    if (compiling or not _C_ops.attention_inputs_fit(query, key, value, False)) and \
-            not _sdpa_inputs_fit(query, key, value):
+    if not (_inputs_fit(query, key, value, False, compiling) or _sdpa_inputs_fit(query, key, value)):
         return None
     h, hk, d = query.shape[1], key.shape[1], query.shape[3]
     if hk != h and not (enable_gqa and h % hk == 0):
