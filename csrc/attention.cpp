@@ -470,7 +470,7 @@ namespace {
 
 template <typename T>
 struct BackwardScratch {
-  Buffer<T> s, dp, dk, dv;
+  Buffer<T> s, dp, dk, dv, q_rows, dout_rows, dq;
 };
 
 // Per q head: Q and dO as blocks of kBwdBlockQ rows transposed in GEMM units, micro-tile by micro-tile
@@ -537,18 +537,51 @@ QueryPack<In> pack_queries(const AttentionProblem& p, const In* q, const T* out,
   return qp;
 }
 
-// The B operands of the backward's row-major GEMMs.
-template <typename T>
+// The B operands of the backward's row-major GEMMs: K's rows (dQ = dS K), and Q and dO (dK = dS^T Q,
+// dV = P^T dO), whose rows block_rows gives a query block at a time.
+template <typename In>
 struct BackwardRows {
-  RowOperand<T> q, dout, k;
+  const In *q, *dout;
+  Strides4 q_st, dout_st;
+  RowOperand<acc_t<In>> k;
 };
+
+// A B operand of gemm_head_cols: rows ldb apart, panels panel_stride apart.
+template <typename T>
+struct RowsB {
+  const T* b;
+  int64_t ldb, panel_stride;
+};
+
+// Rows [0, n) of x (row stride ld, D values), n <= kBwdBlockQ, as the B operand of dK's or dV's GEMM: as they
+// lie where they are rows of head_cols(D) values of type T and kCopy is false, else converted and padded into
+// buf (kBwdBlockQ * head_cols(D) values) as row panels of kBwdBlockQ rows (one-vector rows where D fits in
+// one). Long heads copy (kCopy): their rows come from L3, and read in place, a panel's rows (a line of each,
+// in few L1 sets) missed inside the micro-kernels' loops.
+template <bool kCopy, typename In, typename T>
+RowsB<T> block_rows(const In* x, int64_t n, int64_t D, int64_t ld, T* buf) {
+  constexpr int64_t W = Simd<T>::width, NR = Simd<T>::panel;
+  const int64_t Dp = head_cols<T>(D);
+  if constexpr (!kCopy && std::is_same_v<In, T>) {
+    if (Dp == D) return {x, ld, NR};
+  }
+  if (Dp == W) {
+    pack_rows_padded(x, n, D, ld, buf, W);
+    return {buf, W, NR};
+  }
+  pack_row_panels(x, n, D, ld, buf, kBwdBlockQ);
+  return {buf, NR, kBwdBlockQ * NR};
+}
 
 // One key block of one (batch, kv head): accumulates its dK, dV over every q
 // head of the group and every query block that sees it, and adds dS K into
-// the split's dQ accumulator.
+// the split's dQ accumulator. Long heads (kBlockK = kBwdLongBlockK) copy each
+// query block's Q and dO rows (block_rows) and add dS K to dQ from scratch:
+// their rows come from L3, and accumulated in place, dQ's missed inside the
+// micro-kernel's loop.
 template <int64_t kBlockK, typename In, typename T = acc_t<In>>
 void backward_key_block(const AttentionProblem& p, const QueryPack<In>& qp, const PanelHeads<In>& kp,
-                        const PanelHeads<In>& vp, const BackwardRows<T>& rows, int64_t b, int64_t hk, int64_t s,
+                        const PanelHeads<In>& vp, const BackwardRows<In>& rows, int64_t b, int64_t hk, int64_t s,
                         int64_t k0, T* dq_acc, Strides4 dq_st, T* dk, T* dv, BackwardScratch<T>& ws) {
   using U = gemm_unit_t<In>;
   constexpr int NR = Simd<T>::panel;
@@ -560,11 +593,15 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<In>& qp, cons
   const T scale = T(p.scale);
   const QueryScale<U> sc(p.scale);
   const int64_t Du = kp.head_units;
+  constexpr bool kLong = kBlockK == kBwdLongBlockK;
 
   T* P = ws.s.grow(kBwdBlockQ * kBlockK);
   T* dS = ws.dp.grow(kBwdBlockQ * kBlockK);
   T* dK = ws.dk.grow(kBlockK * Dp);
   T* dV = ws.dv.grow(kBlockK * Dp);
+  T* Qr = ws.q_rows.grow(kBwdBlockQ * Dp);
+  T* dOr = ws.dout_rows.grow(kBwdBlockQ * Dp);
+  T* dQb = kLong ? ws.dq.grow(kBwdBlockQ * Dp) : nullptr;
   std::fill(dK, dK + ncols * Dp, T(0));
   std::fill(dV, dV + ncols * Dp, T(0));
 
@@ -611,13 +648,22 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<In>& qp, cons
       }
       // dV += P^T dO, dK += dS^T Q: [nc, mq] @ [mq, Dp]
       const int64_t qrow = seg.q_start + q0;
-      gemm_head_cols<T, true, kBlockK>(nc, Dp, mq, P + c0, rows.dout.row(b, h, qrow), rows.dout.ld, dV + c0 * Dp,
-                                       Dp, true);
-      gemm_head_cols<T, true, kBlockK>(nc, Dp, mq, dS + c0, rows.q.row(b, h, qrow), rows.q.ld, dK + c0 * Dp, Dp,
-                                       true);
+      const RowsB<T> dout_b = block_rows<kLong>(
+          rows.dout + b * rows.dout_st.b + h * rows.dout_st.h + qrow * rows.dout_st.n, mq, D, rows.dout_st.n, dOr);
+      const RowsB<T> q_b =
+          block_rows<kLong>(rows.q + b * rows.q_st.b + h * rows.q_st.h + qrow * rows.q_st.n, mq, D, rows.q_st.n, Qr);
+      gemm_head_cols<T, true, kBlockK>(nc, Dp, mq, P + c0, dout_b.b, dout_b.ldb, dV + c0 * Dp, Dp, true,
+                                       dout_b.panel_stride);
+      gemm_head_cols<T, true, kBlockK>(nc, Dp, mq, dS + c0, q_b.b, q_b.ldb, dK + c0 * Dp, Dp, true, q_b.panel_stride);
       // dQ += dS K over the real keys: [mq, nkc] @ [nkc, Dp]
-      gemm_head_cols<T, false, kBlockK>(mq, Dp, nkc, dS + c0, rows.k.row(b, hk, seg.k_start + k0 + c0), rows.k.ld,
-                                        dQh + q0 * dq_st.n, dq_st.n, true);
+      const T* k_rows = rows.k.row(b, hk, seg.k_start + k0 + c0);
+      T* dq_rows = dQh + q0 * dq_st.n;
+      if constexpr (kLong) {
+        gemm_head_cols<T, false, kBlockK>(mq, Dp, nkc, dS + c0, k_rows, rows.k.ld, dQb, Dp, false);
+        for (int64_t r = 0; r < mq; ++r) axpy(T(1), dQb + r * Dp, dq_rows + r * dq_st.n, Dp);
+      } else {
+        gemm_head_cols<T, false, kBlockK>(mq, Dp, nkc, dS + c0, k_rows, rows.k.ld, dq_rows, dq_st.n, true);
+      }
     }
   }
 
@@ -638,9 +684,7 @@ void attention_backward_cpu(const AttentionProblem& p, const In* q, const In* k,
                             T* dv) {
   const QueryPack<In> qp = pack_queries(p, q, out, dout, dout_strides, lse, dlse);
   const PanelHeads<In> kp(p, k, p.k), vp(p, v, p.v);
-  const BackwardRows<T> rows{RowOperand<T>(p, q, p.q, p.heads, p.len_q),
-                             RowOperand<T>(p, dout, dout_strides, p.heads, p.len_q),
-                             RowOperand<T>(p, k, p.k, p.kv_heads, p.len_k)};
+  const BackwardRows<In> rows{q, dout, p.q, dout_strides, RowOperand<T>(p, k, p.k, p.kv_heads, p.len_k)};
   const int64_t nseg = static_cast<int64_t>(p.segments.size());
   const int64_t tasks = p.batch * p.kv_heads * nseg;
 

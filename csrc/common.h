@@ -496,25 +496,26 @@ void pack_transposed_panels(const In* x, int64_t n, int64_t cols, int64_t ld, U*
 
 // Packs rows [0, n) of a row-major matrix (row stride ld, `cols` columns) as
 // row panels, converting: panel j holds columns [j*NR, j*NR+NR) laid out
-// [n][NR], zero beyond cols. The result is a B operand (ldb = NR, panel stride
-// n * NR) whose panel over a block of rows is one contiguous block.
+// [n][NR] (panels panel_rows * NR apart, by default n * NR), zero beyond cols.
+// The result is a B operand (ldb = NR) whose panel over a block of rows is one
+// contiguous block. x is read row by row, in order (the prefetchers stream it).
 template <typename In, typename T>
-void pack_row_panels(const In* x, int64_t n, int64_t cols, int64_t ld, T* out) {
+void pack_row_panels(const In* x, int64_t n, int64_t cols, int64_t ld, T* out, int64_t panel_rows = -1) {
   constexpr int64_t NR = Simd<T>::panel;
-  for (int64_t c0 = 0; c0 < cols; c0 += NR) {
-    const int64_t w = std::min(NR, cols - c0);
-    T* panel = out + c0 * n;
-    for (int64_t r = 0; r < n; ++r) {
-      const In* row = x + r * ld + c0;
-      T* dst = panel + r * NR;
+  if (panel_rows < 0) panel_rows = n;
+  for (int64_t r = 0; r < n; ++r) {
+    const In* row = x + r * ld;
+    for (int64_t c0 = 0; c0 < cols; c0 += NR) {
+      const int64_t w = std::min(NR, cols - c0);
+      T* dst = out + c0 * panel_rows + r * NR;
       if constexpr (std::is_same_v<In, T>) {
         if (w == NR) {  // a fixed size: vector moves, not a call per row
-          std::memcpy(dst, row, NR * sizeof(T));
+          std::memcpy(dst, row + c0, NR * sizeof(T));
           continue;
         }
-        std::memcpy(dst, row, w * sizeof(T));
+        std::memcpy(dst, row + c0, w * sizeof(T));
       } else {
-        for (int64_t c = 0; c < w; ++c) dst[c] = to_acc(row[c]);
+        for (int64_t c = 0; c < w; ++c) dst[c] = to_acc(row[c0 + c]);
       }
       std::fill(dst + w, dst + NR, T(0));
     }

@@ -54,11 +54,13 @@ def test_long_sequence_with_gqa(causal):
     check_against_reference(*make_qkv(1, 4, 2, 1000, 1000, 64), causal=causal)
 
 
-@pytest.mark.parametrize("nq,nk,kw", [(1100, 1100, {}), (1100, 1100, {"causal": True}), (1030, 1250, {"causal": True}),
-                                      (1100, 1100, {"window": (200, 50)})])
-def test_long_sequences_backward_on_long_key_blocks(nq, nk, kw):
-    # One head's Q of 512 KB or more (here 1030-1100 rows of 128 floats) runs the backward on 192-key blocks.
-    check_against_reference(*make_qkv(1, 2, 1, nq, nk, 128), **kw)
+@pytest.mark.parametrize("nq,nk,d,kw", [(1100, 1100, 128, {}), (1100, 1100, 128, {"causal": True}),
+                                        (1030, 1250, 128, {"causal": True}), (1100, 1100, 128, {"window": (200, 50)}),
+                                        (1200, 1200, 100, {"causal": True}), (1700, 1700, 72, {})])
+def test_long_sequences_backward_on_long_key_blocks(nq, nk, d, kw):
+    # One head's Q of 512 KB or more (1030-1700 rows of 72-128 floats, padded to whole panels) runs the
+    # backward on 192-key blocks, which copy Q's and dO's rows per query block as row panels.
+    check_against_reference(*make_qkv(1, 2, 1, nq, nk, d), **kw)
 
 
 @pytest.mark.parametrize("nq,nk", [(17, 100), (100, 17), (1, 1000), (127, 64), (64, 300)])
@@ -139,14 +141,15 @@ def test_float64_output_and_lse_dtype():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("d", [7, 32, 128])
+@pytest.mark.parametrize("nq,nk,d", [(50, 61, 7), (50, 61, 32), (50, 61, 128), (1200, 1100, 100)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_half_precision_on_cpu_computes_in_float32(dtype, d, causal):
+def test_half_precision_on_cpu_computes_in_float32(dtype, nq, nk, d, causal):
     """Output and gradients are exact results rounded once to the input dtype, up to float32's own error
     (bfloat16's dot products multiply exactly and sum in float32), GQA, odd lengths and head dims
-    included. The backward reads the output as saved, in the input dtype (as FlashAttention does): the
-    exact gradients given that output are what it is held to."""
-    q, k, v = (x.requires_grad_() for x in make_qkv(1, 4, 2, 50, 61, d, dtype=dtype))
+    included, and heads long enough for the backward's 192-key blocks (which convert Q's and dO's rows
+    per query block). The backward reads the output as saved, in the input dtype (as FlashAttention
+    does): the exact gradients given that output are what it is held to."""
+    q, k, v = (x.requires_grad_() for x in make_qkv(1, 4, 2, nq, nk, d, dtype=dtype))
     out, lse = tessel.attention(q, k, v, causal=causal, return_lse=True)
     assert out.dtype == dtype and lse.dtype == torch.float32
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
