@@ -36,13 +36,14 @@ constexpr double kLn2 = 0.6931471805599453;
 // each key block; where a sequence's Q (one head) reaches kBwdLongHeadBytes
 // they come from L3, and a key block twice as long halves that traffic (perf,
 // AVX2 EPYC: 7-8% less micro-kernel time at N = 4096, D = 64 and N = 2048,
-// D = 128; none at N = 1024, D = 64, where the shorter block keeps the splits
-// and causal diagonals finer).
+// D = 128). From 256 KB (N = 1024 at D = 64) with the long block's row copies
+// (backward_key_block): forward+backward 1.05-1.17x at N = 1024, D = 64 and
+// N = 512, D = 128 side by side; from 128 KB, 0.86-0.99x at N = 512, D = 64.
 constexpr int64_t kFwdBlockQ = 8 * kMicroRows;
 constexpr int64_t kFwdBlockK = 256;
 constexpr int64_t kBwdBlockQ = 8 * kMicroRows;
 constexpr int64_t kBwdBlockK = 96, kBwdLongBlockK = 192;
-constexpr int64_t kBwdLongHeadBytes = int64_t(1) << 19;
+constexpr int64_t kBwdLongHeadBytes = int64_t(1) << 18;
 // A block's scores fill whole panels (ncols rounds up to one): a key block that
 // is not a multiple of the widest panel would overrun the S and dS scratch.
 static_assert(kFwdBlockK % Simd<float>::panel == 0 && kBwdBlockK % Simd<float>::panel == 0 &&

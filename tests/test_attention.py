@@ -58,7 +58,7 @@ def test_long_sequence_with_gqa(causal):
                                         (1030, 1250, 128, {"causal": True}), (1100, 1100, 128, {"window": (200, 50)}),
                                         (1200, 1200, 100, {"causal": True}), (1700, 1700, 72, {})])
 def test_long_sequences_backward_on_long_key_blocks(nq, nk, d, kw):
-    # One head's Q of 512 KB or more (1030-1700 rows of 72-128 floats, padded to whole panels) runs the
+    # One head's Q of 256 KB or more (1030-1700 rows of 72-128 floats, padded to whole panels) runs the
     # backward on 192-key blocks, which copy Q's and dO's rows per query block as row panels.
     check_against_reference(*make_qkv(1, 2, 1, nq, nk, d), **kw)
 

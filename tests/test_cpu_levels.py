@@ -62,7 +62,7 @@ def test_every_level_matches_the_references(level, force_level):
             tol = 1e-5 if dtype == torch.float32 else 1e-12
             assert error_vs(out, ref) <= tol
             assert all(error_vs(g, r) <= 10 * tol for g, r in zip(grads, ref_grads))
-    # Heads whose Q reaches 512 KB: the backward's 192-key blocks, which copy Q's and dO's rows per query block.
+    # Heads whose Q reaches 256 KB: the backward's 192-key blocks, which copy Q's and dO's rows per query block.
     for dtype, n in ((torch.float32, 1200), (torch.float64, 700)):
         lq, lk, lv = (torch.randn(1, 1, n, 100, generator=gen, dtype=dtype, requires_grad=True) for _ in range(3))
         grads = torch.autograd.grad(tessel.attention(lq, lk, lv, causal=True).sum(), (lq, lk, lv))
