@@ -259,6 +259,24 @@ def test_forward_memory_is_linear_in_length():
     assert growth < 64, f"forward at N=16384 grew memory by {growth:.0f} MB; N x N scores would be 1024 MB"
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_packs_kv_heads_in_chunks(causal):
+    # K's and V's panels take ~2 MB a kv head at N = 2047, D = 128: the forward packs 6 heads ~8 MB at a time
+    # (two chunks, the second partial), each head in pieces of 512 keys (the last partial).
+    check_against_reference(*make_qkv(3, 4, 2, 2047, 2047, 128), grads=False, causal=causal)
+
+
+def test_forward_scratch_holds_one_chunk_of_kv_heads():
+    # Every head's panels would be 32 MB; the kernel's scratch (kept between calls, given back and counted by
+    # empty_cache) holds one chunk's, ~8 MB.
+    q, k, v = make_qkv(4, 4, 4, 2047, 2047, 128)
+    tessel.empty_cache()
+    tessel.attention(q, k, v)
+    scratch_mb = tessel.empty_cache() / 2**20
+    all_panels_mb = 2 * k.numel() * 4 / 2**20
+    assert 0 < scratch_mb < all_panels_mb / 2, f"scratch {scratch_mb:.1f} MB; all panels {all_panels_mb:.0f} MB"
+
+
 def test_torch_compile_has_no_graph_breaks():
     q, k, v = make_qkv(1, 2, 1, 33, 40, 16)
 
