@@ -328,20 +328,27 @@ constexpr std::array<MicroFn<U>, sizeof...(Rs)> micro_table(std::integer_sequenc
 // (kALower) or below (kAUpper) its diagonal.
 enum class Triangle { kNone, kOutLower, kOutUpper, kALower, kAUpper };
 
+// A band outside which A is zero: row i's nonzero columns lie in [i + lo, i + hi] (an
+// attention mask's band, shifted to the block), so a row tile's products skip the columns no row of it has.
+struct ABand {
+  int64_t lo = -(int64_t(1) << 60), hi = int64_t(1) << 60;
+};
+
 // C (m x npanels*NR) = alpha * A (m x k) * B (k x npanels*NR) (+ C when accumulating), k in units of U,
 // NR = kVecs vectors (by default the micro-kernel's two: Simd<acc>::panel).
 // Panel j of B starts at b + j * b_panel_stride with rows ldb apart, which
 // covers both a row-major matrix (stride = panel) and a panel-packed one
 // (stride = k * panel, ldb = panel). Panels outer, rows inner: one B panel
 // stays in L1 while every row tile of A passes over it. Entries a Triangle
-// skips are left unwritten.
+// skips are left unwritten; A's columns outside `band` are not read.
 // kLda = 0: A's leading dimension is the runtime `lda` (an operand read in place).
 // ATrans with kLda = kMicroRows: A is laid out tile by tile (pack_transposed_tiles), the kMicroRows rows from
 // row i (a multiple of kMicroRows; tri must be kNone) a contiguous k x kMicroRows block at a + i * k.
 template <typename U, bool ATrans, int64_t kLda, int kVecs = 2>
 void gemm_panels(int64_t m, int64_t npanels, int64_t k, const U* a, const U* b, int64_t ldb,
                  int64_t b_panel_stride, typename Unit<U>::acc* c, int64_t ldc, bool accumulate,
-                 Triangle tri = Triangle::kNone, int64_t lda_arg = kLda, typename Unit<U>::acc alpha = 1) {
+                 Triangle tri = Triangle::kNone, int64_t lda_arg = kLda, typename Unit<U>::acc alpha = 1,
+                 ABand band = {}) {
   const int64_t lda = kLda > 0 ? kLda : lda_arg;
   static constexpr auto table = micro_table<U, ATrans, kLda, kVecs>(std::make_integer_sequence<int, kMicroRows>{});
   constexpr int NR = kVecs * Simd<typename Unit<U>::acc>::width;
@@ -353,8 +360,9 @@ void gemm_panels(int64_t m, int64_t npanels, int64_t k, const U* a, const U* b, 
     for (int64_t i = row_begin; i < row_end; i += kMicroRows) {
       const int64_t rows = std::min<int64_t>(kMicroRows, row_end - i);
       // A's nonzero columns for these rows.
-      const int64_t p0 = tri == Triangle::kAUpper ? i : 0;
-      const int64_t p1 = tri == Triangle::kALower ? std::min(k, i + rows) : k;
+      const int64_t a_end = tri == Triangle::kALower ? std::min(k, i + rows) : k;
+      const int64_t p0 = std::min(a_end, std::max(tri == Triangle::kAUpper ? i : 0, i + band.lo));
+      const int64_t p1 = std::max(p0, std::min(a_end, i + rows + band.hi));
       constexpr bool tiled = ATrans && kLda == kMicroRows;
       const U* ai = (tiled ? a + i * k : ATrans ? a + i : a + i * lda) + (ATrans ? p0 * lda : p0);
       const U* bi = bj + p0 * ldb;
