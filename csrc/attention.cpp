@@ -47,8 +47,9 @@ constexpr int64_t kBwdLongHeadBytes = int64_t(1) << 18;
 // The forward packs K and V a chunk of (batch, kv head)s at a time, about
 // this many bytes, and runs the chunk's query blocks before the next: its
 // extra memory is bounded, where packing every head first doubled K's and V's
-// (B16-H4-N2048-D128: 192 MB at the peak, 67 of them the output). Side by side
-// with packing every head first: 0.97-1.03x (AVX-512 EPYC, N = 512..4096).
+// (B16-H4-N2048-D128: 192 MB at the peak, 67 of them the output). Against
+// packing every head first, calls interleaved one by one: 0.98-1.02x (AVX-512
+// EPYC, N = 256..4096).
 constexpr int64_t kFwdChunkBytes = int64_t(8) << 20;
 // A block's scores fill whole panels (ncols rounds up to one): a key block that
 // is not a multiple of the widest panel would overrun the S and dS scratch.
