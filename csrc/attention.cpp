@@ -700,17 +700,25 @@ void backward_key_block(const AttentionProblem& p, const QueryPack<In>& qp, cons
           rows.dout + b * rows.dout_st.b + h * rows.dout_st.h + qrow * rows.dout_st.n, mq, D, rows.dout_st.n, dOr);
       const RowsB<T> q_b =
           block_rows<kLong>(rows.q + b * rows.q_st.b + h * rows.q_st.h + qrow * rows.q_st.n, mq, D, rows.q_st.n, Qr);
+      // Each row tile over the columns the band gives its rows (P^T's and dS^T's rows are keys), skipping a causal
+      // diagonal's zero triangle: causal forward+backward side by side 1.07x at N = 128, 1.05x at N = 256..512,
+      // 1.02-1.03x at N = 1024..2048 (AVX-512 EPYC).
+      const ABand keys_band{k0 + c0 - seg.band_hi - q0, k0 + c0 - seg.band_lo - q0};
       gemm_head_cols<T, true, kBlockK>(nc, Dp, mq, P + c0, dout_b.b, dout_b.ldb, dV + c0 * Dp, Dp, true,
-                                       dout_b.panel_stride);
-      gemm_head_cols<T, true, kBlockK>(nc, Dp, mq, dS + c0, q_b.b, q_b.ldb, dK + c0 * Dp, Dp, true, q_b.panel_stride);
+                                       dout_b.panel_stride, keys_band);
+      gemm_head_cols<T, true, kBlockK>(nc, Dp, mq, dS + c0, q_b.b, q_b.ldb, dK + c0 * Dp, Dp, true, q_b.panel_stride,
+                                       keys_band);
       // dQ += dS K over the real keys: [mq, nkc] @ [nkc, Dp]
       const T* k_rows = rows.k.row(b, hk, seg.k_start + k0 + c0);
       T* dq_rows = dQh + q0 * dq_st.n;
+      const ABand queries_band{q0 + seg.band_lo - k0 - c0, q0 + seg.band_hi - k0 - c0};
       if constexpr (kLong) {
-        gemm_head_cols<T, false, kBlockK>(mq, Dp, nkc, dS + c0, k_rows, rows.k.ld, dQb, Dp, false);
+        gemm_head_cols<T, false, kBlockK>(mq, Dp, nkc, dS + c0, k_rows, rows.k.ld, dQb, Dp, false, Simd<T>::panel,
+                                          queries_band);
         for (int64_t r = 0; r < mq; ++r) axpy(T(1), dQb + r * Dp, dq_rows + r * dq_st.n, Dp);
       } else {
-        gemm_head_cols<T, false, kBlockK>(mq, Dp, nkc, dS + c0, k_rows, rows.k.ld, dq_rows, dq_st.n, true);
+        gemm_head_cols<T, false, kBlockK>(mq, Dp, nkc, dS + c0, k_rows, rows.k.ld, dq_rows, dq_st.n, true,
+                                          Simd<T>::panel, queries_band);
       }
     }
   }
