@@ -4,8 +4,8 @@
 // multiplied as bfloat16 pairs where the CPU has AVX512-BF16, common.h's
 // Unit), computed in float (double for double).
 //
-// Forward: OpenMP over (batch, head, query block of a segment). Each task
-// streams key
+// Forward: K and V packed a chunk of (batch, kv head)s at a time; OpenMP over
+// the chunk's (q head, query block of a segment). Each task streams key
 // blocks through an online softmax: S = Q K^T with K pre-packed as transposed
 // panels, P = exp2(S * scale * log2 e - m), O = O * alpha + P V, so memory is
 // O(N) and the N x N matrix never exists. Key blocks outside the band
